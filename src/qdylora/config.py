@@ -1,0 +1,89 @@
+"""`QDyLoRAConfig`: how a causal LM is turned into a QDyLoRA model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+
+from .errors import QDyLoRAError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class QDyLoRAConfig:
+    """Adapter and quantization settings, fixed when the model is prepared."""
+
+    max_rank: int = 64
+    """Largest LoRA rank R. A is (R x in_features), B is (out_features x R); every rank 1..R is usable."""
+
+    alpha: float = 16.0
+    """LoRA alpha. The adapter at rank b is scaled by alpha / b (or alpha / sqrt(b) with rslora)."""
+
+    scaling: Literal["standard", "rslora"] = "standard"
+    """Scale rule s(b): "standard" is alpha / b (DyLoRA, QDyLoRA), "rslora" is alpha / sqrt(b)."""
+
+    dropout: float = 0.05
+    """Dropout on the adapter's input (the frozen base path sees the undropped input)."""
+
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Linear layers that get an adapter: "all-linear" (every linear in the transformer blocks,
+    not the output head) or module names matched as the last components of the path, e.g.
+    ["q_proj", "v_proj"] or ["self_attn.q_proj"]."""
+
+    update_mode: Literal["full", "frozen"] = "full"
+    """"full": every entry of A[:b], B[:, :b] is trained (QDyLoRA). "frozen": only row b-1 of A
+    and column b-1 of B are trained, the earlier ones are used but detached (DyLoRA's rule)."""
+
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the matrix products (NF4 base and adapter) and of the unquantized weights when
+    the model is loaded from a path. Adapter parameters are always stored in float32."""
+
+    seed: int = 0
+    """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero)."""
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise QDyLoRAError(f"max_rank must be at least 1, got {self.max_rank}")
+        if self.alpha <= 0:
+            raise QDyLoRAError(f"alpha must be positive, got {self.alpha}")
+        if self.scaling not in ("standard", "rslora"):
+            raise QDyLoRAError(f"scaling must be 'standard' or 'rslora', got {self.scaling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise QDyLoRAError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.update_mode not in ("full", "frozen"):
+            raise QDyLoRAError(f"update_mode must be 'full' or 'frozen', got {self.update_mode!r}")
+        if self.compute_dtype not in DTYPES:
+            raise QDyLoRAError(
+                f"compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}"
+            )
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            # A single module name is accepted as a one-element list, as PEFT users write it.
+            self.target_modules = [self.target_modules]
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise QDyLoRAError("target_modules is empty: use 'all-linear' or name the modules")
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.compute_dtype]
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QDyLoRAConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise QDyLoRAError(f"unknown QDyLoRAConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def scale(alpha: float, rank: int, scaling: str) -> float:
+    """s(b): alpha / b ("standard") or alpha / sqrt(b) ("rslora"); 0 for rank 0 (adapter off)."""
+    if rank == 0:
+        return 0.0
+    return alpha / rank if scaling == "standard" else alpha / rank**0.5
+

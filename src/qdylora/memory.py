@@ -1,0 +1,104 @@
+"""`memory_report`: bytes and bits per parameter of the NF4 weights, the adapters and the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from .layer import QDyLoRALinear
+
+
+@dataclass(frozen=True)
+class MemoryPart:
+    """One part of the model: `params` logical parameters stored in `bytes` bytes."""
+
+    params: int
+    bytes: int
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes / self.params if self.params else 0.0
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Where a QDyLoRA model's memory goes (weights only; activations and optimizer excluded)."""
+
+    quantized: MemoryPart
+    """Frozen NF4 weights of the linear layers: packed 4-bit codes, 8-bit absmax (double
+    quantization), its float32 second-level absmax, the code tables and offsets."""
+    adapter: MemoryPart
+    """Trainable A and B of every adapter, at max_rank, float32."""
+    other: MemoryPart
+    """Everything else: embeddings, norms, output head, linear biases (unquantized, frozen)."""
+
+    @property
+    def total(self) -> MemoryPart:
+        parts = (self.quantized, self.adapter, self.other)
+        return MemoryPart(sum(p.params for p in parts), sum(p.bytes for p in parts))
+
+    def __str__(self) -> str:
+        rows = [("frozen NF4 linears", self.quantized), ("adapters (A, B)", self.adapter),
+                ("other (embeddings, norms, head)", self.other), ("total", self.total)]
+        lines = [f"{'part':<32}{'params':>14}{'MiB':>11}{'bits/param':>12}"]
+        for label, part in rows:
+            lines.append(
+                f"{label:<32}{part.params:>14,}{part.bytes / 2**20:>11.2f}{part.bits_per_param:>12.3f}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            name: {"params": part.params, "bytes": part.bytes, "bits_per_param": part.bits_per_param}
+            for name, part in (("quantized", self.quantized), ("adapter", self.adapter),
+                               ("other", self.other), ("total", self.total))
+        }
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Count every parameter and buffer once (tied weights once) into the three parts."""
+    seen: set[int] = set()
+    q_params = q_bytes = a_params = a_bytes = o_params = o_bytes = 0
+
+    def first_time(t: torch.Tensor) -> bool:
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            if first_time(module.weight):
+                q_params += module.in_features * module.out_features
+                q_bytes += _nbytes(module.weight)
+                stats = [state.absmax, state.code, state.offset]
+                if state.nested:
+                    stats += [state.state2.absmax, state.state2.code]
+                q_bytes += sum(_nbytes(t) for t in stats if isinstance(t, torch.Tensor))
+        if isinstance(module, QDyLoRALinear):
+            for p in (module.lora_A, module.lora_B):
+                if first_time(p):
+                    a_params += p.numel()
+                    a_bytes += _nbytes(p)
+    for module in model.modules():
+        if isinstance(module, QDyLoRALinear):
+            continue
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for name, t in own:
+            if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
+                continue
+            if first_time(t):
+                o_params += t.numel()
+                o_bytes += _nbytes(t)
+    return MemoryReport(
+        MemoryPart(q_params, q_bytes), MemoryPart(a_params, a_bytes), MemoryPart(o_params, o_bytes)
+    )

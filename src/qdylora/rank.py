@@ -1,0 +1,82 @@
+"""Choosing the active rank of every adapter in a model: one rank, or one per example."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import QDyLoRAError
+from .layer import QDyLoRALinear, Rank
+
+RankLike = Union[int, Sequence[int], torch.Tensor]
+
+
+def adapter_layers(model: nn.Module) -> dict[str, QDyLoRALinear]:
+    """Module path -> adapter layer, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QDyLoRALinear)}
+
+
+def max_rank(model: nn.Module) -> int:
+    layers = list(adapter_layers(model).values())
+    if not layers:
+        raise QDyLoRAError("this model has no QDyLoRA adapters: call qdylora.prepare on it first")
+    return layers[0].max_rank
+
+
+def _validate(model: nn.Module, rank: RankLike) -> Rank:
+    top = max_rank(model)
+    if isinstance(rank, bool):
+        raise QDyLoRAError(f"rank must be an integer, got {rank!r}")
+    if isinstance(rank, int):
+        if not 0 <= rank <= top:
+            raise QDyLoRAError(f"rank {rank} is out of range: use 1..{top} (or 0 for the base model)")
+        return rank
+    ranks = torch.as_tensor(rank)
+    if ranks.dim() != 1 or ranks.is_floating_point() or ranks.is_complex():
+        raise QDyLoRAError("per-example ranks must be a 1-D integer tensor of shape [batch]")
+    bad = ranks[(ranks < 0) | (ranks > top)]
+    if bad.numel():
+        raise QDyLoRAError(f"rank {int(bad[0])} is out of range: use 1..{top} (or 0 for the base model)")
+    return ranks.to(torch.long)
+
+
+def set_rank(model: nn.Module, rank: RankLike) -> None:
+    """Set the active rank of every adapter.
+
+    `rank` is an int in 0..max_rank for the whole batch (0 = adapter off, the base model), or a
+    sequence / tensor of shape [batch] giving each example its own rank.
+    """
+    value = _validate(model, rank)
+    for layer in adapter_layers(model).values():
+        layer.rank = value
+
+
+def get_rank(model: nn.Module) -> Rank:
+    """The active rank (int or per-example tensor)."""
+    layers = list(adapter_layers(model).values())
+    if not layers:
+        raise QDyLoRAError("this model has no QDyLoRA adapters: call qdylora.prepare on it first")
+    return layers[0].rank
+
+
+@contextmanager
+def at_rank(model: nn.Module, rank: RankLike) -> Iterator[None]:
+    """`with at_rank(model, 8): ...` runs the block at rank 8 and restores the previous rank."""
+    previous = get_rank(model)
+    set_rank(model, rank)
+    try:
+        yield
+    finally:
+        for layer in adapter_layers(model).values():
+            layer.rank = previous
+
+
+def set_update_mode(model: nn.Module, mode: str) -> None:
+    """"full" (QDyLoRA: all of A[:b], B[:, :b] train) or "frozen" (DyLoRA: only component b-1)."""
+    if mode not in ("full", "frozen"):
+        raise QDyLoRAError(f"update mode must be 'full' or 'frozen', got {mode!r}")
+    for layer in adapter_layers(model).values():
+        layer.update_mode = mode
