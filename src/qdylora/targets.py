@@ -46,23 +46,22 @@ def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> dic
         )
     if target_modules == "all-linear":
         return linears
-    wanted = list(target_modules)
-    chosen = {name: m for name, m in linears.items() if any(_ends_with(name, t) for t in wanted)}
-    missing = [t for t in wanted if not any(_ends_with(name, t) for name in linears)]
-    if missing:
-        raise QDyLoRAError(
-            f"target_modules {missing} match no linear layer; linear layers here are named: "
-            f"{', '.join(sorted({name.rsplit('.', 1)[-1] for name in linears}))}"
-        )
-    other = [
-        name for name, m in model.named_modules()
-        if any(_ends_with(name, t) for t in wanted) and name not in linears
-    ]
-    if other:
-        raise QDyLoRAError(
-            f"target_modules select {other[0]} ({type(dict(model.named_modules())[other[0]]).__name__}), "
-            "which is not a linear layer of the transformer blocks; name linear layers only"
-        )
+    names = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linears}))
+    modules = dict(model.named_modules())
+    chosen: dict[str, nn.Module] = {}
+    for target in target_modules:
+        matches = [name for name in modules if _ends_with(name, target)]
+        if not matches:
+            raise QDyLoRAError(
+                f"target module {target!r} matches no layer; linear layers here are named: {names}"
+            )
+        for name in matches:
+            if name not in linears:
+                raise QDyLoRAError(
+                    f"target module {target!r} selects {name} ({type(modules[name]).__name__}), which "
+                    f"is not a linear layer of the transformer blocks; linear layers here are named: {names}"
+                )
+            chosen[name] = linears[name]
     return chosen
 
 

@@ -1,0 +1,59 @@
+"""The `qdylora` command: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qdylora.cli import main
+
+
+def test_info_prints_the_memory_report(tiny_dir, capsys):
+    assert main(["info", "--model", tiny_dir("llama"), "--max-rank", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "14 adapted linear layers, max_rank 8" in out
+    assert "frozen NF4 linears" in out
+
+
+def test_info_json(tiny_dir, capsys):
+    assert main(["info", "--model", tiny_dir("gpt2"), "--max-rank", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter"]["params"] == 2 * (4 * (64 + 192) + 4 * (64 + 64) + 4 * (64 + 256) + 4 * (256 + 64))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--max-rank", "0"], "max_rank must be at least 1"),
+        (["--target-modules", "query"], "matches no layer"),
+        (["--compute-dtype", "float32", "--dropout", "1.5"], "dropout must be in"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_dir, capsys, args, message):
+    argv = ["info", "--model", tiny_dir("llama")] + args
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("qdylora: error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_console_script_exit_code(tmp_path):
+    """A real process: exit status 2 and no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "qdylora", "info", "--model", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("qdylora: error: model path")
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--bogus"])
+    assert e.value.code == 2
