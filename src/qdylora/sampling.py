@@ -1,0 +1,97 @@
+"""p_B: the distribution a training step draws its rank from.
+
+The rank of step t is a pure function of (seed, t), so a resumed run, or every process of a
+distributed run, draws the same rank for the same step without sharing any RNG state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import QDyLoRAError
+
+
+@dataclass(frozen=True)
+class RankSampler:
+    """Uniform over min_rank..max_rank, or an explicit list of ranks with optional weights."""
+
+    max_rank: int
+    min_rank: int = 1
+    ranks: Optional[tuple[int, ...]] = None
+    weights: Optional[tuple[float, ...]] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_rank <= self.max_rank:
+            raise QDyLoRAError(
+                f"min_rank {self.min_rank} and max_rank {self.max_rank}: need 1 <= min_rank <= max_rank"
+            )
+        if self.ranks is not None:
+            if not self.ranks:
+                raise QDyLoRAError("the list of ranks to sample is empty")
+            bad = [r for r in self.ranks if not self.min_rank <= r <= self.max_rank]
+            if bad:
+                raise QDyLoRAError(
+                    f"rank {bad[0]} in the sampled ranks is outside {self.min_rank}..{self.max_rank}"
+                )
+        if self.weights is not None:
+            if self.ranks is None or len(self.weights) != len(self.ranks):
+                raise QDyLoRAError("rank weights need a list of ranks of the same length")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise QDyLoRAError("rank weights must be non-negative and not all zero")
+
+    @classmethod
+    def powers_of_two(cls, max_rank: int, min_rank: int = 1, seed: int = 0) -> "RankSampler":
+        """Uniform over the powers of two in min_rank..max_rank (1, 2, 4, ... 64)."""
+        ranks = tuple(2**k for k in range(max_rank.bit_length()) if min_rank <= 2**k <= max_rank)
+        return cls(max_rank=max_rank, min_rank=min_rank, ranks=ranks, seed=seed)
+
+    @property
+    def support(self) -> list[int]:
+        """The ranks that can be drawn."""
+        return list(self.ranks) if self.ranks is not None else list(range(self.min_rank, self.max_rank + 1))
+
+    def probabilities(self) -> list[float]:
+        support = self.support
+        if self.weights is None:
+            return [1.0 / len(support)] * len(support)
+        total = sum(self.weights)
+        return [w / total for w in self.weights]
+
+    def rank_at(self, step: int) -> int:
+        """The rank of optimizer step `step` (0-based); the same on every call and process."""
+        # A fresh generator per step, seeded from (seed, step): no state to save or share.
+        g = torch.Generator().manual_seed(_mix(self.seed, step))
+        probs = torch.tensor(self.probabilities(), dtype=torch.float64)
+        return self.support[int(torch.multinomial(probs, 1, generator=g))]
+
+
+def _mix(seed: int, step: int) -> int:
+    """A 63-bit seed from (seed, step) (splitmix64), so nearby steps get unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def parse_ranks(text: str) -> list[int]:
+    """"1,2,4,8" or "1-64" or "1-8,16,32" -> sorted unique ranks."""
+    out: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise QDyLoRAError(
+                f"cannot read ranks {text!r}: write them like 1,2,4,8 or 1-64"
+            ) from None
+    return sorted(out)
+
