@@ -7,6 +7,9 @@
         ...
 """
 
+__version__ = "0.1.0"
+
+from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata, save_adapter
 from .config import QDyLoRAConfig
 from .errors import QDyLoRAError
 from .layer import QDyLoRALinear
@@ -14,22 +17,26 @@ from .loading import load_tokenizer, resolve_source
 from .memory import MemoryReport, memory_report
 from .model import QDyLoRAModel, prepare
 from .rank import adapter_layers, at_rank, get_rank, set_rank, set_update_mode
-
-__version__ = "0.1.0"
+from .sampling import RankSampler
 
 __all__ = [
     "QDyLoRAConfig",
     "QDyLoRAError",
     "QDyLoRALinear",
+    "RankSampler",
     "QDyLoRAModel",
     "MemoryReport",
     "adapter_layers",
     "at_rank",
+    "base_fingerprint",
     "get_rank",
+    "load_adapter",
     "load_tokenizer",
     "memory_report",
     "prepare",
+    "read_adapter_metadata",
     "resolve_source",
+    "save_adapter",
     "set_rank",
     "set_update_mode",
 ]
