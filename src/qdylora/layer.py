@@ -60,9 +60,8 @@ class QDyLoRALinear(nn.Module):
         y = self.base(x)  # (..., out), NF4 dequantize + matmul in compute_dtype; grad flows to x
         if isinstance(self.rank, int) and self.rank == 0:
             return y
-        xd = self.dropout(x).to(self.compute_dtype)  # (..., in)
-        A = self.lora_A.to(self.compute_dtype)  # (R, in), cast keeps the fp32 master for the grad
-        B = self.lora_B.to(self.compute_dtype)  # (out, R)
+        xd = self.dropout(x).to(self.compute_dtype)  # (..., in); A and B follow its dtype
+        A, B = self.lora_A, self.lora_B  # (R, in), (out, R): fp32 masters, cast after slicing
         if isinstance(self.rank, int):
             delta = _delta_shared_rank(xd, A, B, self.rank, self._scale(self.rank), self.update_mode)
         else:
@@ -89,7 +88,7 @@ def _delta_shared_rank(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: int, s: float, mode: str
 ) -> torch.Tensor:
     """s * B[:, :b] A[:b] x for one rank b, computing only the first b components."""
-    A_b, B_b = A[:b], B[:, :b]  # (b, in), (out, b)
+    A_b, B_b = A[:b].to(x.dtype), B[:, :b].to(x.dtype)  # (b, in), (out, b)
     if mode == "frozen":
         # DyLoRA: components before b are used but get no gradient; only component b-1 trains.
         A_b = torch.cat([A_b[:-1].detach(), A_b[-1:]], dim=0)
@@ -105,6 +104,7 @@ def _delta_per_example(
     Computes all R components and zeroes those at or past each example's rank, which gives the
     same result as truncating A and B example by example.
     """
+    A, B = A.to(x.dtype), B.to(x.dtype)
     ranks = ranks.to(x.device)
     if x.dim() == 2 and x.shape[0] != ranks.shape[0] and x.shape[0] % ranks.shape[0] == 0:
         # Some blocks (OPT's MLP) flatten (batch, seq, in) to (batch * seq, in), batch-major.
