@@ -100,6 +100,8 @@ def child(path: str, train_step: bool) -> None:
     result["peak_anon_after_load"] = peak["anon"]
     report = qdylora.memory_report(model)
     result["memory_report"] = report.to_dict()
+    result["peak_anon"] = peak["anon"]
+    print(json.dumps(result), flush=True)  # the load figures survive a step that fails or is stopped
     if train_step:
         torch.manual_seed(0)
         x = torch.randint(0, VOCAB, (1, 32))
@@ -143,8 +145,12 @@ def main() -> None:
             print(f"  {size / 2**30:.1f} GiB in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
         cmd = [sys.executable, __file__, "--child", path] + (["--train-step"] if args.train_step else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        if not lines:
+            sys.exit(f"the child process failed:\n{out.stderr[-2000:]}")
+        result = json.loads(lines[-1])
+        result.setdefault("peak_rss", 0)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         q = result["memory_report"]["quantized"]
         print(f"machine RAM                 {ram / 2**30:6.1f} GiB")
