@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def child(path: str, train_step: bool) -> None:
     report = qdylora.memory_report(model)
     result["memory_report"] = report.to_dict()
     result["peak_anon"] = peak["anon"]
+    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result), flush=True)  # the load figures survive a step that fails or is stopped
     if train_step:
         torch.manual_seed(0)
@@ -117,8 +119,6 @@ def child(path: str, train_step: bool) -> None:
     stop.set()
     time.sleep(0.1)
     result["peak_anon"] = peak["anon"]
-    import resource
-
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result))
 
@@ -150,7 +150,8 @@ def main() -> None:
         if not lines:
             sys.exit(f"the child process failed:\n{out.stderr[-2000:]}")
         result = json.loads(lines[-1])
-        result.setdefault("peak_rss", 0)
+        if out.returncode != 0:
+            print(f"the training step did not finish (exit {out.returncode}); load figures only", file=sys.stderr)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         q = result["memory_report"]["quantized"]
         print(f"machine RAM                 {ram / 2**30:6.1f} GiB")

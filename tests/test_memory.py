@@ -6,7 +6,6 @@ import torch
 
 import qdylora
 from qdylora import QDyLoRAConfig
-
 from qdylora.targets import block_linears
 
 from .conftest import tiny_model
@@ -19,7 +18,7 @@ def nf4_bytes(n: int) -> int:
     return n // 2 + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256) + 4
 
 
-def test_parts_add_up(tiny_dir):
+def test_parts_add_up():
     full = tiny_model("llama")
     n_full = sum(p.numel() for p in full.parameters())  # the tiny Llama does not tie embeddings
     model = qdylora.prepare(full, QDyLoRAConfig(max_rank=8, compute_dtype="float32"))

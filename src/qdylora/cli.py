@@ -34,10 +34,9 @@ class Info:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
+        from .embedded import smollm2_gguf
         from .memory import memory_report
         from .model import prepare
-
-        from .embedded import smollm2_gguf
 
         source = self.model or smollm2_gguf()
         start = time.perf_counter()

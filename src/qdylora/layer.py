@@ -105,11 +105,11 @@ def _delta_per_example(
     same result as truncating A and B example by example.
     """
     A, B = A.to(x.dtype), B.to(x.dtype)
-    ranks = ranks.to(x.device)
+    ranks, s = ranks.to(x.device), s.to(x.device)
     if x.dim() == 2 and x.shape[0] != ranks.shape[0] and x.shape[0] % ranks.shape[0] == 0:
         # Some blocks (OPT's MLP) flatten (batch, seq, in) to (batch * seq, in), batch-major.
         ranks = ranks.repeat_interleave(x.shape[0] // ranks.shape[0])
-        s = s.to(x.device).repeat_interleave(x.shape[0] // s.shape[0])
+        s = s.repeat_interleave(x.shape[0] // s.shape[0])
     if x.shape[0] != ranks.shape[0]:
         raise ValueError(
             f"per-example ranks have {ranks.shape[0]} entries but the batch has {x.shape[0]} rows"
@@ -124,4 +124,4 @@ def _delta_per_example(
         last = (components[None, :] == ranks[:, None] - 1).to(x.dtype).view(view)
         out = F.linear(F.linear(x, A.detach()) * (keep - last), B.detach())
         out = out + F.linear(F.linear(x, A) * last, B)
-    return out * s.to(x.device).view(view)  # s_i per example, float32
+    return out * s.view(view)  # s_i per example, float32
