@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Union
 
 import torch
 
+from .devices import fast_compute_dtype
 from .errors import QDyLoRAError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -34,11 +36,11 @@ class QDyLoRAConfig:
     update_mode: Literal["full", "frozen"] = "full"
     """"full": every entry of A[:b], B[:, :b] is trained (QDyLoRA). "frozen": only row b-1 of A and column b-1 of B are trained, the earlier ones are used but detached (DyLoRA's rule)."""
 
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Dtype of the matrix products (NF4 base and adapter) and of the unquantized weights when the model is loaded from a path. Adapter parameters are always stored in float32."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of the matrix products (NF4 base and adapter) and of the unquantized weights when the model is loaded from a path. "auto": bfloat16 where the device multiplies it fast (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else float32. Adapter parameters are always stored in float32."""
 
     seed: int = 0
-    """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero)."""
+    """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero) and, when training, for the validation split, data order, rank sampling and dropout."""
 
     def __post_init__(self) -> None:
         if self.max_rank < 1:
@@ -51,9 +53,9 @@ class QDyLoRAConfig:
             raise QDyLoRAError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.update_mode not in ("full", "frozen"):
             raise QDyLoRAError(f"update_mode must be 'full' or 'frozen', got {self.update_mode!r}")
-        if self.compute_dtype not in DTYPES:
+        if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
             raise QDyLoRAError(
-                f"compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}"
+                f"compute_dtype must be auto or one of {', '.join(DTYPES)}, got {self.compute_dtype!r}"
             )
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             # A single module name is accepted as a one-element list, as PEFT users write it.
@@ -63,7 +65,17 @@ class QDyLoRAConfig:
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
+        """The compute dtype; "auto" must be resolved first (`resolved_for`)."""
+        if self.compute_dtype == "auto":
+            raise QDyLoRAError("compute_dtype 'auto' is resolved when the model is prepared")
         return DTYPES[self.compute_dtype]
+
+    def resolved_for(self, device: Union[str, torch.device]) -> "QDyLoRAConfig":
+        """A copy whose compute_dtype "auto" is replaced by the fast dtype of `device`."""
+        if self.compute_dtype != "auto":
+            return self
+        name = {v: k for k, v in DTYPES.items()}[fast_compute_dtype(device)]
+        return dataclasses.replace(self, compute_dtype=name)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}

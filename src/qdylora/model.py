@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import QDyLoRAConfig
+from .devices import default_device
 from .errors import QDyLoRAError
 from .layer import QDyLoRALinear
 from .loading import load_causal_lm, resolve_source
@@ -73,10 +74,6 @@ class QDyLoRAModel(nn.Module):
                 layer.lora_B.copy_(state[f"{name}.lora_B"])
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def prepare(
     model: Union[str, os.PathLike, nn.Module],
     config: Optional[QDyLoRAConfig] = None,
@@ -95,15 +92,18 @@ def prepare(
     model stays where it is.
     """
     config = config or QDyLoRAConfig()
-    dtype = config.torch_compute_dtype
     if isinstance(model, nn.Module):
         if adapter_layers(model) or isinstance(model, QDyLoRAModel):
             raise QDyLoRAError("this model is already prepared with QDyLoRA adapters")
+        config = config.resolved_for(next(model.parameters()).device)
         hf, name = model, getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     else:
         src = resolve_source(str(model), gguf_file)
         target_device = torch.device(device) if device is not None else default_device()
-        hf, name = load_causal_lm(src, dtype, target_device, trust_remote_code), str(model)
+        config = config.resolved_for(target_device)
+        hf = load_causal_lm(src, config.torch_compute_dtype, target_device, trust_remote_code)
+        name = str(model)
+    dtype = config.torch_compute_dtype
 
     targets = set(find_targets(hf, config.target_modules))  # validates before any change
     for path, layer in block_linears(hf).items():

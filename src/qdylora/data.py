@@ -1,0 +1,279 @@
+"""Training data: rows from a file or a hub dataset -> tokenized examples with loss masks.
+
+A row becomes a list of text segments, each marked trainable (the response, assistant turns)
+or not (the prompt). Segments are tokenized one by one, so the mask falls on token boundaries
+exactly; labels are -100 where the loss is off.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from .errors import QDyLoRAError
+
+IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
+FORMATS = ("auto", "alpaca", "input-output", "chat", "text", "template")
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# Stanford Alpaca's prompts, as QLoRA uses them.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
+                  "assistant": "assistant"}
+
+
+@dataclass
+class Example:
+    """One tokenized training example."""
+
+    input_ids: list[int]
+    labels: list[int]  # same length; IGNORE where there is no loss
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataStats:
+    """What tokenization did to a dataset; reported, never silent."""
+
+    rows: int = 0
+    examples: int = 0
+    truncated_prompt: int = 0
+    truncated_response: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    loss_tokens: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def __str__(self) -> str:
+        dropped = sum(self.dropped.values())
+        why = ", ".join(f"{n} {r}" for r, n in sorted(self.dropped.items()))
+        return (
+            f"{self.examples} of {self.rows} rows kept ({self.tokens} tokens, {self.loss_tokens} "
+            f"with loss); truncated: {self.truncated_prompt} prompts, {self.truncated_response} "
+            f"responses; dropped: {dropped}" + (f" ({why})" if why else "")
+        )
+
+
+def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local JSON/JSONL/CSV/Parquet file (or a directory of them), or of a dataset
+    on the Hugging Face hub for users who are online, read with the `datasets` library."""
+    import datasets
+
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise QDyLoRAError(
+                f"data file {source} has an unsupported type {path.suffix or '(none)'}: "
+                f"use one of {', '.join(FILE_BUILDERS)}"
+            )
+        args, kwargs = (builder,), dict(data_files=str(path), split="train")
+    elif path.is_dir():
+        args, kwargs = (str(path),), dict(split=split)
+    elif source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
+        raise QDyLoRAError(f"data file {source} does not exist")
+    else:
+        args, kwargs = (source,), dict(split=split)
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.load_dataset(*args, **kwargs)
+    except Exception as e:  # datasets raises many types (DatasetGenerationError, ConnectionError..)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QDyLoRAError(f"cannot read data from {source}: {first}") from e
+    return [dict(row) for row in dataset]
+
+
+def detect_format(columns: Iterable[str], source: str) -> str:
+    """The data format implied by a dataset's fields."""
+    cols = set(columns)
+    if cols & {"messages", "conversations"}:
+        return "chat"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"input", "output"} <= cols:
+        return "input-output"
+    if "text" in cols:
+        return "text"
+    raise QDyLoRAError(
+        f"cannot tell the format of {source} from its fields ({', '.join(sorted(cols)) or 'none'}): "
+        "name it with --data.format, or map fields with --data.prompt-template '{field} ...' "
+        "--data.response-template '{field}'"
+    )
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template such as "{passage} {question}" uses."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as e:
+        raise QDyLoRAError(f"bad template {template!r}: {e}") from None
+
+
+def segments_of(row: dict, index: int, fmt: str, prompt_template: Optional[str],
+                response_template: Optional[str]) -> list[tuple[str, bool]] | list[dict]:
+    """A row as [(prompt, False), (response, True)], [(text, True)] for "text", or a list of
+    {role, content} messages for "chat"."""
+
+    def need(*names: str) -> list[str]:
+        missing = [n for n in names if row.get(n) is None]
+        if missing:
+            raise QDyLoRAError(
+                f"row {index} has no {', '.join(missing)} (its fields: {', '.join(sorted(row))})"
+            )
+        return [str(row[n]) for n in names]
+
+    if fmt == "alpaca":
+        instruction, output = need("instruction", "output")
+        extra = str(row.get("input") or "")
+        prompt = (ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT).format(
+            instruction=instruction, input=extra
+        )
+        return [(prompt, False), (output, True)]
+    if fmt == "input-output":
+        source, target = need("input", "output")
+        return [(source, False), (target, True)]
+    if fmt == "template":
+        need(*template_fields(prompt_template), *template_fields(response_template))
+        values = {k: ("" if v is None else v) for k, v in row.items()}
+        return [(prompt_template.format_map(values), False), (response_template.format_map(values), True)]
+    if fmt == "text":
+        return [(need("text")[0], True)]
+    if fmt == "chat":
+        key = "messages" if "messages" in row else "conversations"
+        messages = need(key) and row[key]
+        if not isinstance(messages, list):
+            raise QDyLoRAError(f"row {index}: {key} must be a list of messages")
+        out = []
+        for m in messages:
+            if not isinstance(m, dict):
+                raise QDyLoRAError(f"row {index}: each message must be an object with role and content")
+            role = m.get("role", SHAREGPT_ROLES.get(m.get("from", ""), None))
+            content = m.get("content", m.get("value"))
+            if role is None or content is None:
+                raise QDyLoRAError(
+                    f"row {index}: a message has no role/content (its fields: {', '.join(sorted(m))})"
+                )
+            out.append({"role": SHAREGPT_ROLES.get(role, role), "content": content})
+        return out
+    raise QDyLoRAError(f"unknown data format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[str, bool]]:
+    """Render a conversation with the tokenizer's chat template; assistant turns are trainable.
+
+    The template is rendered prefix by prefix (up to each assistant turn with the generation
+    prompt, then through that turn), so each assistant reply is exactly the text the template
+    adds for it.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise QDyLoRAError(
+            "the tokenizer has no chat template: use a chat model, or train without "
+            "--data.chat-template on prompt/response data"
+        )
+
+    def render(msgs: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise QDyLoRAError(
+                f"row {index}: the tokenizer's chat template does not render this conversation "
+                "turn by turn, so assistant turns cannot be masked: use --data.train-on-prompt"
+            )
+        segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
+        done = full
+    return segments
+
+
+def tokenize(
+    rows: Sequence[dict],
+    tokenizer,
+    fmt: str,
+    *,
+    prompt_template: Optional[str] = None,
+    response_template: Optional[str] = None,
+    chat_template: bool = False,
+    max_source_length: int = 512,
+    max_target_length: int = 256,
+    train_on_prompt: bool = False,
+    first_index: int = 0,
+) -> tuple[list[Example], DataStats]:
+    """Tokenize rows into examples.
+
+    Prompt/response rows: the prompt is cut to `max_source_length` tokens and the response
+    (with EOS) to `max_target_length`. Chat and text rows are cut at their sum. Rows left
+    with no token under loss are dropped and counted.
+    """
+    stats = DataStats(rows=len(rows))
+    examples = []
+    eos = tokenizer.eos_token_id
+    for offset, row in enumerate(rows):
+        index = first_index + offset
+        parts = segments_of(row, index, fmt, prompt_template, response_template)
+        is_chat = fmt == "chat" or (chat_template and fmt != "text")
+        if is_chat:
+            if fmt != "chat":
+                (prompt, _), (response, _) = parts
+                parts = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            parts = chat_segments(tokenizer, parts, index)
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (text, trainable) in enumerate(parts):
+            seg = tokenizer(text, add_special_tokens=(k == 0 and not is_chat))["input_ids"]
+            if trainable and not is_chat and eos is not None and (not seg or seg[-1] != eos):
+                seg = seg + [eos]  # the model learns to stop
+            if not is_chat and fmt != "text":
+                limit = max_target_length if trainable else max_source_length
+                if len(seg) > limit:
+                    seg = seg[:limit]
+                    if trainable:
+                        stats.truncated_response += 1
+                    else:
+                        stats.truncated_prompt += 1
+            ids += seg
+            labels += seg if (trainable or train_on_prompt) else [IGNORE] * len(seg)
+        if (is_chat or fmt == "text") and len(ids) > max_source_length + max_target_length:
+            ids, labels = ids[: max_source_length + max_target_length], labels[: max_source_length + max_target_length]
+            stats.truncated_response += 1
+        if not ids or all(label == IGNORE for label in labels[1:]):
+            stats.drop("with no response tokens left" if ids else "empty")
+            continue
+        examples.append(Example(ids, labels))
+        stats.tokens += len(ids)
+        stats.loss_tokens += sum(label != IGNORE for label in labels[1:])
+    stats.examples = len(examples)
+    return examples, stats
+
+
+def split_rows(rows: list[dict], fraction: float, max_examples: int, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation indices: a seeded permutation, the first
+    round(fraction * n) (at most `max_examples`, 0 = no cap) go to validation."""
+    n = len(rows)
+    n_val = int(round(fraction * n))
+    if max_examples > 0:
+        n_val = min(n_val, max_examples)
+    if fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])

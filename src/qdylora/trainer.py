@@ -1,0 +1,275 @@
+"""The training loop: one run trains the adapter at every rank.
+
+Each optimizer step draws one rank b from p_B (`RankSampler`, a pure function of seed and step)
+and runs all its micro-batches with the truncated pair B[:, :b] A[:b] scaled by s(b). Only A
+and B are trained (AdamW); the NF4 base is frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import get_scheduler
+
+from . import __version__
+from .adapter_file import base_fingerprint, save_adapter
+from .batching import BatchStream, collate, fixed_batches
+from .data import DataStats, Example, detect_format, read_rows, split_rows, tokenize
+from .embedded import smollm2_gguf
+from .errors import QDyLoRAError
+from .loading import load_tokenizer, resolve_source
+from .losses import autocast_context, loss_sum, validation_loss
+from .model import QDyLoRAModel, prepare
+from .rank import set_rank
+from .rundir import (MetricsLog, check_out_dir, clear_run, latest_checkpoint, load_state,
+                     read_json, save_checkpoint, write_json)
+from .settings import RunSettings
+
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    val: list[Example]
+    stats: dict[str, DataStats]
+
+
+def load_data(settings: RunSettings, tokenizer) -> Datasets:
+    """Read, split and tokenize the training (and validation) rows, with clear errors."""
+    d = settings.data
+    if d.data is None:
+        raise QDyLoRAError("no training data: pass --data FILE (json, jsonl, csv, parquet) or a dataset name")
+    rows = read_rows(d.data, d.split)
+    if not rows:
+        raise QDyLoRAError(f"the training data {d.data} is empty")
+    fmt = d.format if d.format != "auto" else detect_format(rows[0].keys(), d.data)
+    if d.val_data is not None:
+        val_rows = read_rows(d.val_data, d.split)
+        train_idx, val_idx = list(range(len(rows))), []
+    else:
+        val_rows = None
+        train_idx, val_idx = split_rows(rows, d.val_fraction, d.val_max_examples, settings.adapter.seed)
+    opts = dict(prompt_template=d.prompt_template, response_template=d.response_template,
+                chat_template=d.chat_template, max_source_length=d.max_source_length,
+                max_target_length=d.max_target_length, train_on_prompt=d.train_on_prompt)
+    train, train_stats = _tokenize_subset(rows, train_idx, tokenizer, fmt, opts)
+    if val_rows is not None:
+        val, val_stats = tokenize(val_rows, tokenizer, fmt, **opts)
+    else:
+        val, val_stats = _tokenize_subset(rows, val_idx, tokenizer, fmt, opts)
+    if not train:
+        raise QDyLoRAError(
+            f"no training example is left after tokenization ({train_stats}): check the format, "
+            "the templates and --max-source-length / --max-target-length"
+        )
+    return Datasets(train, val, {"train": train_stats, "validation": val_stats})
+
+
+def _tokenize_subset(rows, indices, tokenizer, fmt, opts):
+    stats = DataStats()
+    examples = []
+    for i in indices:  # row numbers in errors are the file's own
+        ex, st = tokenize([rows[i]], tokenizer, fmt, first_index=i, **opts)
+        examples += ex
+        for k in ("rows", "examples", "truncated_prompt", "truncated_response", "tokens", "loss_tokens"):
+            setattr(stats, k, getattr(stats, k) + getattr(st, k))
+        for reason, n in st.dropped.items():
+            stats.dropped[reason] = stats.dropped.get(reason, 0) + n
+    return examples, stats
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocated CUDA memory on a GPU, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+          progress: bool = True, model: Optional[QDyLoRAModel] = None) -> dict:
+    """Run (or resume) training into the run directory `out`; returns the summary.
+
+    `model` may be an already prepared model (tests, notebooks); otherwise it is loaded from
+    `settings.model` (default: the embedded SmolLM2-135M-Instruct).
+    """
+    out = Path(out)
+    t = settings.train
+    check_out_dir(out, overwrite, resume)  # before any heavy work
+    source = settings.model or smollm2_gguf()
+
+    # Model and tokenizer. Dtype and device are decided here, once.
+    if model is None:
+        model = prepare(source, settings.adapter, device=settings.device,
+                        trust_remote_code=settings.trust_remote_code)
+        tokenizer = load_tokenizer(resolve_source(source), settings.trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(resolve_source(model.base_model_name_or_path or source))
+    config = model.config  # compute_dtype resolved for the device
+    device = next(model.parameters()).device
+    sampler = t.rank_sampler(config.max_rank, config.seed)
+    eval_ranks = t.validation_ranks(sampler)
+    fingerprint = base_fingerprint(model)
+
+    data = load_data(settings, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream = BatchStream(data.train, t.micro_batch_size, config.seed)
+    max_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.per_epoch / t.grad_accumulation))
+    val_batches = fixed_batches(data.val, t.micro_batch_size)
+
+    params = model.adapter_parameters()
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = get_scheduler(SCHEDULES[t.schedule], optimizer, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=max_steps)
+    use_autocast = t.autocast == "on" or (t.autocast == "auto" and config.compute_dtype != "float32")
+    autocast = lambda: autocast_context(device, config.torch_compute_dtype, use_autocast)  # noqa: E731
+    if t.grad_checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.model.config.use_cache = False
+
+    record = {"qdylora_version": __version__, "base_fingerprint": fingerprint,
+              "settings": {**settings.to_dict(), "model": source, "adapter": config.to_dict()}}
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    if resume:
+        saved = read_json(out / "config.json")
+        if saved.get("base_fingerprint") != fingerprint:
+            raise QDyLoRAError(f"cannot resume {out}: it was trained on another base model "
+                               f"({saved['settings'].get('model')})")
+        checkpoint = latest_checkpoint(out)
+        state = load_state(checkpoint)
+        from .adapter_file import load_adapter
+
+        load_adapter(model, checkpoint / "adapter.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["seconds"]
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+    else:
+        if overwrite:
+            clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)  # adapter dropout draws from the global generator
+    write_json(out / "config.json", record)
+    write_json(out / "data_stats.json", {k: vars(v) for k, v in data.stats.items()})
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
+    tensorboard = _tensorboard(out) if t.tensorboard else None
+    for name, st in data.stats.items():
+        print(f"qdylora: {name} data: {st}")
+
+    def evaluate(at_step: int) -> dict[int, float]:
+        if not val_batches:
+            return {}
+        losses = validation_loss(model, val_batches, eval_ranks, pad_id, device, autocast)
+        metrics.write({"step": at_step, "val_loss": {str(r): v for r, v in losses.items()}})
+        if tensorboard:
+            for r, v in losses.items():
+                tensorboard.add_scalar(f"val_loss/rank_{r}", v, at_step)
+        return losses
+
+    def checkpoint(at_step: int) -> None:
+        state = {
+            "step": at_step, "tokens_seen": tokens_seen, "seconds": elapsed,
+            "micro_batch_position": at_step * t.grad_accumulation,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+        extra = {"step": at_step, "rank_range": [sampler.min_rank, sampler.max_rank]}
+        save_checkpoint(out, at_step, lambda p: save_adapter(model, p, extra=extra), state, t.keep_last)
+
+    first_val = read_json(out / "summary.json").get("val_loss_before") if resume and (out / "summary.json").exists() else None
+    if not resume:
+        first_val = {str(r): v for r, v in evaluate(0).items()}
+        write_json(out / "summary.json", {"status": "running", "val_loss_before": first_val})
+
+    model.train()
+    bar = _progress(max_steps, step, progress)
+    last_val: dict[int, float] = {}
+    try:
+        while step < max_steps:
+            start = time.perf_counter()
+            rank = sampler.rank_at(step)
+            set_rank(model, rank)  # one rank for every micro-batch of this step
+            micro = [collate(stream.at(step * t.grad_accumulation + i), pad_id)
+                     for i in range(t.grad_accumulation)]
+            n_loss = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+            step_loss, step_tokens = 0.0, 0
+            for batch in micro:
+                batch = {k: v.to(device) for k, v in batch.items()}  # (B, T) each
+                with autocast():
+                    total, _ = loss_sum(model, batch)
+                (total / max(n_loss, 1)).backward()  # mean over the step's loss tokens
+                step_loss += float(total.detach())
+                step_tokens += int(batch["attention_mask"].sum())
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                         if t.max_grad_norm > 0 else _grad_norm(params))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - start
+            elapsed += seconds
+            tokens_seen += step_tokens
+            loss = step_loss / max(n_loss, 1)
+            if step % t.log_every == 0 or step == max_steps:
+                metrics.write({"step": step, "rank": rank, "loss": loss, "lr": lr,
+                               "grad_norm": float(grad_norm), "tokens": step_tokens,
+                               "seconds": round(seconds, 4), "elapsed": round(elapsed, 3)})
+                if tensorboard:
+                    tensorboard.add_scalar("train/loss", loss, step)
+                    tensorboard.add_scalar("train/rank", rank, step)
+                    tensorboard.add_scalar("train/lr", lr, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", rank=rank, tok_s=f"{tokens_seen / elapsed:.0f}")
+            if step == max_steps or (t.eval_every and step % t.eval_every == 0):
+                last_val = evaluate(step)
+                if last_val:
+                    bar.write("qdylora: step %d validation loss %s" % (step, ", ".join(
+                        f"rank {r}: {v:.4f}" for r, v in last_val.items())))
+            if step == max_steps or (t.save_every and step % t.save_every == 0):
+                checkpoint(step)
+    finally:
+        bar.close()
+        metrics.close()
+        if tensorboard:
+            tensorboard.close()
+
+    summary = {
+        "status": "done", "steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 2),
+        "tokens_per_second": round(tokens_seen / elapsed, 2) if elapsed else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "val_loss_before": first_val,
+        "val_loss_after": {str(r): v for r, v in last_val.items()},
+        "adapter": str(out / "adapter.safetensors"),
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise QDyLoRAError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"))
