@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from transformers import (
     OPTConfig,
     Qwen2Config,
 )
+
+from qdylora.config import QDyLoRAConfig
+from qdylora.settings import DataSettings, RunSettings, TrainSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -110,3 +115,40 @@ def tiny_lm(tmp_path_factory):
     tiny_model("llama").save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return str(path)
+
+
+def write_sums(path, n=48, seed=0):
+    """A JSONL file of one-digit sums: {"question": "3+4=", "answer": "7"}."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"question": f"{a}+{b}=", "answer": str(a + b)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_settings(model, data, **train) -> RunSettings:
+    """Settings of a short fp32 run on `data` (sums) with the tiny model at max_rank 8."""
+    defaults = dict(max_steps=6, micro_batch_size=4, grad_accumulation=2, lr=1e-2,
+                    eval_every=0, save_every=0)
+    return RunSettings(
+        model=model,
+        adapter=QDyLoRAConfig(max_rank=8, alpha=16, dropout=0.1, compute_dtype="float32"),
+        data=DataSettings(data=data, prompt_template="{question}", response_template="{answer}",
+                          val_fraction=0.25),
+        train=TrainSettings(**{**defaults, **train}),
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_lm, tmp_path_factory):
+    """A finished 20-step run of the tiny Llama on sums (max_rank 8), shared by the tests that
+    read runs (sweep, export, merge, generate). Tests must not write into it."""
+    from qdylora.trainer import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_sums(root / "sums.jsonl", n=40)
+    run = root / "run"
+    train(tiny_settings(tiny_lm, data, max_steps=20), run, progress=False)
+    return run

@@ -53,3 +53,27 @@ def test_answers_a_question_and_trains(smollm2):
     with torch.no_grad(), qdylora.at_rank(model, 8):
         tuned = model(input_ids=x, labels=x).loss
     assert tuned < base_loss
+
+
+def test_training_on_asdiv_lowers_the_validation_loss(smollm2, tmp_path):
+    """A few real steps of `qdylora.trainer.train` on ASDiv rows with the chat template."""
+    import json
+
+    from qdylora.embedded import asdiv_jsonl
+    from qdylora.settings import DataSettings, RunSettings, TrainSettings
+    from qdylora.trainer import train
+
+    model, _ = smollm2
+    rows = open(asdiv_jsonl()).read().splitlines()[:80]
+    data = tmp_path / "asdiv.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    assert json.loads(rows[0]).keys() >= {"passage", "question", "answer"}
+    settings = RunSettings(
+        adapter=model.config,
+        data=DataSettings(data=str(data), prompt_template="{passage} {question}",
+                          response_template="{answer}", chat_template=True, val_fraction=0.2),
+        train=TrainSettings(max_steps=6, micro_batch_size=4, grad_accumulation=1, lr=1e-3,
+                            ranks="4,8", eval_ranks="8", eval_every=0, save_every=0),
+    )
+    summary = train(settings, tmp_path / "run", progress=False, model=model)
+    assert summary["val_loss_after"]["8"] < summary["val_loss_before"]["8"] - 0.2, summary

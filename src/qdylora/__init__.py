@@ -17,9 +17,21 @@ from .loading import load_tokenizer, resolve_source
 from .memory import MemoryReport, memory_report
 from .model import QDyLoRAModel, prepare
 from .rank import adapter_layers, at_rank, get_rank, set_rank, set_update_mode
+from .export import export_peft
 from .sampling import RankSampler
+from .settings import DataSettings, RunSettings, TrainSettings
+from .sweep import SweepResult, load_run, run_sweep
+from .trainer import train
 
 __all__ = [
+    "DataSettings",
+    "RunSettings",
+    "SweepResult",
+    "TrainSettings",
+    "export_peft",
+    "load_run",
+    "run_sweep",
+    "train",
     "QDyLoRAConfig",
     "QDyLoRAError",
     "QDyLoRALinear",

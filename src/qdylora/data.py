@@ -113,8 +113,8 @@ def detect_format(columns: Iterable[str], source: str) -> str:
         return "text"
     raise QDyLoRAError(
         f"cannot tell the format of {source} from its fields ({', '.join(sorted(cols)) or 'none'}): "
-        "name it with --data.format, or map fields with --data.prompt-template '{field} ...' "
-        "--data.response-template '{field}'"
+        "name it with --format, or map fields with --prompt-template '{field} ...' "
+        "--response-template '{field}'"
     )
 
 
@@ -135,7 +135,8 @@ def segments_of(row: dict, index: int, fmt: str, prompt_template: Optional[str],
         missing = [n for n in names if row.get(n) is None]
         if missing:
             raise QDyLoRAError(
-                f"row {index} has no {', '.join(missing)} (its fields: {', '.join(sorted(row))})"
+                f"row {index} has no {', '.join(missing)} (its fields with values: "
+                f"{', '.join(sorted(k for k, v in row.items() if v is not None)) or 'none'})"
             )
         return [str(row[n]) for n in names]
 
@@ -156,7 +157,7 @@ def segments_of(row: dict, index: int, fmt: str, prompt_template: Optional[str],
     if fmt == "text":
         return [(need("text")[0], True)]
     if fmt == "chat":
-        key = "messages" if "messages" in row else "conversations"
+        key = "conversations" if row.get("conversations") is not None else "messages"
         messages = need(key) and row[key]
         if not isinstance(messages, list):
             raise QDyLoRAError(f"row {index}: {key} must be a list of messages")
@@ -175,6 +176,14 @@ def segments_of(row: dict, index: int, fmt: str, prompt_template: Optional[str],
     raise QDyLoRAError(f"unknown data format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise QDyLoRAError(
+            "the tokenizer has no chat template: use a chat model, or drop --chat-template "
+            "on prompt/response data"
+        )
+
+
 def chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[str, bool]]:
     """Render a conversation with the tokenizer's chat template; assistant turns are trainable.
 
@@ -182,11 +191,7 @@ def chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[str
     prompt, then through that turn), so each assistant reply is exactly the text the template
     adds for it.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise QDyLoRAError(
-            "the tokenizer has no chat template: use a chat model, or train without "
-            "--data.chat-template on prompt/response data"
-        )
+    require_chat_template(tokenizer)
 
     def render(msgs: list[dict], gen: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -199,7 +204,7 @@ def chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[str
         if not (prefix.startswith(done) and full.startswith(prefix)):
             raise QDyLoRAError(
                 f"row {index}: the tokenizer's chat template does not render this conversation "
-                "turn by turn, so assistant turns cannot be masked: use --data.train-on-prompt"
+                "turn by turn, so assistant turns cannot be masked: use --train-on-prompt"
             )
         segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
         done = full
@@ -237,6 +242,9 @@ def tokenize(
                 (prompt, _), (response, _) = parts
                 parts = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             parts = chat_segments(tokenizer, parts, index)
+            if not parts:
+                stats.drop("without an assistant turn")
+                continue
         ids: list[int] = []
         labels: list[int] = []
         for k, (text, trainable) in enumerate(parts):
@@ -277,3 +285,40 @@ def split_rows(rows: list[dict], fraction: float, max_examples: int, seed: int) 
         n_val = 1
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def generation_prompts(
+    rows: Sequence[dict],
+    tokenizer,
+    fmt: str,
+    *,
+    prompt_template: Optional[str] = None,
+    response_template: Optional[str] = None,
+    chat_template: bool = False,
+    max_source_length: int = 512,
+) -> tuple[list[list[int]], list[str]]:
+    """Prompt token ids (what the model sees before it answers, as in training) and reference
+    answers, for scoring generations. Long prompts keep their last `max_source_length` tokens,
+    so the question and the generation prompt survive."""
+    if fmt == "text":
+        raise QDyLoRAError("exact_match needs prompt/response or chat data, not the text format")
+    prompts, references = [], []
+    for index, row in enumerate(rows):
+        parts = segments_of(row, index, fmt, prompt_template, response_template)
+        if fmt == "chat":
+            last = max((i for i, m in enumerate(parts) if m["role"] == "assistant"), default=None)
+            if last is None:
+                raise QDyLoRAError(f"row {index} has no assistant turn to compare with")
+            messages, reference = parts[:last], parts[last]["content"]
+        else:
+            (prompt, _), (reference, _) = parts
+            messages = [{"role": "user", "content": prompt}]
+        if fmt == "chat" or chat_template:
+            require_chat_template(tokenizer)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
+        prompts.append(ids[-max_source_length:])
+        references.append(str(reference))
+    return prompts, references

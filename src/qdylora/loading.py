@@ -91,7 +91,7 @@ def load_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(
                 src.path, gguf_file=src.gguf_file, device_map={"": device}, **kwargs
             )
-            _forget_gguf_quantization(model)
+            forget_quantizer(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 src.path,
@@ -115,13 +115,16 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
         raise QDyLoRAError(f"cannot load a tokenizer from {src.path}: {_first_line(e)}") from e
 
 
-def _forget_gguf_quantization(model: nn.Module) -> None:
-    """A GGUF model loads dequantized; drop transformers' record of the GGUF quantizer so the
-    model is a plain one (save_pretrained refuses otherwise)."""
+def forget_quantizer(model: nn.Module) -> None:
+    """Drop transformers' record of how the model was quantized, once its weights are plain
+    (a GGUF model loads dequantized; a merged model is dequantized), so `save_pretrained` and
+    `.to(dtype)` treat it as the plain model it is."""
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
 
 
 def _explain(e: BaseException, src: ModelSource) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Sequence
 
 import torch
@@ -11,7 +12,30 @@ from torch import nn
 
 from .batching import collate
 from .data import IGNORE, Example
-from .rank import at_rank
+from .rank import at_rank, set_rank
+
+
+def logits_and_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits (B, P, V) and their targets (B, P), IGNORE where there is no loss.
+
+    Only the P positions whose next token carries a loss in some row are projected onto the
+    vocabulary (transformers' `logits_to_keep`): with the prompt masked that is a small part of
+    the sequence, and the output head is a large share of a small model's compute.
+    """
+    labels = batch["labels"]  # (B, T)
+    positions = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(1)  # (P,), t predicts t+1
+    kwargs = {}
+    if _accepts_logits_to_keep(model) and positions.numel() < labels.shape[1] - 1:
+        kwargs["logits_to_keep"] = positions
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    if "logits_to_keep" not in kwargs:
+        logits, positions = logits[:, :-1], torch.arange(labels.shape[1] - 1, device=labels.device)
+    return logits, labels[:, positions + 1]
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    hf = getattr(model, "model", model)
+    return "logits_to_keep" in inspect.signature(hf.forward).parameters
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -19,9 +43,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
     Summing (not averaging) lets a step with several micro-batches weigh every token equally.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    targets = batch["labels"][:, 1:]  # (B, T-1)
+    logits, targets = logits_and_targets(model, batch)  # (B, P, V), (B, P)
     total = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
         ignore_index=IGNORE, reduction="sum",
@@ -65,4 +87,53 @@ def validation_loss(
             out[rank] = total / max(count, 1)
     finally:
         model.train(was_training)
+    return out
+
+
+def row_loss_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token loss and per-row count of labelled tokens, each (B,)."""
+    logits, targets = logits_and_targets(model, batch)  # (B, P, V), (B, P)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE,
+                         reduction="none")  # (B, P), 0 where ignored
+    return ce.sum(dim=1), (targets != IGNORE).sum(dim=1)
+
+
+@torch.no_grad()
+def losses_at_ranks(
+    model: nn.Module,
+    batches: Sequence[Sequence[Example]],
+    ranks: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+    rank_batch: int = 0,
+    autocast=contextlib.nullcontext,
+    on_batch=None,
+) -> dict[int, tuple[float, int]]:
+    """{rank: (summed token loss, token count)} on `batches`.
+
+    Rank-batched: each batch is replicated once per rank (up to `rank_batch` ranks at a time;
+    0 = all) and row i of copy j runs at rank ranks[j] (per-example ranks), so the frozen base
+    is dequantized once per layer per forward instead of once per rank. With rank_batch=1 the
+    ranks run one after another at a shared rank.
+    """
+    group = rank_batch if rank_batch > 0 else len(ranks)
+    out = {r: (0.0, 0) for r in ranks}
+    for examples in batches:
+        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}  # (n, T)
+        n = batch["input_ids"].shape[0]
+        for start in range(0, len(ranks), group):
+            chunk = list(ranks[start:start + group])
+            if len(chunk) == 1:
+                set_rank(model, chunk[0])
+                stacked = batch
+            else:
+                stacked = {k: v.repeat(len(chunk), 1) for k, v in batch.items()}  # (k*n, T), rank-major
+                set_rank(model, torch.tensor(chunk, device=device).repeat_interleave(n))
+            with autocast():
+                sums, counts = row_loss_sums(model, stacked)
+            for j, r in enumerate(chunk):
+                s, c = out[r]
+                out[r] = (s + float(sums[j * n:(j + 1) * n].sum()), c + int(counts[j * n:(j + 1) * n].sum()))
+            if on_batch is not None:
+                on_batch(len(chunk))
     return out

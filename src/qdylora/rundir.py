@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import QDyLoRAError
-from .files import atomic_write
+from .files import atomic_dir, atomic_write
 
 OURS = ("config.json", "data_stats.json", "adapter.safetensors", "metrics.jsonl", "summary.json",
         "checkpoints", "tensorboard")
@@ -95,21 +95,12 @@ def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last:
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final, overwrite=True) as tmp:
         write_adapter(tmp / "adapter.safetensors")
         with open(tmp / "state.pt", "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     with atomic_write(out / "adapter.safetensors") as t:
         shutil.copyfile(final / "adapter.safetensors", t)
     for old in checkpoint_dirs(out)[:-keep_last]:

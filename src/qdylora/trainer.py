@@ -12,7 +12,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from transformers import get_scheduler
@@ -93,11 +93,13 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-          progress: bool = True, model: Optional[QDyLoRAModel] = None) -> dict:
+          progress: bool = True, model: Optional[QDyLoRAModel] = None,
+          on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Run (or resume) training into the run directory `out`; returns the summary.
 
     `model` may be an already prepared model (tests, notebooks); otherwise it is loaded from
-    `settings.model` (default: the embedded SmolLM2-135M-Instruct).
+    `settings.model` (default: the embedded SmolLM2-135M-Instruct). `on_step(step)` is called
+    after each optimizer step (and its checkpoint, if one is due).
     """
     out = Path(out)
     t = settings.train
@@ -237,6 +239,8 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
                         f"rank {r}: {v:.4f}" for r, v in last_val.items())))
             if step == max_steps or (t.save_every and step % t.save_every == 0):
                 checkpoint(step)
+            if on_step is not None:
+                on_step(step)
     finally:
         bar.close()
         metrics.close()

@@ -1,0 +1,132 @@
+"""`qdylora train`: flags, config files, resume, and one-line errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qdylora.cli import main
+
+from .conftest import write_sums
+
+FAST = ["--max-rank", "4", "--max-steps", "2", "--micro-batch-size", "4", "--grad-accumulation", "1",
+        "--compute-dtype", "float32", "--quiet"]
+
+
+def run_args(tiny_lm, data, out, *extra):
+    return ["train", "--model", tiny_lm, "--data", data, "--prompt-template", "{question}",
+            "--response-template", "{answer}", "--out", str(out), *FAST, *extra]
+
+
+def test_train_then_resume_and_extend(tiny_lm, tmp_path, capsys):
+    data = write_sums(tmp_path / "sums.jsonl", n=24)
+    out = tmp_path / "run"
+    assert main(run_args(tiny_lm, data, out, "--save-every", "1")) == 0
+    printed = capsys.readouterr().out
+    assert "validation loss at rank 4:" in printed and f"run directory {out}" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["train"]["max_steps"] == 2 and config["settings"]["adapter"]["max_rank"] == 4
+    assert config["settings"]["adapter"]["compute_dtype"] == "float32"
+    # --resume takes the saved settings; a flag given with it overrides them (here: more steps).
+    assert main(["train", "--resume", str(out), "--max-steps", "4", "--quiet"]) == 0
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in steps if "rank" in x] == [1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_config_file_values_and_flag_overrides(tiny_lm, tmp_path):
+    data = write_sums(tmp_path / "sums.jsonl", n=24)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {tiny_lm}\ndata: {data}\nprompt-template: '{{question}}'\n"
+                   "response_template: '{answer}'\nmax_rank: 4\nmin_rank: 4\nmax_steps: 3\nlr: 0.001\n"
+                   "compute_dtype: float32\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--lr", "0.002", "--quiet"]) == 0
+    saved = json.loads((out / "config.json").read_text())["settings"]
+    assert saved["train"]["lr"] == 0.002 and saved["train"]["max_steps"] == 3
+    assert saved["adapter"]["max_rank"] == 4 and saved["data"]["prompt_template"] == "{question}"
+    # A run's config.json is a valid --config for a new run.
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.json"), "--out", str(again), "--quiet"]) == 0
+    assert json.loads((again / "config.json").read_text())["settings"]["train"]["lr"] == 0.002
+
+
+def bad_cases(tmp_path):
+    data = write_sums(tmp_path / "sums.jsonl", n=24)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nofield.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+2="}\n')
+    (tmp_path / "fields.jsonl").write_text('{"q": "1+1=", "a": "2"}\n')
+    (tmp_path / "bad.yaml").write_text("max_rank: 4\nbogus: 1\n")
+    tpl = ["--prompt-template", "{question}", "--response-template", "{answer}"]
+    return [
+        (["--data", str(tmp_path / "missing.jsonl")] + tpl, "data file", "does not exist"),
+        (["--data", str(tmp_path / "empty.jsonl")] + tpl, "", "cannot read data|is empty"),
+        (["--data", str(tmp_path / "nofield.jsonl")] + tpl, "", "row 1 has no answer (its fields with values: question)"),
+        (["--data", str(tmp_path / "fields.jsonl")], "", "cannot tell the format"),
+        (["--data", data, "--prompt-template", "{question}"], "", "needs --prompt-template and --response-template"),
+        (["--data", data, "--format", "chat"], "", "row 0 has no messages"),
+        (["--data", data, "--max-target-length", "1", "--max-source-length", "1", "--format", "text"], "", "no"),
+        (["--data", data] + tpl + ["--min-rank", "9"], "", "min_rank"),
+        (["--data", data] + tpl + ["--ranks", "2,99"], "", "99"),
+        (["--data", data] + tpl + ["--eval-ranks", "99"], "", "eval_ranks"),
+        (["--data", data] + tpl + ["--lr", "0"], "", "learning rate must be positive"),
+        (["--data", data] + tpl + ["--max-steps", "0"], "", "max_steps must be positive"),
+        (["--data", data] + tpl + ["--config", str(tmp_path / "bad.yaml")], "", "unknown setting 'bogus'"),
+        (["--data", data] + tpl + ["--config", str(tmp_path / "none.yaml")], "", "cannot read config file"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_lm, tmp_path, capsys):
+    import re
+
+    for args, _, message in bad_cases(tmp_path):
+        out = tmp_path / "run"
+        argv = ["train", "--model", tiny_lm, "--out", str(out), "--max-rank", "8",
+                "--compute-dtype", "float32", "--quiet", "--max-steps", "2"] + args
+        code = main(argv)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("qdylora: error:")]
+        assert code == 2, (args, err)
+        assert len(errors) == 1 and (message in errors[0] or re.search(message, errors[0])), (args, err)
+        assert "Traceback" not in err
+        assert not out.exists(), args  # nothing half-written
+
+
+def test_every_example_truncated_away_is_an_error(tiny_lm, tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "y"}]}] * 4
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--model", tiny_lm, "--data", str(data), "--out", str(tmp_path / "run"),
+            "--max-source-length", "8", "--max-target-length", "4", *FAST]
+    assert main(argv) == 2
+    assert "no training example is left after tokenization" in capsys.readouterr().err
+
+
+def test_existing_out_dir_is_refused_without_overwrite(tiny_lm, tmp_path, capsys):
+    data = write_sums(tmp_path / "sums.jsonl", n=24)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(run_args(tiny_lm, data, out)) == 2
+    assert "use --overwrite" in capsys.readouterr().err
+    assert main(run_args(tiny_lm, data, out, "--overwrite")) == 0
+    assert (out / "keep.txt").read_text() == "x" and (out / "adapter.safetensors").is_file()
+
+
+def test_unknown_format_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", "x", "--format", "yaml"])
+    assert e.value.code == 2
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--format", "--prompt-template", "--train-on-prompt", "--max-rank", "--min-rank",
+                 "--ranks", "--update-mode", "--lr", "--schedule", "--max-grad-norm", "--grad-accumulation",
+                 "--grad-checkpointing", "--eval-every", "--save-every", "--keep-last", "--resume",
+                 "--overwrite", "--config"):
+        assert flag in text, flag

@@ -1,0 +1,85 @@
+"""Export to PEFT: PEFT itself loads the adapter and reproduces our logits at that rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+import qdylora
+from qdylora import QDyLoRAConfig
+from qdylora.config import scale
+from qdylora.errors import QDyLoRAError
+from qdylora.export import export_peft
+from qdylora.loading import bnb_config
+
+from .conftest import VOCAB
+
+peft = pytest.importorskip("peft")
+
+
+def adapted_model(path, scaling="standard"):
+    model = qdylora.prepare(path, QDyLoRAConfig(max_rank=8, alpha=16, scaling=scaling, dropout=0.0,
+                                                compute_dtype="float32"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.adapter_layers().values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def merged_reference(path, model, rank):
+    """The full-precision base with s(b) B[:, :b] A[:b] added to each weight in float64."""
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    s = scale(model.config.alpha, rank, model.config.scaling)
+    with torch.no_grad():
+        for name, layer in model.adapter_layers().items():
+            delta = s * layer.lora_B[:, :rank].double() @ layer.lora_A[:rank].double()  # (out, in)
+            target = ref.get_submodule(name)
+            target.weight += delta.t() if isinstance(target, Conv1D) else delta
+    return ref
+
+
+@pytest.mark.parametrize("arch, scaling", [("llama", "standard"), ("gpt2", "standard"), ("llama", "rslora")])
+def test_peft_reproduces_our_logits(arch, scaling, tiny_dir, tmp_path):
+    path = tiny_dir(arch)
+    model = adapted_model(path, scaling)
+    rank = 3
+    out = export_peft(model, rank, tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == rank and config["lora_alpha"] == 16 and config["use_rslora"] == (scaling == "rslora")
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with qdylora.at_rank(model, rank):
+            ours = model(input_ids=x).logits
+        with qdylora.at_rank(model, 0):
+            assert (model(input_ids=x).logits - ours).abs().max() > 1e-2  # the adapter is not a no-op
+
+        # 4-bit: PEFT on transformers' own NF4 model (the same quantization as ours).
+        base4 = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(torch.float32),
+                                                     dtype=torch.float32)
+        peft4 = peft.PeftModel.from_pretrained(base4, out).eval()
+        torch.testing.assert_close(peft4(input_ids=x).logits, ours, rtol=1e-4, atol=1e-4)
+
+        # Full precision: PEFT on the unquantized base equals the float64 merged reference.
+        basefp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        pefffp = peft.PeftModel.from_pretrained(basefp, out).eval()
+        ref = merged_reference(path, model, rank)(input_ids=x).logits
+        torch.testing.assert_close(pefffp(input_ids=x).logits.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_bad_rank_and_existing_dir(tiny_dir, tmp_path):
+    model = adapted_model(tiny_dir("llama"))
+    with pytest.raises(QDyLoRAError, match="outside 1..8"):
+        export_peft(model, 9, tmp_path / "a")
+    with pytest.raises(QDyLoRAError, match="outside 1..8"):
+        export_peft(model, 0, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(QDyLoRAError, match="already exists"):
+        export_peft(model, 2, tmp_path / "b")
+    export_peft(model, 2, tmp_path / "b", overwrite=True)
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
