@@ -18,7 +18,7 @@ import time
 import torch
 
 from qdylora.batching import fixed_batches
-from qdylora.data import detect_format, generation_prompts, read_rows, tokenize
+from qdylora.data import generation_prompts, read_rows, tokenize
 from qdylora.generation import generate_at_ranks
 from qdylora.losses import losses_at_ranks
 from qdylora.sweep import default_ranks, load_run
@@ -39,13 +39,11 @@ def main() -> None:
     ranks = [r for r in default_ranks(model.config.max_rank) if r > 0]  # 7 ranks for R = 64
     rows = read_rows(args.data)[: args.examples]
     d = s.data
-    fmt = d.format if d.format != "auto" else detect_format(rows[0].keys(), args.data)
-    opts = dict(prompt_template=d.prompt_template, response_template=d.response_template,
-                chat_template=d.chat_template)
-    examples, _ = tokenize(rows, tok, fmt, max_source_length=d.max_source_length,
-                           max_target_length=d.max_target_length, **opts)
+    rf = d.row_format(rows[0].keys(), args.data)
+    examples, _ = tokenize(rows, tok, rf, max_source_length=d.max_source_length,
+                           max_target_length=d.max_target_length)
     batches = fixed_batches(examples, args.batch_size)
-    prompts, _ = generation_prompts(rows, tok, fmt, max_source_length=d.max_source_length, **opts)
+    prompts, _ = generation_prompts(rows, tok, rf, max_source_length=d.max_source_length)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     device = next(model.parameters()).device
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qdylora.data import IGNORE, detect_format, read_rows, split_rows, tokenize
+from qdylora.data import IGNORE, RowFormat, detect_format, read_rows, split_rows, tokenize
 from qdylora.errors import QDyLoRAError
 
 from .conftest import char_tokenizer
@@ -67,31 +67,29 @@ def test_detect_format_names_the_fields():
 
 
 def test_template_masks_the_prompt_and_appends_eos(tok):
-    examples, stats = tokenize(ROWS, tok, "template", prompt_template="Q: {question}",
-                               response_template="{answer}")
+    examples, stats = tokenize(ROWS, tok, RowFormat("template", "Q: {question}", "{answer}"))
     assert [tok.decode(e.input_ids) for e in examples] == ["Q: 1+2=3</s>", "Q: 4+4=8</s>"]
     assert [loss_text(tok, e) for e in examples] == ["3</s>", "8</s>"]
     assert (stats.examples, stats.rows, stats.loss_tokens) == (2, 2, 4)
 
 
 def test_train_on_prompt_puts_loss_everywhere(tok):
-    (e,), _ = tokenize(ROWS[:1], tok, "template", prompt_template="{question}",
-                       response_template="{answer}", train_on_prompt=True)
+    (e,), _ = tokenize(ROWS[:1], tok, RowFormat("template", "{question}", "{answer}"), train_on_prompt=True)
     assert e.labels == e.input_ids
 
 
 def test_alpaca_and_input_output(tok):
-    (a,), _ = tokenize([{"instruction": "Add", "input": "1 2", "output": "3"}], tok, "alpaca")
+    (a,), _ = tokenize([{"instruction": "Add", "input": "1 2", "output": "3"}], tok, RowFormat("alpaca"))
     assert "### Instruction:\nAdd" in tok.decode(a.input_ids) and "### Input:\n1 2" in tok.decode(a.input_ids)
     assert loss_text(tok, a) == "3</s>"
-    (a,), _ = tokenize([{"instruction": "Add", "output": "3"}], tok, "alpaca")
+    (a,), _ = tokenize([{"instruction": "Add", "output": "3"}], tok, RowFormat("alpaca"))
     assert "### Input" not in tok.decode(a.input_ids)
-    (b,), _ = tokenize([{"input": "x=", "output": "y"}], tok, "input-output")
+    (b,), _ = tokenize([{"input": "x=", "output": "y"}], tok, RowFormat("input-output"))
     assert tok.decode(b.input_ids) == "x=y</s>" and loss_text(tok, b) == "y</s>"
 
 
 def test_text_format_trains_on_everything(tok):
-    (e,), _ = tokenize([{"text": "hello"}], tok, "text")
+    (e,), _ = tokenize([{"text": "hello"}], tok, RowFormat("text"))
     assert loss_text(tok, e) == "hello</s>"
 
 
@@ -99,27 +97,26 @@ def test_chat_masks_only_assistant_turns(tok):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2?"},
                 {"role": "assistant", "content": "two"}]
-    (e,), _ = tokenize([{"messages": messages}], tok, "chat")
+    (e,), _ = tokenize([{"messages": messages}], tok, RowFormat("chat"))
     assert tok.decode(e.input_ids) == tok.apply_chat_template(messages, tokenize=False)
     assert loss_text(tok, e) == "yo</s>\ntwo</s>\n"
 
 
 def test_sharegpt_roles_are_mapped(tok):
     conv = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
-    (e,), _ = tokenize([{"conversations": conv}], tok, "chat")
+    (e,), _ = tokenize([{"conversations": conv}], tok, RowFormat("chat"))
     assert loss_text(tok, e) == "yo</s>\n"
 
 
 def test_chat_template_on_prompt_response_rows(tok):
-    (e,), _ = tokenize(ROWS[:1], tok, "template", prompt_template="{question}",
-                       response_template="{answer}", chat_template=True)
+    (e,), _ = tokenize(ROWS[:1], tok, RowFormat("template", "{question}", "{answer}", chat_template=True))
     assert tok.decode(e.input_ids) == "<|user|>\n1+2=</s>\n<|assistant|>\n3</s>\n"
     assert loss_text(tok, e) == "3</s>\n"
 
 
 def test_truncation_is_counted(tok):
     rows = [{"input": "a" * 10, "output": "b" * 10}, {"input": "a", "output": "b"}]
-    examples, stats = tokenize(rows, tok, "input-output", max_source_length=4, max_target_length=3)
+    examples, stats = tokenize(rows, tok, RowFormat("input-output"), max_source_length=4, max_target_length=3)
     assert tok.decode(examples[0].input_ids) == "aaaabbb"  # EOS cut with the response
     assert (stats.truncated_prompt, stats.truncated_response) == (1, 1)
     assert "truncated: 1 prompts, 1 responses" in str(stats)
@@ -128,7 +125,7 @@ def test_truncation_is_counted(tok):
 def test_examples_without_loss_tokens_are_dropped_and_counted(tok):
     rows = [{"messages": [{"role": "user", "content": "x" * 30}, {"role": "assistant", "content": "y"}]},
             {"messages": [{"role": "user", "content": "only a question"}]}]
-    examples, stats = tokenize(rows, tok, "chat", max_source_length=10, max_target_length=5)
+    examples, stats = tokenize(rows, tok, RowFormat("chat"), max_source_length=10, max_target_length=5)
     assert examples == []
     assert stats.dropped == {"with no response tokens left": 1, "without an assistant turn": 1}
     assert "dropped: 2" in str(stats)
@@ -137,17 +134,16 @@ def test_examples_without_loss_tokens_are_dropped_and_counted(tok):
 def test_missing_field_names_row_and_fields(tok):
     rows = [{"question": "1+1=", "answer": "2"}, {"question": "2+2="}]
     with pytest.raises(QDyLoRAError, match=r"row 1 has no answer \(its fields with values: question\)"):
-        tokenize(rows, tok, "template", prompt_template="{question}", response_template="{answer}")
+        tokenize(rows, tok, RowFormat("template", "{question}", "{answer}"))
     with pytest.raises(QDyLoRAError, match="row 0 has no output"):
-        tokenize([{"input": "x"}], tok, "input-output")
+        tokenize([{"input": "x"}], tok, RowFormat("input-output"))
 
 
 def test_chat_needs_a_chat_template(tok):
     bare = char_tokenizer()
     bare.chat_template = None
     with pytest.raises(QDyLoRAError, match="no chat template"):
-        tokenize(ROWS, bare, "template", prompt_template="{question}", response_template="{answer}",
-                 chat_template=True)
+        tokenize(ROWS, bare, RowFormat("template", "{question}", "{answer}", chat_template=True))
 
 
 def test_split_is_deterministic_disjoint_and_capped():

@@ -9,7 +9,7 @@ import torch
 
 from qdylora.batching import fixed_batches
 from qdylora.cli import main
-from qdylora.data import generation_prompts, tokenize
+from qdylora.data import RowFormat, generation_prompts, tokenize
 from qdylora.errors import QDyLoRAError
 from qdylora.generation import generate_at_ranks
 from qdylora.losses import losses_at_ranks
@@ -17,6 +17,7 @@ from qdylora.rank import at_rank
 from qdylora.sweep import default_ranks, load_run, recommend, run_sweep
 
 RANKS = [0, 1, 2, 4, 8]
+SUMS = RowFormat("template", "{question}", "{answer}")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_recommend_smallest_within_tolerance():
 def test_rank_batched_loss_equals_one_rank_at_a_time(trained):
     run, model, tok, s = trained
     rows = [json.loads(x) for x in open(s.data.data).read().splitlines()[:12]]
-    examples, _ = tokenize(rows, tok, "template", prompt_template="{question}", response_template="{answer}")
+    examples, _ = tokenize(rows, tok, SUMS)
     batches = fixed_batches(examples, 4)
     model.eval()
     batched = losses_at_ranks(model, batches, RANKS, tok.pad_token_id, torch.device("cpu"))
@@ -58,8 +59,7 @@ def test_rank_batched_loss_equals_one_rank_at_a_time(trained):
 def test_rank_batched_generation_equals_one_rank_at_a_time(trained):
     run, model, tok, s = trained
     rows = [json.loads(x) for x in open(s.data.data).read().splitlines()[:6]]
-    prompts, refs = generation_prompts(rows, tok, "template", prompt_template="{question}",
-                                       response_template="{answer}")
+    prompts, refs = generation_prompts(rows, tok, SUMS)
     model.eval()
     batched = generate_at_ranks(model, tok, prompts, RANKS, batch_size=4, max_new_tokens=4)
     sequential = generate_at_ranks(model, tok, prompts, RANKS, batch_size=4, max_new_tokens=4, rank_batch=1)
@@ -79,8 +79,7 @@ def test_run_sweep_reports_every_rank(trained):
     assert result.values["loss"][8] < result.values["loss"][0]
     assert result.recommended["loss"] in (1, 4, 8)
     with at_rank(model, 0):  # rank 0 is the base model
-        base = losses_at_ranks(model, fixed_batches(tokenize(rows, tok, "template", prompt_template="{question}",
-                               response_template="{answer}")[0], 8), [0], tok.pad_token_id, torch.device("cpu"))
+        base = losses_at_ranks(model, fixed_batches(tokenize(rows, tok, SUMS)[0], 8), [0], tok.pad_token_id, torch.device("cpu"))
     assert result.values["loss"][0] == pytest.approx(base[0][0] / base[0][1], rel=1e-5)
     with pytest.raises(QDyLoRAError, match="outside 1..8"):
         run_sweep(model, tok, rows, s.data, [1, 16], progress=False)

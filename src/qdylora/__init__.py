@@ -18,6 +18,8 @@ from .memory import MemoryReport, memory_report
 from .model import QDyLoRAModel, prepare
 from .rank import adapter_layers, at_rank, get_rank, set_rank, set_update_mode
 from .export import export_peft
+from .generation import answer, generate_at_ranks
+from .merge import merge
 from .sampling import RankSampler
 from .settings import DataSettings, RunSettings, TrainSettings
 from .sweep import SweepResult, load_run, run_sweep
@@ -28,7 +30,10 @@ __all__ = [
     "RunSettings",
     "SweepResult",
     "TrainSettings",
+    "answer",
     "export_peft",
+    "generate_at_ranks",
+    "merge",
     "load_run",
     "run_sweep",
     "train",

@@ -38,11 +38,11 @@ class Info:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .embedded import smollm2_gguf
+        from .embedded import smollm2_checkpoint
         from .memory import memory_report
         from .model import prepare
 
-        source = self.model or smollm2_gguf()
+        source = self.model or smollm2_checkpoint()
         start = time.perf_counter()
         model = prepare(source, self.adapter, device=self.device)
         seconds = time.perf_counter() - start

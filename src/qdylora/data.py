@@ -71,6 +71,21 @@ class DataStats:
         )
 
 
+@dataclass(frozen=True)
+class RowFormat:
+    """How a row becomes text: its format and, for "template", the two templates; with
+    `chat_template`, prompt/response rows are rendered as a user and an assistant turn."""
+
+    format: str
+    prompt_template: Optional[str] = None
+    response_template: Optional[str] = None
+    chat_template: bool = False
+
+    @property
+    def is_chat(self) -> bool:
+        return self.format == "chat" or (self.chat_template and self.format != "text")
+
+
 def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a local JSON/JSONL/CSV/Parquet file (or a directory of them), or of a dataset
     on the Hugging Face hub for users who are online, read with the `datasets` library."""
@@ -126,8 +141,7 @@ def template_fields(template: str) -> list[str]:
         raise QDyLoRAError(f"bad template {template!r}: {e}") from None
 
 
-def segments_of(row: dict, index: int, fmt: str, prompt_template: Optional[str],
-                response_template: Optional[str]) -> list[tuple[str, bool]] | list[dict]:
+def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] | list[dict]:
     """A row as [(prompt, False), (response, True)], [(text, True)] for "text", or a list of
     {role, content} messages for "chat"."""
 
@@ -140,6 +154,7 @@ def segments_of(row: dict, index: int, fmt: str, prompt_template: Optional[str],
             )
         return [str(row[n]) for n in names]
 
+    fmt, prompt_template, response_template = rf.format, rf.prompt_template, rf.response_template
     if fmt == "alpaca":
         instruction, output = need("instruction", "output")
         extra = str(row.get("input") or "")
@@ -214,11 +229,8 @@ def chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[str
 def tokenize(
     rows: Sequence[dict],
     tokenizer,
-    fmt: str,
+    rf: RowFormat,
     *,
-    prompt_template: Optional[str] = None,
-    response_template: Optional[str] = None,
-    chat_template: bool = False,
     max_source_length: int = 512,
     max_target_length: int = 256,
     train_on_prompt: bool = False,
@@ -235,8 +247,8 @@ def tokenize(
     eos = tokenizer.eos_token_id
     for offset, row in enumerate(rows):
         index = first_index + offset
-        parts = segments_of(row, index, fmt, prompt_template, response_template)
-        is_chat = fmt == "chat" or (chat_template and fmt != "text")
+        parts = segments_of(row, index, rf)
+        fmt, is_chat = rf.format, rf.is_chat
         if is_chat:
             if fmt != "chat":
                 (prompt, _), (response, _) = parts
@@ -290,22 +302,19 @@ def split_rows(rows: list[dict], fraction: float, max_examples: int, seed: int) 
 def generation_prompts(
     rows: Sequence[dict],
     tokenizer,
-    fmt: str,
+    rf: RowFormat,
     *,
-    prompt_template: Optional[str] = None,
-    response_template: Optional[str] = None,
-    chat_template: bool = False,
     max_source_length: int = 512,
 ) -> tuple[list[list[int]], list[str]]:
     """Prompt token ids (what the model sees before it answers, as in training) and reference
     answers, for scoring generations. Long prompts keep their last `max_source_length` tokens,
     so the question and the generation prompt survive."""
-    if fmt == "text":
+    if rf.format == "text":
         raise QDyLoRAError("exact_match needs prompt/response or chat data, not the text format")
     prompts, references = [], []
     for index, row in enumerate(rows):
-        parts = segments_of(row, index, fmt, prompt_template, response_template)
-        if fmt == "chat":
+        parts = segments_of(row, index, rf)
+        if rf.format == "chat":
             last = max((i for i, m in enumerate(parts) if m["role"] == "assistant"), default=None)
             if last is None:
                 raise QDyLoRAError(f"row {index} has no assistant turn to compare with")
@@ -313,7 +322,7 @@ def generation_prompts(
         else:
             (prompt, _), (reference, _) = parts
             messages = [{"role": "user", "content": prompt}]
-        if fmt == "chat" or chat_template:
+        if rf.is_chat:
             require_chat_template(tokenizer)
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -56,3 +56,45 @@ def asdiv_split(split: str) -> list[dict]:
         raise QDyLoRAError(f"ASDiv has splits train, validation and test, not {split!r}")
     lo, hi = bounds[split]
     return [rows[i] for i in sorted(order[lo:hi])]
+
+
+def cache_dir() -> Path:
+    """Where qdylora keeps converted models: $QDYLORA_CACHE, else $XDG_CACHE_HOME/qdylora, else
+    ~/.cache/qdylora."""
+    import os
+
+    if os.environ.get("QDYLORA_CACHE"):
+        return Path(os.environ["QDYLORA_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qdylora"
+
+
+def smollm2_checkpoint() -> str:
+    """The embedded SmolLM2-135M-Instruct as a plain float32 safetensors checkpoint with its
+    tokenizer, converted once from the GGUF file into `cache_dir()` (later loads skip the GGUF
+    dequantization). Float32 keeps the GGUF's values exactly, so both sources quantize alike."""
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .files import atomic_dir
+    from .loading import forget_quantizer
+
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target)
+    gguf = Path(smollm2_gguf())
+    print(f"qdylora: converting the embedded SmolLM2-135M-Instruct ({gguf.name}) once into {target}",
+          file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    forget_quantizer(model)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError:  # another process finished the same conversion first
+        pass
+    return str(target)

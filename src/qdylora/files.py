@@ -38,6 +38,7 @@ def atomic_dir(path: Union[str, os.PathLike], overwrite: bool = False) -> Iterat
     existing one only if `overwrite`), so `path` is absent, old or complete, never partial."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory a normal mode
     try:
         yield tmp
         if path.exists():

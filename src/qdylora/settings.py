@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, Optional
 
 from .config import QDyLoRAConfig
-from .data import FORMATS
+from .data import FORMATS, RowFormat, detect_format
 from .errors import QDyLoRAError
 from .sampling import RankSampler, parse_ranks
 
@@ -66,6 +66,11 @@ class DataSettings:
             raise QDyLoRAError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_source_length < 1 or self.max_target_length < 1:
             raise QDyLoRAError("max_source_length and max_target_length must be at least 1")
+
+    def row_format(self, columns, source: str) -> RowFormat:
+        """The RowFormat for rows with these fields (the format detected when it is "auto")."""
+        fmt = self.format if self.format != "auto" else detect_format(columns, source)
+        return RowFormat(fmt, self.prompt_template, self.response_template, self.chat_template)
 
 
 @dataclass

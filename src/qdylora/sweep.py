@@ -19,7 +19,7 @@ import torch
 from .adapter_file import load_adapter
 from .answers import is_correct
 from .batching import fixed_batches
-from .data import detect_format, generation_prompts, read_rows, split_rows, tokenize
+from .data import generation_prompts, read_rows, split_rows, tokenize
 from .errors import QDyLoRAError
 from .files import atomic_write
 from .generation import generate_at_ranks
@@ -153,7 +153,7 @@ def run_sweep(
     ranks = sorted(set(ranks) | {0})
     if not rows:
         raise QDyLoRAError("the evaluation data is empty")
-    fmt = data.format if data.format != "auto" else detect_format(rows[0].keys(), data.data or "eval data")
+    rf = data.row_format(rows[0].keys(), data.data or "the evaluation data")
     device = next(model.parameters()).device
     dtype = model.config.torch_compute_dtype
     autocast = lambda: autocast_context(device, dtype, dtype != torch.float32)  # noqa: E731
@@ -167,9 +167,7 @@ def run_sweep(
     model.eval()
     try:
         if "loss" in metrics:
-            examples, _ = tokenize(rows, tokenizer, fmt, prompt_template=data.prompt_template,
-                                   response_template=data.response_template, chat_template=data.chat_template,
-                                   max_source_length=data.max_source_length,
+            examples, _ = tokenize(rows, tokenizer, rf, max_source_length=data.max_source_length,
                                    max_target_length=data.max_target_length)
             if not examples:
                 raise QDyLoRAError("no evaluation example is left after tokenization")
@@ -183,10 +181,7 @@ def run_sweep(
             values["loss"] = {r: s / max(c, 1) for r, (s, c) in sums.items()}
             values["perplexity"] = {r: math.exp(min(v, 50.0)) for r, v in values["loss"].items()}
         if "exact_match" in metrics:
-            prompts, refs = generation_prompts(rows, tokenizer, fmt, prompt_template=data.prompt_template,
-                                               response_template=data.response_template,
-                                               chat_template=data.chat_template,
-                                               max_source_length=data.max_source_length)
+            prompts, refs = generation_prompts(rows, tokenizer, rf, max_source_length=data.max_source_length)
             n_batches = math.ceil(len(prompts) / batch_size)
             bar = tqdm(total=n_batches * chunks, desc="exact_match", unit="batch", disable=not progress)
             start = time.perf_counter()
@@ -236,7 +231,7 @@ def plot(result: SweepResult, path: Path, title: str = "") -> None:
 
     shown = [m for m in ("loss", "exact_match") if m in result.values]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.6), squeeze=False)
-    labels = {"loss": "validation token loss (lower is better)", "exact_match": "exact match, % (higher is better)"}
+    labels = {"loss": "response token loss (lower is better)", "exact_match": "exact match, % (higher is better)"}
     for ax, metric in zip(axes[0], shown):
         vals = result.values[metric]
         xs = [r for r in result.ranks if r > 0]

@@ -20,8 +20,8 @@ from transformers import get_scheduler
 from . import __version__
 from .adapter_file import base_fingerprint, save_adapter
 from .batching import BatchStream, collate, fixed_batches
-from .data import DataStats, Example, detect_format, read_rows, split_rows, tokenize
-from .embedded import smollm2_gguf
+from .data import DataStats, Example, read_rows, split_rows, tokenize
+from .embedded import smollm2_checkpoint
 from .errors import QDyLoRAError
 from .loading import load_tokenizer, resolve_source
 from .losses import autocast_context, loss_sum, validation_loss
@@ -49,21 +49,20 @@ def load_data(settings: RunSettings, tokenizer) -> Datasets:
     rows = read_rows(d.data, d.split)
     if not rows:
         raise QDyLoRAError(f"the training data {d.data} is empty")
-    fmt = d.format if d.format != "auto" else detect_format(rows[0].keys(), d.data)
+    rf = d.row_format(rows[0].keys(), d.data)
     if d.val_data is not None:
         val_rows = read_rows(d.val_data, d.split)
         train_idx, val_idx = list(range(len(rows))), []
     else:
         val_rows = None
         train_idx, val_idx = split_rows(rows, d.val_fraction, d.val_max_examples, settings.adapter.seed)
-    opts = dict(prompt_template=d.prompt_template, response_template=d.response_template,
-                chat_template=d.chat_template, max_source_length=d.max_source_length,
-                max_target_length=d.max_target_length, train_on_prompt=d.train_on_prompt)
-    train, train_stats = _tokenize_subset(rows, train_idx, tokenizer, fmt, opts)
+    opts = dict(max_source_length=d.max_source_length, max_target_length=d.max_target_length,
+                train_on_prompt=d.train_on_prompt)
+    train, train_stats = _tokenize_subset(rows, train_idx, tokenizer, rf, opts)
     if val_rows is not None:
-        val, val_stats = tokenize(val_rows, tokenizer, fmt, **opts)
+        val, val_stats = tokenize(val_rows, tokenizer, rf, **opts)
     else:
-        val, val_stats = _tokenize_subset(rows, val_idx, tokenizer, fmt, opts)
+        val, val_stats = _tokenize_subset(rows, val_idx, tokenizer, rf, opts)
     if not train:
         raise QDyLoRAError(
             f"no training example is left after tokenization ({train_stats}): check the format, "
@@ -72,11 +71,11 @@ def load_data(settings: RunSettings, tokenizer) -> Datasets:
     return Datasets(train, val, {"train": train_stats, "validation": val_stats})
 
 
-def _tokenize_subset(rows, indices, tokenizer, fmt, opts):
+def _tokenize_subset(rows, indices, tokenizer, rf, opts):
     stats = DataStats()
     examples = []
     for i in indices:  # row numbers in errors are the file's own
-        ex, st = tokenize([rows[i]], tokenizer, fmt, first_index=i, **opts)
+        ex, st = tokenize([rows[i]], tokenizer, rf, first_index=i, **opts)
         examples += ex
         for k in ("rows", "examples", "truncated_prompt", "truncated_response", "tokens", "loss_tokens"):
             setattr(stats, k, getattr(stats, k) + getattr(st, k))
@@ -104,7 +103,7 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     out = Path(out)
     t = settings.train
     check_out_dir(out, overwrite, resume)  # before any heavy work
-    source = settings.model or smollm2_gguf()
+    source = settings.model or smollm2_checkpoint()
 
     # Model and tokenizer. Dtype and device are decided here, once.
     if model is None:
