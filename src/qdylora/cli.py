@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -125,7 +125,7 @@ class Sweep:
     """Run directory written by qdylora train."""
 
     data: Optional[str] = None
-    """Evaluation data in the run's format (default: the run's validation rows)."""
+    """Evaluation data in the run's format (default: asdiv:test for runs on the embedded ASDiv, else the run's validation rows)."""
 
     ranks: Optional[str] = None
     """Ranks to measure, e.g. "1,2,4,8,16,32,64" or "1-64" (default: powers of two up to max_rank); 0 is always added."""
@@ -357,7 +357,72 @@ class Generate:
             print(f"[rank {r}{' = base model' if r == 0 else ''}]\n{text.strip()}\n")
 
 
-COMMANDS = {"info": Info, "train": Train, "sweep": Sweep, "export": Export, "merge": Merge,
+@dataclass
+class Demo:
+    """The whole story on the embedded SmolLM2-135M-Instruct and ASDiv: train one QDyLoRA run, sweep ranks 1-64 and the base on held-out test rows, export the recommended rank for PEFT."""
+
+    out: str = "demo-run"
+    """Run directory of the demo (sweep files and the PEFT adapter go into it too)."""
+
+    steps: int = 48
+    """Training steps (8 examples each)."""
+
+    val_examples: int = 32
+    """Validation rows for the loss before and after training (at ranks 1, 8, 64)."""
+
+    test_examples: int = 32
+    """Held-out test rows for the sweep (loss and exact match at every rank)."""
+
+    overwrite: bool = False
+    """Replace an earlier demo in --out."""
+
+    quiet: bool = False
+    """No progress bars."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .data import read_rows
+        from .embedded import smollm2_checkpoint
+        from .export import export_peft
+        from .loading import load_tokenizer, resolve_source
+        from .model import prepare
+        from .sweep import run_sweep, table, write_outputs
+        from .trainer import train
+
+        start = time.perf_counter()
+        out = Path(self.out)
+        source = smollm2_checkpoint()
+        settings = RunSettings(
+            model=source,
+            data=DataSettings(val_max_examples=self.val_examples),
+            train=TrainSettings(max_steps=self.steps, micro_batch_size=8, grad_accumulation=1, lr=5e-4,
+                                warmup_steps=min(5, self.steps), schedule="cosine", eval_every=0, save_every=0),
+        )
+        model = prepare(source, settings.adapter)
+        summary = train(replace(settings, adapter=model.config), out, overwrite=self.overwrite,
+                        progress=not self.quiet, model=model)
+        tokenizer = load_tokenizer(resolve_source(source))
+        rows = read_rows("asdiv:test")[: self.test_examples]
+        data = settings.data.with_embedded_default()
+        result = run_sweep(model, tokenizer, rows, data, [1, 2, 4, 8, 16, 32, 64], max_new_tokens=16,
+                           progress=not self.quiet)
+        paths = write_outputs(result, out, title=f"SmolLM2-135M-Instruct, {self.steps} QDyLoRA steps, "
+                                                 f"{len(rows)} ASDiv test rows")
+        rank = result.recommended["loss"]
+        peft_dir = export_peft(model, rank, out / "peft", overwrite=True)
+        before, after = summary["val_loss_before"], summary["val_loss_after"]
+        print(table(result))
+        print("qdylora: validation loss before -> after training: " + ", ".join(
+            f"rank {r}: {before[r]:.3f} -> {after[r]:.3f}" for r in after))
+        print(f"qdylora: run directory (config, adapter at every rank, metrics): {out}")
+        print(f"qdylora: sweep table and plot: {paths['csv']}, {paths['json']}, {paths['png']}")
+        print(f"qdylora: rank {rank} (recommended by loss) exported for PEFT: {peft_dir}")
+        print(f"qdylora: demo finished in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+COMMANDS = {"demo": Demo, "info": Info, "train": Train, "sweep": Sweep, "export": Export, "merge": Merge,
             "generate": Generate}
 GROUPS = {"adapter": QDyLoRAConfig, "data": DataSettings, "train": TrainSettings}
 

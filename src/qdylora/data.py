@@ -19,6 +19,7 @@ from .errors import QDyLoRAError
 
 IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
 FORMATS = ("auto", "alpaca", "input-output", "chat", "text", "template")
+EMBEDDED_PREFIX = "asdiv:"  # the embedded default data, split by embedded.asdiv_split
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # Stanford Alpaca's prompts, as QLoRA uses them.
@@ -87,10 +88,15 @@ class RowFormat:
 
 
 def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local JSON/JSONL/CSV/Parquet file (or a directory of them), or of a dataset
-    on the Hugging Face hub for users who are online, read with the `datasets` library."""
+    """Rows of a local JSON/JSONL/CSV/Parquet file (or a directory of them), of a dataset on the
+    Hugging Face hub for users who are online (read with the `datasets` library), or of the
+    embedded ASDiv ("asdiv:train", "asdiv:validation", "asdiv:test")."""
     import datasets
 
+    if source.startswith(EMBEDDED_PREFIX):
+        from .embedded import asdiv_split
+
+        return asdiv_split(source[len(EMBEDDED_PREFIX):])
     path = Path(os.path.expanduser(source))
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())

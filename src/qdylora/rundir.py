@@ -28,7 +28,7 @@ from .errors import QDyLoRAError
 from .files import atomic_dir, atomic_write
 
 OURS = ("config.json", "data_stats.json", "adapter.safetensors", "metrics.jsonl", "summary.json",
-        "checkpoints", "tensorboard")
+        "checkpoints", "tensorboard", "sweep.json", "sweep.csv", "sweep.png", "peft")
 
 
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:

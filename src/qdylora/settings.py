@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, Optional
 
 from .config import QDyLoRAConfig
@@ -17,7 +17,7 @@ class DataSettings:
     """Where the training data comes from and how it becomes tokens."""
 
     data: Optional[str] = None
-    """Training data: a .json/.jsonl/.csv/.parquet file, a directory of them, or a Hugging Face dataset name (online)."""
+    """Training data: a .json/.jsonl/.csv/.parquet file, a directory of them, a Hugging Face dataset name (online), or asdiv:train (default: the embedded ASDiv with its validation split and a chat prompt)."""
 
     format: Literal["auto", "alpaca", "input-output", "chat", "text", "template"] = "auto"
     """Row format: alpaca (instruction/input/output), input-output, chat (messages), text (loss on all tokens), template (see --prompt-template); auto detects it from the fields."""
@@ -41,7 +41,7 @@ class DataSettings:
     """Fraction of the training rows held out for validation (a seeded permutation) when --val-data is not given."""
 
     val_max_examples: int = 200
-    """At most this many rows are held out (the rest stay in training); 0 = no cap."""
+    """At most this many validation rows: the cap on the held-out rows (the rest stay in training), or the first rows of --val-data; 0 = no cap."""
 
     max_source_length: int = 512
     """Prompt tokens kept (longer prompts are cut and counted); chat and text rows are cut at the sum of both lengths."""
@@ -66,6 +66,17 @@ class DataSettings:
             raise QDyLoRAError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_source_length < 1 or self.max_target_length < 1:
             raise QDyLoRAError("max_source_length and max_target_length must be at least 1")
+
+    def with_embedded_default(self) -> "DataSettings":
+        """Without --data: the embedded ASDiv train split, validated on its validation split, as
+        "{passage} {question}" -> "{answer}" rendered with the chat template."""
+        if self.data is not None:
+            return self
+        return replace(
+            self, data="asdiv:train", val_data=self.val_data or "asdiv:validation", format="template",
+            prompt_template=self.prompt_template or "{passage} {question}",
+            response_template=self.response_template or "{answer}", chat_template=True,
+        )
 
     def row_format(self, columns, source: str) -> RowFormat:
         """The RowFormat for rows with these fields (the format detected when it is "auto")."""

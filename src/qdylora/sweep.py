@@ -19,7 +19,7 @@ import torch
 from .adapter_file import load_adapter
 from .answers import is_correct
 from .batching import fixed_batches
-from .data import generation_prompts, read_rows, split_rows, tokenize
+from .data import EMBEDDED_PREFIX, generation_prompts, read_rows, split_rows, tokenize
 from .errors import QDyLoRAError
 from .files import atomic_write
 from .generation import generate_at_ranks
@@ -111,11 +111,13 @@ def load_run(run_dir: str | Path, device: Optional[str] = None) -> tuple[QDyLoRA
 
 
 def eval_rows(settings: RunSettings, data: Optional[str]) -> list[dict]:
-    """Rows to evaluate: `data` if given, else the run's own validation rows (recomputed from the
-    run's settings and seed)."""
+    """Rows to evaluate: `data` if given; for a run on the embedded ASDiv, its test split; else
+    the run's own validation rows (recomputed from the run's settings and seed)."""
     d = settings.data
     if data is not None:
         return read_rows(data, d.split)
+    if d.data == f"{EMBEDDED_PREFIX}train":
+        return read_rows(f"{EMBEDDED_PREFIX}test")
     if d.val_data is not None:
         return read_rows(d.val_data, d.split)
     rows = read_rows(d.data, d.split)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,14 +44,13 @@ class Datasets:
 def load_data(settings: RunSettings, tokenizer) -> Datasets:
     """Read, split and tokenize the training (and validation) rows, with clear errors."""
     d = settings.data
-    if d.data is None:
-        raise QDyLoRAError("no training data: pass --data FILE (json, jsonl, csv, parquet) or a dataset name")
     rows = read_rows(d.data, d.split)
     if not rows:
         raise QDyLoRAError(f"the training data {d.data} is empty")
     rf = d.row_format(rows[0].keys(), d.data)
     if d.val_data is not None:
         val_rows = read_rows(d.val_data, d.split)
+        val_rows = val_rows[: d.val_max_examples] if d.val_max_examples > 0 else val_rows
         train_idx, val_idx = list(range(len(rows))), []
     else:
         val_rows = None
@@ -101,6 +100,7 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     after each optimizer step (and its checkpoint, if one is due).
     """
     out = Path(out)
+    settings = replace(settings, data=settings.data.with_embedded_default())
     t = settings.train
     check_out_dir(out, overwrite, resume)  # before any heavy work
     source = settings.model or smollm2_checkpoint()
