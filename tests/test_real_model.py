@@ -77,3 +77,21 @@ def test_training_on_asdiv_lowers_the_validation_loss(smollm2, tmp_path):
     )
     summary = train(settings, tmp_path / "run", progress=False, model=model)
     assert summary["val_loss_after"]["8"] < summary["val_loss_before"]["8"] - 0.2, summary
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    """`qdylora demo` (what `make demo` runs), shrunk: train, sweep, export on the embedded data."""
+    import json
+
+    from qdylora.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--val-examples", "4", "--test-examples", "4",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "recommended by loss" in printed and "demo finished" in printed
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["ranks"] == [0, 1, 2, 4, 8, 16, 32, 64] and sweep["examples"] == 4
+    assert (out / "sweep.png").is_file() and (out / "peft" / "adapter_config.json").is_file()
+    config = json.loads((out / "config.json").read_text())["settings"]["data"]
+    assert config["data"] == "asdiv:train" and config["chat_template"] is True
