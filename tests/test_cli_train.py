@@ -130,3 +130,17 @@ def test_help_documents_every_option(capsys):
                  "--grad-checkpointing", "--eval-every", "--save-every", "--keep-last", "--resume",
                  "--overwrite", "--config"):
         assert flag in text, flag
+
+
+def test_tensorboard_without_the_package_writes_nothing(tiny_lm, tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    data = write_sums(tmp_path / "sums.jsonl", n=24)
+    out = tmp_path / "run"
+    assert main(run_args(tiny_lm, data, out, "--tensorboard")) == 2
+    assert "pip install tensorboard" in capsys.readouterr().err
+    assert not out.exists()

@@ -18,7 +18,7 @@ import torch
 from transformers import get_scheduler
 
 from . import __version__
-from .adapter_file import base_fingerprint, save_adapter
+from .adapter_file import base_fingerprint, load_adapter, save_adapter
 from .batching import BatchStream, collate, fixed_batches
 from .data import DataStats, Example, read_rows, split_rows, tokenize
 from .embedded import smollm2_checkpoint
@@ -103,6 +103,8 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     settings = replace(settings, data=settings.data.with_embedded_default())
     t = settings.train
     check_out_dir(out, overwrite, resume)  # before any heavy work
+    if t.tensorboard:
+        _tensorboard_writer_class()  # a missing package is reported before anything is written
     source = settings.model or smollm2_checkpoint()
 
     # Model and tokenizer. Dtype and device are decided here, once.
@@ -111,7 +113,8 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
                         trust_remote_code=settings.trust_remote_code)
         tokenizer = load_tokenizer(resolve_source(source), settings.trust_remote_code)
     else:
-        tokenizer = load_tokenizer(resolve_source(model.base_model_name_or_path or source))
+        tokenizer = load_tokenizer(resolve_source(model.base_model_name_or_path or source),
+                                   settings.trust_remote_code)
     config = model.config  # compute_dtype resolved for the device
     device = next(model.parameters()).device
     sampler = t.rank_sampler(config.max_rank, config.seed)
@@ -144,8 +147,6 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
                                f"({saved['settings'].get('model')})")
         checkpoint = latest_checkpoint(out)
         state = load_state(checkpoint)
-        from .adapter_file import load_adapter
-
         load_adapter(model, checkpoint / "adapter.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -270,9 +271,13 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True)
 
 
-def _tensorboard(out: Path):
+def _tensorboard_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise QDyLoRAError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter
+
+
+def _tensorboard(out: Path):
+    return _tensorboard_writer_class()(str(out / "tensorboard"))
