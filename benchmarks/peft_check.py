@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import qdylora
+from qdylora.batching import pad_token_id
 from qdylora.data import generation_prompts, read_rows
 from qdylora.generation import left_pad
 from qdylora.loading import bnb_config
@@ -36,7 +37,7 @@ def main() -> None:
     model.eval()
     rows = read_rows(s.data.val_data or s.data.data)[: args.prompts]
     prompts, _ = generation_prompts(rows, tok, s.data.row_format(rows[0].keys(), "data"))
-    ids, mask = left_pad(prompts, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    ids, mask = left_pad(prompts, pad_token_id(tok))
     dtype = model.config.torch_compute_dtype
     with torch.no_grad():
         with qdylora.at_rank(model, rank):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from qdylora.batching import fixed_batches
+from qdylora.batching import fixed_batches, pad_token_id
 from qdylora.data import generation_prompts, read_rows, tokenize
 from qdylora.generation import generate_at_ranks
 from qdylora.losses import losses_at_ranks
@@ -44,7 +44,7 @@ def main() -> None:
                            max_target_length=d.max_target_length)
     batches = fixed_batches(examples, args.batch_size)
     prompts, _ = generation_prompts(rows, tok, rf, max_source_length=d.max_source_length)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     device = next(model.parameters()).device
 
     jobs = {

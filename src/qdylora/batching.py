@@ -54,6 +54,11 @@ class BatchStream:
         return [self.examples[i] for i in self._cache[1][index]]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, or its EOS id when it has none (padding is masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask` and `labels`, each (batch, longest)."""
     longest = max(len(e) for e in examples)

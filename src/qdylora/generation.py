@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from .rank import set_rank
+from .batching import pad_token_id
+from .rank import replicate_for_ranks
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +55,7 @@ def generate_at_ranks(
     """
     hf = getattr(model, "model", model)
     device = device or next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                               eos_token_id=stop_ids(tokenizer, hf))
     group = rank_batch if rank_batch > 0 else len(ranks)
@@ -66,12 +67,7 @@ def generate_at_ranks(
         ids, mask, n = ids.to(device), mask.to(device), len(idx)
         for r0 in range(0, len(ranks), group):
             chunk = list(ranks[r0:r0 + group])
-            if len(chunk) == 1:
-                set_rank(model, chunk[0])
-                x, m = ids, mask
-            else:
-                x, m = ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1)  # (k*n, T), rank-major
-                set_rank(model, torch.tensor(chunk, device=device).repeat_interleave(n))
+            x, m = replicate_for_ranks(model, chunk, ids, mask)  # (k*n, T), rank-major
             generated = hf.generate(input_ids=x, attention_mask=m, generation_config=config)
             texts = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
             for j, r in enumerate(chunk):
@@ -115,18 +111,13 @@ def answer(
     hf = getattr(model, "model", model)
     device = next(model.parameters()).device
     ids = torch.tensor([chat_prompt_ids(tokenizer, prompt, use_chat_template)], device=device)  # (1, T)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id,
                               eos_token_id=stop_ids(tokenizer, hf),
                               **({"temperature": temperature, "top_p": top_p} if sample else {}))
     ranks = list(ranks)
-    if len(ranks) == 1:
-        set_rank(model, ranks[0])
-        x = ids
-    else:
-        set_rank(model, torch.tensor(ranks, device=device))  # one row per rank
-        x = ids.repeat(len(ranks), 1)
+    (x,) = replicate_for_ranks(model, ranks, ids)  # (k, T): one row per rank
     streamer = None
     if stream is not None and len(ranks) == 1:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

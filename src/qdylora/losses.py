@@ -12,7 +12,7 @@ from torch import nn
 
 from .batching import collate
 from .data import IGNORE, Example
-from .rank import at_rank, set_rank
+from .rank import get_rank, replicate_for_ranks, set_rank
 
 
 def logits_and_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,6 @@ def autocast_context(device: torch.device, dtype: torch.dtype, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.no_grad()
 def validation_loss(
     model: nn.Module,
     batches: Sequence[Sequence[Example]],
@@ -67,27 +66,20 @@ def validation_loss(
     device: torch.device,
     autocast=contextlib.nullcontext,
 ) -> dict[int, float]:
-    """Mean token loss on `batches` at each rank. The model is put back in its mode afterwards.
+    """Mean token loss on `batches` at each rank, one rank after another. The model's mode and
+    rank are put back afterwards.
 
     Safe inside training: every Linear4bit is guarded against bitsandbytes' CPU repacking in
     eval mode, which would otherwise stop gradients through the base afterwards.
     """
-    was_training = model.training
+    was_training, old_rank = model.training, get_rank(model)
     model.eval()
-    out = {}
     try:
-        for rank in ranks:
-            total, count = 0.0, 0
-            with at_rank(model, rank):
-                for examples in batches:
-                    batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-                    with autocast():
-                        s, n = loss_sum(model, batch)
-                    total, count = total + float(s), count + n
-            out[rank] = total / max(count, 1)
+        sums = losses_at_ranks(model, batches, ranks, pad_id, device, rank_batch=1, autocast=autocast)
     finally:
+        set_rank(model, old_rank)
         model.train(was_training)
-    return out
+    return {r: s / max(c, 1) for r, (s, c) in sums.items()}
 
 
 def row_loss_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,12 +115,8 @@ def losses_at_ranks(
         n = batch["input_ids"].shape[0]
         for start in range(0, len(ranks), group):
             chunk = list(ranks[start:start + group])
-            if len(chunk) == 1:
-                set_rank(model, chunk[0])
-                stacked = batch
-            else:
-                stacked = {k: v.repeat(len(chunk), 1) for k, v in batch.items()}  # (k*n, T), rank-major
-                set_rank(model, torch.tensor(chunk, device=device).repeat_interleave(n))
+            keys = list(batch)
+            stacked = dict(zip(keys, replicate_for_ranks(model, chunk, *batch.values())))  # (k*n, T)
             with autocast():
                 sums, counts = row_loss_sums(model, stacked)
             for j, r in enumerate(chunk):

@@ -80,3 +80,19 @@ def set_update_mode(model: nn.Module, mode: str) -> None:
         raise QDyLoRAError(f"update mode must be 'full' or 'frozen', got {mode!r}")
     for layer in adapter_layers(model).values():
         layer.update_mode = mode
+
+
+def replicate_for_ranks(model: nn.Module, ranks: Sequence[int], *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Prepare `model` to run every rank in `ranks` over the (n, ...) tensors of one batch.
+
+    One rank: the model runs at that shared rank and the tensors come back as they are. Several:
+    the tensors are repeated rank-major, (k * n, ...), and rows j*n..(j+1)*n-1 run at ranks[j]
+    (per-example ranks), so all ranks share each forward pass.
+    """
+    ranks = list(ranks)
+    if len(ranks) == 1:
+        set_rank(model, ranks[0])
+        return batch
+    n = batch[0].shape[0]
+    set_rank(model, torch.tensor(ranks, device=batch[0].device).repeat_interleave(n))
+    return tuple(t.repeat(len(ranks), *([1] * (t.dim() - 1))) for t in batch)

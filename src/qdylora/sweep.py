@@ -18,7 +18,7 @@ import torch
 
 from .adapter_file import load_adapter
 from .answers import is_correct
-from .batching import fixed_batches
+from .batching import fixed_batches, pad_token_id
 from .data import EMBEDDED_PREFIX, generation_prompts, read_rows, split_rows, tokenize
 from .errors import QDyLoRAError
 from .files import atomic_write
@@ -159,7 +159,7 @@ def run_sweep(
     device = next(model.parameters()).device
     dtype = model.config.torch_compute_dtype
     autocast = lambda: autocast_context(device, dtype, dtype != torch.float32)  # noqa: E731
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     group = rank_batch if rank_batch > 0 else len(ranks)
     chunks = math.ceil(len(ranks) / group)
     values: dict[str, dict[int, float]] = {}
@@ -203,9 +203,10 @@ def run_sweep(
         model.train(was_training)
     recommended = {}
     if "loss" in values:
-        recommended["loss"] = recommend(values["loss"], False, loss_tolerance, relative=True)
+        recommended["loss"] = recommend(values["loss"], HIGHER_IS_BETTER["loss"], loss_tolerance, relative=True)
     if "exact_match" in values:
-        recommended["exact_match"] = recommend(values["exact_match"], True, accuracy_tolerance, relative=False)
+        recommended["exact_match"] = recommend(values["exact_match"], HIGHER_IS_BETTER["exact_match"],
+                                               accuracy_tolerance, relative=False)
     return SweepResult(ranks, values, recommended, len(rows), seconds, samples)
 
 

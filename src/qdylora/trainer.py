@@ -19,8 +19,8 @@ from transformers import get_scheduler
 
 from . import __version__
 from .adapter_file import base_fingerprint, load_adapter, save_adapter
-from .batching import BatchStream, collate, fixed_batches
-from .data import DataStats, Example, read_rows, split_rows, tokenize
+from .batching import BatchStream, collate, fixed_batches, pad_token_id
+from .data import IGNORE, DataStats, Example, read_rows, split_rows, tokenize
 from .embedded import smollm2_checkpoint
 from .errors import QDyLoRAError
 from .loading import load_tokenizer, resolve_source
@@ -122,7 +122,7 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     fingerprint = base_fingerprint(model)
 
     data = load_data(settings, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stream = BatchStream(data.train, t.micro_batch_size, config.seed)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.per_epoch / t.grad_accumulation))
     val_batches = fixed_batches(data.val, t.micro_batch_size)
@@ -202,7 +202,7 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
             set_rank(model, rank)  # one rank for every micro-batch of this step
             micro = [collate(stream.at(step * t.grad_accumulation + i), pad_id)
                      for i in range(t.grad_accumulation)]
-            n_loss = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+            n_loss = sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro)
             step_loss, step_tokens = 0.0, 0
             for batch in micro:
                 batch = {k: v.to(device) for k, v in batch.items()}  # (B, T) each
