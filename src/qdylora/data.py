@@ -240,19 +240,20 @@ def tokenize(
     max_source_length: int = 512,
     max_target_length: int = 256,
     train_on_prompt: bool = False,
-    first_index: int = 0,
+    row_numbers: Optional[Sequence[int]] = None,
 ) -> tuple[list[Example], DataStats]:
     """Tokenize rows into examples.
 
     Prompt/response rows: the prompt is cut to `max_source_length` tokens and the response
     (with EOS) to `max_target_length`. Chat and text rows are cut at their sum. Rows left
-    with no token under loss are dropped and counted.
+    with no token under loss are dropped and counted. `row_numbers` are the rows' numbers in
+    their file, for error messages (default: 0, 1, 2, ...).
     """
     stats = DataStats(rows=len(rows))
     examples = []
     eos = tokenizer.eos_token_id
     for offset, row in enumerate(rows):
-        index = first_index + offset
+        index = row_numbers[offset] if row_numbers is not None else offset
         parts = segments_of(row, index, rf)
         fmt, is_chat = rf.format, rf.is_chat
         if is_chat:

@@ -71,16 +71,8 @@ def load_data(settings: RunSettings, tokenizer) -> Datasets:
 
 
 def _tokenize_subset(rows, indices, tokenizer, rf, opts):
-    stats = DataStats()
-    examples = []
-    for i in indices:  # row numbers in errors are the file's own
-        ex, st = tokenize([rows[i]], tokenizer, rf, first_index=i, **opts)
-        examples += ex
-        for k in ("rows", "examples", "truncated_prompt", "truncated_response", "tokens", "loss_tokens"):
-            setattr(stats, k, getattr(stats, k) + getattr(st, k))
-        for reason, n in st.dropped.items():
-            stats.dropped[reason] = stats.dropped.get(reason, 0) + n
-    return examples, stats
+    # row numbers in errors are the file's own
+    return tokenize([rows[i] for i in indices], tokenizer, rf, row_numbers=indices, **opts)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
