@@ -14,6 +14,8 @@ import tyro
 
 from .config import QDyLoRAConfig
 from .errors import QDyLoRAError
+from .files import refuse_existing
+from .sampling import check_ranks, parse_ranks
 from .settings import DataSettings, RunSettings, TrainSettings
 
 Flat = tyro.conf.arg(name="")  # a settings group whose fields become top-level flags
@@ -167,7 +169,6 @@ class Sweep:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .sampling import parse_ranks
         from .sweep import default_ranks, eval_rows, load_run, run_sweep, table, write_outputs
 
         out = Path(self.out or self.run_dir)
@@ -222,22 +223,17 @@ class Export:
         from .adapter_file import load_adapter
         from .export import export_peft
         from .model import prepare
-        from .sampling import parse_ranks
         from .sweep import load_run_settings
 
         if (self.rank is None) == (self.ranks is None):
             raise QDyLoRAError("give exactly one of --rank 8 or --ranks 1,2,4,8")
         settings, adapter = load_run_settings(self.run_dir)
         ranks = [self.rank] if self.rank is not None else parse_ranks(self.ranks)
-        R = settings.adapter.max_rank
-        bad = [r for r in ranks if not 1 <= r <= R]
-        if bad:
-            raise QDyLoRAError(f"ranks {bad} are outside 1..{R} (the run's max_rank)")
+        check_ranks(ranks, settings.adapter.max_rank)
         out = Path(self.out)
         targets = [out] if self.rank is not None else [out / f"rank-{r}" for r in ranks]
-        existing = [str(t) for t in targets if t.exists()]
-        if existing and not self.overwrite:
-            raise QDyLoRAError(f"{existing[0]} already exists: use --overwrite or another --out")
+        for target in targets:  # before the model is loaded
+            refuse_existing(target, self.overwrite)
         model = prepare(settings.model, settings.adapter, device=self.device or settings.device,
                         trust_remote_code=settings.trust_remote_code)
         load_adapter(model, adapter)
@@ -277,10 +273,8 @@ class Merge:
         from .sweep import load_run, load_run_settings
 
         settings, _ = load_run_settings(self.run_dir)
-        if not 1 <= self.rank <= settings.adapter.max_rank:
-            raise QDyLoRAError(f"rank {self.rank} is outside 1..{settings.adapter.max_rank} (the run's max_rank)")
-        if Path(self.out).exists() and not self.overwrite:
-            raise QDyLoRAError(f"{self.out} already exists: use --overwrite or another --out")
+        check_ranks([self.rank], settings.adapter.max_rank)  # before the model is loaded
+        refuse_existing(self.out, self.overwrite)
         model, tokenizer, _ = load_run(self.run_dir, self.device)
         out = merge(model, self.rank, self.out, tokenizer=tokenizer, dtype=self.dtype, overwrite=self.overwrite)
         print(f"qdylora: rank {self.rank} merged into {out} ({self.dtype}); load it with "
@@ -334,9 +328,7 @@ class Generate:
             sweep_file = Path(self.run_dir) / "sweep.json"
             recommended = read_json(sweep_file).get("recommended", {}) if sweep_file.is_file() else {}
             ranks = [recommended.get("exact_match", recommended.get("loss", R))]
-        bad = [r for r in ranks if not 0 <= r <= R]
-        if bad:
-            raise QDyLoRAError(f"ranks {bad} are outside 0..{R} (0 = base model, {R} = the run's max_rank)")
+        check_ranks(ranks, R, lowest=0)
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise QDyLoRAError("temperature must be >= 0 and top_p in (0, 1]")
         prompt = self.prompt if self.prompt is not None else sys.stdin.read()

@@ -15,9 +15,9 @@ from typing import Union
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
-from .errors import QDyLoRAError
-from .files import atomic_dir
+from .files import atomic_dir, refuse_existing
 from .model import QDyLoRAModel
+from .sampling import check_ranks
 
 PEFT_PREFIX = "base_model.model."
 CONV1D_MODEL_TYPES = {"gpt2", "gpt_bigcode", "imagegpt", "decision_transformer"}
@@ -68,12 +68,9 @@ def export_peft(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, overwr
     The directory is built next to `out` and renamed into place, so `out` is either absent or
     complete.
     """
-    R = model.config.max_rank
-    if not 1 <= rank <= R:
-        raise QDyLoRAError(f"rank {rank} is outside 1..{R} (the adapter's max_rank)")
+    check_ranks([rank], model.config.max_rank)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QDyLoRAError(f"{out} already exists: use --overwrite or another --out")
+    refuse_existing(out, overwrite)
     fan_in_fan_out = _uses_conv1d(model)
     tensors = {}
     for path, layer in model.adapter_layers().items():

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
+from .errors import QDyLoRAError
+
 
 @contextmanager
 def atomic_write(path: Union[str, os.PathLike]) -> Iterator[Path]:
@@ -30,6 +32,12 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def refuse_existing(path: Union[str, os.PathLike], overwrite: bool) -> None:
+    """An output that exists is only replaced with --overwrite."""
+    if Path(path).exists() and not overwrite:
+        raise QDyLoRAError(f"{path} already exists: use --overwrite or another --out")
 
 
 @contextmanager

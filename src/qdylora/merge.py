@@ -17,12 +17,13 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import DTYPES, scale
 from .errors import QDyLoRAError
-from .files import atomic_dir
+from .files import atomic_dir, refuse_existing
 from .export import CONV1D_MODEL_TYPES
 from .layer import QDyLoRALinear
 from .loading import forget_quantizer
 from .model import QDyLoRAModel
 from .quantize import dequantized_weight
+from .sampling import check_ranks
 
 REQUANTIZE_NOTE = (
     "note: the merged weights are the dequantized NF4 base plus the adapter; quantizing this "
@@ -36,14 +37,11 @@ def merge(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, tokenizer=No
     """Write a Hugging Face model directory (safetensors, config, generation config, tokenizer)
     whose weights are the base merged with the adapter at `rank`. `model` is consumed: its
     layers are replaced by plain ones as they are merged."""
-    R = model.config.max_rank
-    if not 1 <= rank <= R:
-        raise QDyLoRAError(f"rank {rank} is outside 1..{R} (the adapter's max_rank)")
+    check_ranks([rank], model.config.max_rank)
     if dtype not in DTYPES:
         raise QDyLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QDyLoRAError(f"{out} already exists: use --overwrite or another --out")
+    refuse_existing(out, overwrite)
     hf = model.model
     target_dtype = DTYPES[dtype]
     conv1d = getattr(hf.config, "model_type", "") in CONV1D_MODEL_TYPES

@@ -7,7 +7,7 @@ distributed run, draws the same rank for the same step without sharing any RNG s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,11 +32,7 @@ class RankSampler:
         if self.ranks is not None:
             if not self.ranks:
                 raise QDyLoRAError("the list of ranks to sample is empty")
-            bad = [r for r in self.ranks if not self.min_rank <= r <= self.max_rank]
-            if bad:
-                raise QDyLoRAError(
-                    f"rank {bad[0]} in the sampled ranks is outside {self.min_rank}..{self.max_rank}"
-                )
+            check_ranks(self.ranks, self.max_rank, lowest=self.min_rank, what="sampled rank")
         if self.weights is not None:
             if self.ranks is None or len(self.weights) != len(self.ranks):
                 raise QDyLoRAError("rank weights need a list of ranks of the same length")
@@ -75,6 +71,17 @@ def _mix(seed: int, step: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def check_ranks(ranks: Sequence[int], max_rank: int, lowest: int = 1, what: str = "rank") -> None:
+    """Refuse ranks outside lowest..max_rank in one line naming them all."""
+    bad = [r for r in ranks if not lowest <= r <= max_rank]
+    if bad:
+        base = "; 0 = the base model" if lowest == 0 else ""
+        raise QDyLoRAError(
+            f"{what}{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} "
+            f"{'are' if len(bad) > 1 else 'is'} outside {lowest}..{max_rank} (max_rank {max_rank}{base})"
+        )
 
 
 def parse_ranks(text: str) -> list[int]:

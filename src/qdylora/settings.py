@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from .config import QDyLoRAConfig
 from .data import FORMATS, RowFormat, detect_format
 from .errors import QDyLoRAError
-from .sampling import RankSampler, parse_ranks
+from .sampling import RankSampler, check_ranks, parse_ranks
 
 
 @dataclass
@@ -181,9 +181,7 @@ class TrainSettings:
         """Ranks for the periodic validation loss (each checked against max_rank)."""
         if self.eval_ranks is not None:
             ranks = parse_ranks(self.eval_ranks)
-            bad = [r for r in ranks if not 1 <= r <= sampler.max_rank]
-            if bad:
-                raise QDyLoRAError(f"eval_ranks {bad} are outside 1..{sampler.max_rank}")
+            check_ranks(ranks, sampler.max_rank, what="eval_ranks entry")
             return ranks
         support = sampler.support
         lo, hi = support[0], support[-1]

@@ -28,6 +28,7 @@ from .losses import autocast_context, losses_at_ranks
 from .model import QDyLoRAModel, prepare
 from .rank import get_rank, set_rank
 from .rundir import read_json
+from .sampling import check_ranks
 from .settings import DataSettings, RunSettings
 
 METRICS = ("loss", "exact_match")
@@ -148,10 +149,7 @@ def run_sweep(
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise QDyLoRAError(f"unknown metric {unknown[0]!r}: use {', '.join(METRICS)}")
-    R = model.config.max_rank
-    bad = [r for r in ranks if not 0 <= r <= R]
-    if bad:
-        raise QDyLoRAError(f"ranks {bad} are outside 1..{R} (the run's max_rank)")
+    check_ranks([r for r in ranks if r != 0], model.config.max_rank)  # 0, the base, is always measured
     ranks = sorted(set(ranks) | {0})
     if not rows:
         raise QDyLoRAError("the evaluation data is empty")
