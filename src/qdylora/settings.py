@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, Optional
 
 from .config import QDyLoRAConfig
-from .data import FORMATS, RowFormat, detect_format
+from .data import FORMATS, RowFormat, detect_format, read_rows, split_rows
 from .errors import QDyLoRAError
 from .sampling import RankSampler, check_ranks, parse_ranks
 
@@ -77,6 +77,19 @@ class DataSettings:
             prompt_template=self.prompt_template or "{passage} {question}",
             response_template=self.response_template or "{answer}", chat_template=True,
         )
+
+    def split_rows(self, seed: int) -> tuple[list[dict], list[int], list[dict], list[int]]:
+        """(training rows, indices trained on, validation source rows, indices used): the first
+        --val-max-examples rows of --val-data, or a seeded held-out part of the training rows.
+        Training and the sweep both take the run's validation rows from here; indices are the
+        rows' own numbers in their file, for error messages."""
+        rows = read_rows(self.data, self.split)
+        if self.val_data is None:
+            train_idx, val_idx = split_rows(rows, self.val_fraction, self.val_max_examples, seed)
+            return rows, train_idx, rows, val_idx
+        val = read_rows(self.val_data, self.split)
+        n_val = min(len(val), self.val_max_examples) if self.val_max_examples > 0 else len(val)
+        return rows, list(range(len(rows))), val, list(range(n_val))
 
     def row_format(self, columns, source: str) -> RowFormat:
         """The RowFormat for rows with these fields (the format detected when it is "auto")."""

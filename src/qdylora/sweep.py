@@ -19,7 +19,7 @@ import torch
 from .adapter_file import load_adapter
 from .answers import is_correct
 from .batching import fixed_batches, pad_token_id
-from .data import EMBEDDED_PREFIX, generation_prompts, read_rows, split_rows, tokenize
+from .data import EMBEDDED_PREFIX, generation_prompts, read_rows, tokenize
 from .errors import QDyLoRAError
 from .files import atomic_write
 from .generation import generate_at_ranks
@@ -119,13 +119,10 @@ def eval_rows(settings: RunSettings, data: Optional[str]) -> list[dict]:
         return read_rows(data, d.split)
     if d.data == f"{EMBEDDED_PREFIX}train":
         return read_rows(f"{EMBEDDED_PREFIX}test")
-    if d.val_data is not None:
-        return read_rows(d.val_data, d.split)
-    rows = read_rows(d.data, d.split)
-    _, val = split_rows(rows, d.val_fraction, d.val_max_examples, settings.adapter.seed)
-    if not val:
+    _, _, val_rows, val_idx = d.split_rows(settings.adapter.seed)
+    if not val_idx:
         raise QDyLoRAError("the run held out no validation rows: pass --data EVAL_FILE")
-    return [rows[i] for i in val]
+    return [val_rows[i] for i in val_idx]
 
 
 def run_sweep(

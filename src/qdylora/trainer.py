@@ -20,7 +20,7 @@ from transformers import get_scheduler
 from . import __version__
 from .adapter_file import base_fingerprint, load_adapter, save_adapter
 from .batching import BatchStream, collate, fixed_batches, pad_token_id
-from .data import IGNORE, DataStats, Example, read_rows, split_rows, tokenize
+from .data import IGNORE, DataStats, Example, tokenize
 from .embedded import smollm2_checkpoint
 from .errors import QDyLoRAError
 from .loading import load_tokenizer, resolve_source
@@ -44,24 +44,14 @@ class Datasets:
 def load_data(settings: RunSettings, tokenizer) -> Datasets:
     """Read, split and tokenize the training (and validation) rows, with clear errors."""
     d = settings.data
-    rows = read_rows(d.data, d.split)
+    rows, train_idx, val_rows, val_idx = d.split_rows(settings.adapter.seed)
     if not rows:
         raise QDyLoRAError(f"the training data {d.data} is empty")
     rf = d.row_format(rows[0].keys(), d.data)
-    if d.val_data is not None:
-        val_rows = read_rows(d.val_data, d.split)
-        val_rows = val_rows[: d.val_max_examples] if d.val_max_examples > 0 else val_rows
-        train_idx, val_idx = list(range(len(rows))), []
-    else:
-        val_rows = None
-        train_idx, val_idx = split_rows(rows, d.val_fraction, d.val_max_examples, settings.adapter.seed)
     opts = dict(max_source_length=d.max_source_length, max_target_length=d.max_target_length,
                 train_on_prompt=d.train_on_prompt)
     train, train_stats = _tokenize_subset(rows, train_idx, tokenizer, rf, opts)
-    if val_rows is not None:
-        val, val_stats = tokenize(val_rows, tokenizer, rf, **opts)
-    else:
-        val, val_stats = _tokenize_subset(rows, val_idx, tokenizer, rf, opts)
+    val, val_stats = _tokenize_subset(val_rows, val_idx, tokenizer, rf, opts)
     if not train:
         raise QDyLoRAError(
             f"no training example is left after tokenization ({train_stats}): check the format, "
