@@ -306,6 +306,17 @@ def split_rows(rows: list[dict], fraction: float, max_examples: int, seed: int) 
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def prompt_ids(tokenizer, messages: list[dict], chat: bool) -> list[int]:
+    """The token ids a model sees before it answers: the conversation rendered by the chat
+    template with its generation prompt, or (chat=False) the last message as plain text with
+    the tokenizer's own special tokens, as training tokenizes prompts."""
+    if chat:
+        require_chat_template(tokenizer)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"]
+
+
 def generation_prompts(
     rows: Sequence[dict],
     tokenizer,
@@ -329,12 +340,7 @@ def generation_prompts(
         else:
             (prompt, _), (reference, _) = parts
             messages = [{"role": "user", "content": prompt}]
-        if rf.is_chat:
-            require_chat_template(tokenizer)
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
+        ids = prompt_ids(tokenizer, messages, chat=rf.is_chat)
         prompts.append(ids[-max_source_length:])
         references.append(str(reference))
     return prompts, references

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .batching import pad_token_id
+from .data import prompt_ids
 from .rank import replicate_for_ranks
 
 
@@ -80,11 +81,8 @@ def generate_at_ranks(
 
 def chat_prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
     """The prompt as token ids, wrapped in the tokenizer's chat template when it has one."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return prompt_ids(tokenizer, [{"role": "user", "content": prompt}], chat=chat)
 
 
 @torch.no_grad()
