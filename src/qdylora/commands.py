@@ -169,10 +169,10 @@ class Sweep:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .sweep import default_ranks, eval_rows, load_run, run_sweep, table, write_outputs
+        from .sweep import SWEEP_FILES, default_ranks, eval_rows, load_run, run_sweep, table, write_outputs
 
         out = Path(self.out or self.run_dir)
-        existing = [n for n in ("sweep.json", "sweep.csv", "sweep.png") if (out / n).exists()]
+        existing = [n for n in SWEEP_FILES.values() if (out / n).exists()]
         if existing and not self.overwrite:
             raise QDyLoRAError(f"{out} already holds {', '.join(existing)}: use --overwrite or another --out")
         metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]

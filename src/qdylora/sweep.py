@@ -32,6 +32,7 @@ from .sampling import check_ranks
 from .settings import DataSettings, RunSettings
 
 METRICS = ("loss", "exact_match")
+SWEEP_FILES = {"json": "sweep.json", "csv": "sweep.csv", "png": "sweep.png"}
 HIGHER_IS_BETTER = {"loss": False, "exact_match": True}
 
 
@@ -209,7 +210,7 @@ def write_outputs(result: SweepResult, out: Path, title: str = "") -> dict[str, 
     """sweep.json, sweep.csv and sweep.png in `out`, each written atomically."""
     import json
 
-    paths = {"json": out / "sweep.json", "csv": out / "sweep.csv", "png": out / "sweep.png"}
+    paths = {kind: out / name for kind, name in SWEEP_FILES.items()}
     with atomic_write(paths["json"]) as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     with atomic_write(paths["csv"]) as tmp:
