@@ -43,12 +43,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
     Summing (not averaging) lets a step with several micro-batches weigh every token equally.
     """
-    logits, targets = logits_and_targets(model, batch)  # (B, P, V), (B, P)
-    total = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
-    )
-    return total, int((targets != IGNORE).sum())
+    sums, counts = row_loss_sums(model, batch)  # (B,), (B,)
+    return sums.sum(), int(counts.sum())
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype, enabled: bool):
