@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdylora.layer import QDyLoRALinear
+from qdylora.lora_function import dropout_mask, keep_probability
 from qdylora.quantize import dequantized_weight, quantize_linear
 
 IN, OUT, R, ALPHA = 96, 80, 16, 8.0
@@ -197,7 +198,7 @@ def test_dropout_applies_to_the_adapter_input_only():
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)
-    x_dropped = F.dropout(x, 0.5, training=True)  # the same mask: the layer's only random draw
+    x_dropped = x * dropout_mask(x.shape, 0.5, x.device) / keep_probability(0.5)  # the layer's only draw
     W = dequantized_weight(layer.base).double()
     A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
     ref = x.double() @ W.T + layer.base.bias.double() + ALPHA / R * (x_dropped.double() @ A.T) @ B.T

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import scale
+from .lora_function import LoRADelta, dropout_mask, keep_probability
 
 Rank = Union[int, torch.Tensor]
 
@@ -46,7 +47,7 @@ class QDyLoRALinear(nn.Module):
         self.max_rank, self.alpha, self.scaling = max_rank, alpha, scaling
         self.update_mode = update_mode
         self.compute_dtype = compute_dtype
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout  # probability, applied to the adapter's input in training
         # LoRA's init: A Kaiming-uniform (as nn.Linear), B zero, so the adapter starts as a no-op.
         # Drawn on the CPU so a seeded CPU generator gives the same A on every device.
         A = torch.empty(max_rank, self.in_features)
@@ -60,11 +61,18 @@ class QDyLoRALinear(nn.Module):
         y = self.base(x)  # (..., out), NF4 dequantize + matmul in compute_dtype; grad flows to x
         if isinstance(self.rank, int) and self.rank == 0:
             return y
-        xd = self.dropout(x).to(self.compute_dtype)  # (..., in); A and B follow its dtype
+        x = x.to(self.compute_dtype)  # (..., in); A and B follow its dtype
+        p = self.dropout if self.training else 0.0
+        mask = dropout_mask(x.shape, p, x.device) if p > 0 else None  # (..., in) bool
+        inv_keep = 1.0 / keep_probability(p)
         A, B = self.lora_A, self.lora_B  # (R, in), (out, R): fp32 masters, cast after slicing
         if isinstance(self.rank, int):
-            delta = _delta_shared_rank(xd, A, B, self.rank, self._scale(self.rank), self.update_mode)
+            b = self.rank
+            first_trained = b - 1 if self.update_mode == "frozen" else 0
+            delta = LoRADelta.apply(x, A[:b].to(x.dtype), B[:, :b].to(x.dtype), mask, inv_keep,
+                                    self._scale(b), first_trained)
         else:
+            xd = x if mask is None else x * mask * inv_keep
             delta = _delta_per_example(xd, A, B, self.rank, self._scales(self.rank), self.update_mode)
         return y + delta.to(y.dtype)
 
@@ -80,20 +88,9 @@ class QDyLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, "
-            f"alpha={self.alpha}, scaling={self.scaling}, update_mode={self.update_mode}"
+            f"alpha={self.alpha}, scaling={self.scaling}, dropout={self.dropout}, "
+            f"update_mode={self.update_mode}"
         )
-
-
-def _delta_shared_rank(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: int, s: float, mode: str
-) -> torch.Tensor:
-    """s * B[:, :b] A[:b] x for one rank b, computing only the first b components."""
-    A_b, B_b = A[:b].to(x.dtype), B[:, :b].to(x.dtype)  # (b, in), (out, b)
-    if mode == "frozen":
-        # DyLoRA: components before b are used but get no gradient; only component b-1 trains.
-        A_b = torch.cat([A_b[:-1].detach(), A_b[-1:]], dim=0)
-        B_b = torch.cat([B_b[:, :-1].detach(), B_b[:, -1:]], dim=1)
-    return F.linear(F.linear(x, A_b), B_b) * s  # (..., b) -> (..., out)
 
 
 def _delta_per_example(
