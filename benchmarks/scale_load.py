@@ -153,14 +153,21 @@ def main() -> None:
         if out.returncode != 0:
             print(f"the training step did not finish (exit {out.returncode}); load figures only", file=sys.stderr)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import machine
+
+        print(json.dumps(machine.facts()))
         q = result["memory_report"]["quantized"]
         print(f"machine RAM                 {ram / 2**30:6.1f} GiB")
         print(f"checkpoint (bf16)           {size / 2**30:6.1f} GiB  ({size / ram:.0%} of RAM)")
         print(f"NF4 linears                 {q['bytes'] / 2**30:6.2f} GiB  ({q['bits_per_param']:.3f} bits/param)")
         print(f"whole model after prepare   {result['memory_report']['total']['bytes'] / 2**30:6.2f} GiB")
+        whole = result['memory_report']['total']['bytes']
         print(f"load + quantize time        {result['load_s']:6.0f} s")
-        print(f"peak anonymous memory       {result['peak_anon'] / 2**30:6.2f} GiB  (after load: {result['peak_anon_after_load'] / 2**30:.2f})")
-        print(f"peak RSS (incl. mmap cache) {result['peak_rss'] / 2**30:6.2f} GiB")
+        print(f"peak anonymous memory       {result['peak_anon'] / 2**30:6.2f} GiB  (after load: "
+              f"{result['peak_anon_after_load'] / 2**30:.2f}); {result['peak_anon'] / whole:.2f}x the 4-bit model")
+        print(f"peak RSS (incl. mmap cache) {result['peak_rss'] / 2**30:6.2f} GiB  "
+              f"({result['peak_rss'] / whole:.2f}x the 4-bit model)")
         if "step_s" in result:
             print(f"one step, 1 x 32 tokens     {result['step_s']:6.1f} s  (loss {result['loss']:.3f})")
     finally:

@@ -1,22 +1,27 @@
-"""Rank-batched sweep vs one rank after another, on a trained run.
+"""Rank sweep cost: 7 ranks rank-batched, 7 ranks one after another, and a single rank.
 
     .venv/bin/python benchmarks/sweep_speed.py RUN_DIR --data EVAL.jsonl [--examples 48] [--repeats 2]
 
-Loads the run once, then alternates the two ways (batched first, then sequential, `--repeats`
-times) for each metric, so machine noise hits both alike, and prints the median seconds and the
-ratio sequential / batched. Both use the same batches, ranks and settings; the results are
-checked to agree.
+Loads the run once, then alternates the three ways (rank-batched, sequential, one rank = the
+max rank; `--repeats` times) for each metric, so machine noise hits all alike, and prints the
+median seconds, the ratio sequential / batched and the ratio batched / one rank (the cost of
+sweeping 7 ranks in units of evaluating one). All use the same batches and settings; batched
+and sequential results are checked to agree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import statistics
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
 from qdylora.batching import fixed_batches, pad_token_id
 from qdylora.data import generation_prompts, read_rows, tokenize
 from qdylora.generation import generate_at_ranks
@@ -48,19 +53,20 @@ def main() -> None:
     device = next(model.parameters()).device
 
     jobs = {
-        "loss": lambda rb: losses_at_ranks(model, batches, ranks, pad, device, rank_batch=rb),
-        "exact_match": lambda rb: generate_at_ranks(model, tok, prompts, ranks, batch_size=args.batch_size,
-                                                    max_new_tokens=args.max_new_tokens, rank_batch=rb),
+        "loss": lambda rs, rb: losses_at_ranks(model, batches, rs, pad, device, rank_batch=rb),
+        "exact_match": lambda rs, rb: generate_at_ranks(model, tok, prompts, rs, batch_size=args.batch_size,
+                                                        max_new_tokens=args.max_new_tokens, rank_batch=rb),
     }
-    report = {"ranks": ranks, "examples": len(rows), "batch_size": args.batch_size,
-              "threads": torch.get_num_threads(), "compute_dtype": model.config.compute_dtype}
+    report = {"machine": machine.facts(), "ranks": ranks, "examples": len(rows), "batch_size": args.batch_size,
+              "compute_dtype": model.config.compute_dtype}
+    ways = (("batched", ranks, 0), ("sequential", ranks, 1), ("one_rank", ranks[-1:], 1))
     for name, job in jobs.items():
-        times = {"batched": [], "sequential": []}
+        times = {way: [] for way, _, _ in ways}
         results = {}
         for _ in range(args.repeats):
-            for way, rb in (("batched", 0), ("sequential", 1)):
+            for way, rs, rb in ways:
                 start = time.perf_counter()
-                results[way] = job(rb)
+                results[way] = job(rs, rb)
                 times[way].append(time.perf_counter() - start)
         if name == "loss":
             agree = all(abs(results["batched"][r][0] - results["sequential"][r][0])
@@ -68,12 +74,13 @@ def main() -> None:
         else:
             same = sum(a == b for r in ranks for a, b in zip(results["batched"][r], results["sequential"][r]))
             agree = f"{same}/{len(ranks) * len(prompts)} generations identical"
-        b, q = statistics.median(times["batched"]), statistics.median(times["sequential"])
-        report[name] = {"batched_s": round(b, 2), "sequential_s": round(q, 2),
-                        "sequential_over_batched": round(q / b, 2), "results_agree": agree,
-                        "all_batched_s": [round(t, 2) for t in times["batched"]],
-                        "all_sequential_s": [round(t, 2) for t in times["sequential"]]}
-        print(f"{name}: rank-batched {b:.1f} s, one rank at a time {q:.1f} s, ratio {q / b:.2f}", flush=True)
+        b, q, one = (statistics.median(times[w]) for w in ("batched", "sequential", "one_rank"))
+        report[name] = {"batched_s": round(b, 2), "sequential_s": round(q, 2), "one_rank_s": round(one, 2),
+                        "sequential_over_batched": round(q / b, 2), "batched_over_one_rank": round(b / one, 2),
+                        "results_agree": agree, "all_s": {w: [round(t, 2) for t in ts] for w, ts in times.items()}}
+        print(f"{name}: {len(ranks)} ranks rank-batched {b:.1f} s, one after another {q:.1f} s "
+              f"(ratio {q / b:.2f}); one rank {one:.1f} s: {len(ranks)} ranks cost {b / one:.2f}x one rank",
+              flush=True)
     print(json.dumps(report, indent=2))
 
 

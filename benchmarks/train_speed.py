@@ -203,12 +203,24 @@ def child(name: str, steps: int, batch_size: int, dtype_name: str, count_flops: 
     if count_flops:  # the same steps again, counted (not timed): forward + backward matmuls
         from torch.utils.flop_counter import FlopCounterMode
 
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=_bnb_flop_formulas())
         with counter:
             for i, b in enumerate(batches[WARMUP:], start=WARMUP):
                 step(i, b)
         result["flops"] = counter.get_total_flops()
     return result
+
+
+def _bnb_flop_formulas() -> dict:
+    """bitsandbytes' fused 4-bit matmul is a custom op the counter does not know: 2 M N K."""
+    import math
+
+    import torch
+
+    def gemm_4bit(a_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(out_shape) * a_shape[-1]
+
+    return {torch.ops.bitsandbytes.gemm_4bit: gemm_4bit}
 
 
 def run_child(args, name: str, count_flops: bool) -> dict:
