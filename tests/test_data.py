@@ -176,3 +176,23 @@ def test_embedded_default_data_settings():
     assert d.prompt_template == "{passage} {question}" and d.response_template == "{answer}"
     mine = DataSettings(data="x.jsonl")
     assert mine.with_embedded_default() is mine
+
+
+def test_malformed_json_line_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n\n{"question": "2+2=", answer\n')
+    with pytest.raises(QDyLoRAError, match=r"line 3 is not valid JSON"):
+        read_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "list.jsonl").write_text('{"a": "1"}\n[1, 2]\n')
+    with pytest.raises(QDyLoRAError, match=r"line 2 is a JSON list, not an object"):
+        read_rows(str(tmp_path / "list.jsonl"))
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_non_utf8_text_is_named(tmp_path, ext):
+    good = '{"question": "1+1=", "answer": "2"}\n' if ext == "jsonl" else "question,answer\n1+1=,2\n"
+    bad = '{"question": "caf\xe9", "answer": "2"}\n' if ext == "jsonl" else "caf\xe9,2\n"
+    path = tmp_path / f"latin1.{ext}"
+    path.write_bytes(good.encode() + bad.encode("latin-1"))
+    line = 2 if ext == "jsonl" else 3  # the CSV has a header line
+    with pytest.raises(QDyLoRAError, match=rf"line {line} is not UTF-8 text"):
+        read_rows(str(path))

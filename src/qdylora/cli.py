@@ -15,6 +15,7 @@ from .commands import COMMANDS, Train
 from .config import QDyLoRAConfig
 from .errors import QDyLoRAError
 from .settings import DataSettings, RunSettings, TrainSettings
+from .trainer import TrainingInterrupted
 
 
 GROUPS = {"adapter": QDyLoRAConfig, "data": DataSettings, "train": TrainSettings}
@@ -78,8 +79,9 @@ def _train_defaults(argv: list[str]) -> Train:
             else:
                 values[key] = value
     s = RunSettings.from_dict(values, where=config or resume or "settings")
+    # trust_remote_code only from the command line: a settings file may come from someone else
     return Train(model=s.model, data=s.data, adapter=s.adapter, train=s.train, device=s.device,
-                 trust_remote_code=s.trust_remote_code)
+                 trust_remote_code=False)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -92,6 +94,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             command = tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="qdylora", args=argv)
         command.run()
+    except TrainingInterrupted as e:  # Ctrl-C: a checkpoint was written
+        print(f"qdylora: {e}", file=sys.stderr)
+        return 130
     except QDyLoRAError as e:
         if debug:
             raise
@@ -100,6 +105,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("qdylora: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # unwritable or missing paths, full disks: one line, not a traceback
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"qdylora: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -165,6 +165,9 @@ class Sweep:
     quiet: bool = False
     """No progress bars."""
 
+    trust_remote_code: bool = False
+    """Run the base model's own code from its directory (never taken from the run's saved settings)."""
+
     debug: bool = False
     """Show full tracebacks for errors."""
 
@@ -176,7 +179,7 @@ class Sweep:
         if existing and not self.overwrite:
             raise QDyLoRAError(f"{out} already holds {', '.join(existing)}: use --overwrite or another --out")
         metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
-        model, tokenizer, settings = load_run(self.run_dir, self.device)
+        model, tokenizer, settings = load_run(self.run_dir, self.device, self.trust_remote_code)
         ranks = parse_ranks(self.ranks) if self.ranks else default_ranks(model.config.max_rank)
         rows = eval_rows(settings, self.data)
         if self.max_examples > 0:
@@ -216,6 +219,9 @@ class Export:
     device: Optional[str] = None
     """Device to load the base on (default: the run's, else cuda if available)."""
 
+    trust_remote_code: bool = False
+    """Run the base model's own code from its directory (never taken from the run's saved settings)."""
+
     debug: bool = False
     """Show full tracebacks for errors."""
 
@@ -227,7 +233,7 @@ class Export:
 
         if (self.rank is None) == (self.ranks is None):
             raise QDyLoRAError("give exactly one of --rank 8 or --ranks 1,2,4,8")
-        settings, adapter = load_run_settings(self.run_dir)
+        settings, adapter = load_run_settings(self.run_dir, self.trust_remote_code)
         ranks = [self.rank] if self.rank is not None else parse_ranks(self.ranks)
         check_ranks(ranks, settings.adapter.max_rank)
         out = Path(self.out)
@@ -265,6 +271,9 @@ class Merge:
     device: Optional[str] = None
     """Device to merge on (default: the run's, else cuda if available)."""
 
+    trust_remote_code: bool = False
+    """Run the base model's own code from its directory (never taken from the run's saved settings)."""
+
     debug: bool = False
     """Show full tracebacks for errors."""
 
@@ -272,10 +281,10 @@ class Merge:
         from .merge import REQUANTIZE_NOTE, merge
         from .sweep import load_run, load_run_settings
 
-        settings, _ = load_run_settings(self.run_dir)
+        settings, _ = load_run_settings(self.run_dir, self.trust_remote_code)
         check_ranks([self.rank], settings.adapter.max_rank)  # before the model is loaded
         refuse_existing(self.out, self.overwrite)
-        model, tokenizer, _ = load_run(self.run_dir, self.device)
+        model, tokenizer, _ = load_run(self.run_dir, self.device, self.trust_remote_code)
         out = merge(model, self.rank, self.out, tokenizer=tokenizer, dtype=self.dtype, overwrite=self.overwrite)
         print(f"qdylora: rank {self.rank} merged into {out} ({self.dtype}); load it with "
               f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
@@ -313,6 +322,9 @@ class Generate:
     device: Optional[str] = None
     """Device (default: the run's, else cuda if available)."""
 
+    trust_remote_code: bool = False
+    """Run the base model's own code from its directory (never taken from the run's saved settings)."""
+
     debug: bool = False
     """Show full tracebacks for errors."""
 
@@ -321,7 +333,7 @@ class Generate:
         from .rundir import read_json
         from .sweep import load_run, load_run_settings
 
-        settings, _ = load_run_settings(self.run_dir)
+        settings, _ = load_run_settings(self.run_dir, self.trust_remote_code)
         R = settings.adapter.max_rank
         ranks = list(self.rank)
         if not ranks:
@@ -334,7 +346,7 @@ class Generate:
         prompt = self.prompt if self.prompt is not None else sys.stdin.read()
         if not prompt.strip():
             raise QDyLoRAError("empty prompt: pass --prompt TEXT or pipe it on standard input")
-        model, tokenizer, _ = load_run(self.run_dir, self.device)
+        model, tokenizer, _ = load_run(self.run_dir, self.device, self.trust_remote_code)
         model.eval()
         if len(ranks) == 1:
             print(f"[rank {ranks[0]}{' = base model' if ranks[0] == 0 else ''}]", flush=True)

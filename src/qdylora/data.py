@@ -7,6 +7,7 @@ exactly; labels are -100 where the loss is off.
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from dataclasses import dataclass, field
@@ -114,11 +115,40 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
         args, kwargs = (source,), dict(split=split)
     datasets.disable_progress_bars()
     try:
-        dataset = datasets.load_dataset(*args, **kwargs)
+        return [dict(row) for row in datasets.load_dataset(*args, **kwargs)]  # decoding happens here too
     except Exception as e:  # datasets raises many types (DatasetGenerationError, ConnectionError..)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QDyLoRAError(f"cannot read data from {source}: {first}") from e
-    return [dict(row) for row in dataset]
+        found = _first_bad_line(path) if path.is_file() else None
+        raise QDyLoRAError(f"cannot read data from {source}: {found or first}") from e
+
+
+def _first_bad_line(path: Path) -> Optional[str]:
+    """What is wrong in a text data file `datasets` could not read, with the line number: bytes
+    that are not UTF-8, or (JSON Lines) the first line that is not a JSON object."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return f"line {line} is not UTF-8 text (byte {e.start}): save the file as UTF-8"
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        return None
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return None  # one valid JSON document: datasets' complaint is about its shape
+        except ValueError:
+            pass  # maybe JSON Lines in a .json file: look line by line
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            return f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+        if not isinstance(obj, dict):
+            return f"line {number} is a JSON {type(obj).__name__}, not an object with fields"
+    return None
 
 
 def detect_format(columns: Iterable[str], source: str) -> str:

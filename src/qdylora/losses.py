@@ -34,7 +34,8 @@ def logits_and_targets(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    hf = getattr(model, "model", model)
+    hf = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    hf = getattr(hf, "model", hf)
     return "logits_to_keep" in inspect.signature(hf.forward).parameters
 
 

@@ -8,17 +8,21 @@
                              scaling rule, rank range, base fingerprint)
       metrics.jsonl          one JSON line per logged step and per validation
       summary.json           written at the end: validation losses, tokens/s, peak memory
-      checkpoints/step-000100/{adapter.safetensors, state.pt}   the last --keep-last ones
+      checkpoints/step-000100/{adapter.safetensors, state.pt, manifest.json}   the last --keep-last
 
 `state.pt` holds the optimizer, scheduler and RNG states and the step; it is plain tensors and
-numbers, loaded with `torch.load(weights_only=True)`.
+numbers, loaded with `torch.load(weights_only=True)`. `manifest.json` holds each file's size and
+SHA-256, so a truncated or corrupted checkpoint is found before resuming from it (safetensors
+itself has no checksum) and resuming falls back to the newest checkpoint that is intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -72,18 +76,86 @@ def read_json(path: Path) -> Any:
         raise QDyLoRAError(f"{path} is not valid JSON ({e})") from None
 
 
+CHECKPOINT_FILES = ("adapter.safetensors", "state.pt")
+
+
+def check_version(record: dict, run: Path) -> None:
+    """Refuse a run directory written by a newer qdylora (its files may mean something else)."""
+    from packaging.version import InvalidVersion, Version
+
+    from . import __version__
+
+    saved = record.get("qdylora_version")
+    if not isinstance(saved, str):
+        raise QDyLoRAError(f"{run / 'config.json'} does not say which qdylora wrote it: not a qdylora run")
+    try:
+        newer = Version(saved) > Version(__version__)
+    except InvalidVersion:
+        raise QDyLoRAError(f"{run / 'config.json'} names an unknown qdylora version {saved!r}") from None
+    if newer:
+        raise QDyLoRAError(f"{run} was written by qdylora {saved}, newer than this qdylora "
+                           f"{__version__}: upgrade qdylora (pip install -U qdylora) to read it")
+
+
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint directories (step-N, N a number), oldest first; intact or not."""
     root = out / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / "state.pt").is_file() and (p / "adapter.safetensors").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
     found = checkpoint_dirs(out)
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_problem(checkpoint: Path) -> Optional[str]:
+    """Why `checkpoint` cannot be resumed from (missing file, size or checksum mismatch,
+    unreadable training state), or None when it is intact."""
+    for name in CHECKPOINT_FILES + ("manifest.json",):
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    try:
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        for name in CHECKPOINT_FILES:
+            size, digest = manifest[name]["bytes"], manifest[name]["sha256"]
+            actual = (checkpoint / name).stat().st_size
+            if actual != size:
+                return f"{name} has {actual} bytes, {size} were written (truncated?)"
+            if _sha256(checkpoint / name) != digest:
+                return f"{name} does not match its checksum (corrupted)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def resume_checkpoint(out: Path) -> Path:
+    """The newest intact checkpoint. Damaged newer ones are reported on stderr and renamed to
+    step-N.damaged (kept for inspection, out of the way of --keep-last and later resumes)."""
+    found = checkpoint_dirs(out)
+    for checkpoint in reversed(found):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        aside = checkpoint.with_name(checkpoint.name + ".damaged")
+        if not aside.exists():
+            os.replace(checkpoint, aside)
+        print(f"qdylora: warning: checkpoint {checkpoint.name} is damaged ({problem}); moved to "
+              f"{aside.name}, trying an older one", file=sys.stderr)
+    if found:
+        raise QDyLoRAError(f"cannot resume {out}: none of its {len(found)} checkpoints is intact; "
+                           "start again with --overwrite")
+    raise QDyLoRAError(f"cannot resume: {out} has no checkpoint yet; start it again with --overwrite")
 
 
 def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last: int) -> Path:
@@ -101,6 +173,10 @@ def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                    for name in CHECKPOINT_FILES}
+        with atomic_write(tmp / "manifest.json") as t:
+            t.write_text(json.dumps(manifest, indent=1) + "\n")
     with atomic_write(out / "adapter.safetensors") as t:
         shutil.copyfile(final / "adapter.safetensors", t)
     for old in checkpoint_dirs(out)[:-keep_last]:
@@ -116,6 +192,24 @@ def load_state(checkpoint: Path) -> dict:
         raise QDyLoRAError(f"cannot read training state {checkpoint / 'state.pt'}: {e}") from None
 
 
+def _json_line(line: str) -> Optional[dict]:
+    """A metrics line, or None for a blank or partial one (a run killed while writing it)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def remove_leftovers(out: Path) -> None:
+    """Delete temporary files and directories of writes a killed run did not finish
+    (".<name>.<random>.tmp", made by files.atomic_write / atomic_dir)."""
+    for folder in (out, out / "checkpoints"):
+        if folder.is_dir():
+            for leftover in folder.glob(".*.tmp"):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object a line; on resume, lines past the resumed step are dropped
     so the file reads as one uninterrupted run."""
@@ -123,8 +217,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: Optional[int] = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line in path.read_text(errors="replace").splitlines()
+                    if (record := _json_line(line)) is not None and record.get("step", 0) <= resume_step]
             with atomic_write(path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in keep))
         self._file = open(path, "a")

@@ -161,6 +161,9 @@ class TrainSettings:
     tensorboard: bool = False
     """Also write TensorBoard events to RUN/tensorboard (needs the tensorboard package)."""
 
+    skip_nonfinite: bool = False
+    """Skip (and log) an optimizer step whose loss or gradient norm is NaN or infinite; default: stop with an error at that step, keeping the last checkpoint."""
+
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps <= 0:
             raise QDyLoRAError(f"max_steps must be positive, got {self.max_steps}")

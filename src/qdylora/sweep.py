@@ -10,7 +10,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,7 +27,7 @@ from .loading import load_tokenizer, resolve_source
 from .losses import autocast_context, losses_at_ranks
 from .model import QDyLoRAModel, prepare
 from .rank import get_rank, set_rank
-from .rundir import read_json
+from .rundir import check_version, read_json
 from .sampling import check_ranks
 from .settings import DataSettings, RunSettings
 
@@ -84,8 +84,11 @@ def recommend(values: dict[int, float], higher_is_better: bool, tolerance: float
     return min(good)
 
 
-def load_run_settings(run_dir: str | Path) -> tuple[RunSettings, Path]:
-    """A run's settings and its adapter file; refuses a directory that is not a finished-enough run."""
+def load_run_settings(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[RunSettings, Path]:
+    """A run's settings and its adapter file; refuses a directory that is not a finished-enough run.
+
+    A run directory may come from someone else: its saved trust_remote_code is ignored, the
+    caller's `trust_remote_code` (the user's own flag) is used instead."""
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise QDyLoRAError(f"{run} is not a qdylora run directory (no config.json)")
@@ -96,15 +99,17 @@ def load_run_settings(run_dir: str | Path) -> tuple[RunSettings, Path]:
         settings = RunSettings.from_dict(record["settings"], where=str(run / "config.json"))
     except (KeyError, TypeError):
         raise QDyLoRAError(f"{run / 'config.json'} is not a qdylora run config") from None
-    return settings, run / "adapter.safetensors"
+    check_version(record, run)
+    return replace(settings, trust_remote_code=trust_remote_code), run / "adapter.safetensors"
 
 
-def load_run(run_dir: str | Path, device: Optional[str] = None) -> tuple[QDyLoRAModel, object, RunSettings]:
+def load_run(run_dir: str | Path, device: Optional[str] = None,
+             trust_remote_code: bool = False) -> tuple[QDyLoRAModel, object, RunSettings]:
     """The base model of a training run with its adapter loaded, its tokenizer and settings.
 
     Refuses a run without an adapter and a base model whose fingerprint differs from the run's.
     """
-    settings, adapter = load_run_settings(run_dir)
+    settings, adapter = load_run_settings(run_dir, trust_remote_code)
     model = prepare(settings.model, settings.adapter, device=device or settings.device,
                     trust_remote_code=settings.trust_remote_code)
     load_adapter(model, adapter)  # checks the base fingerprint

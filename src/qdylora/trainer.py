@@ -7,8 +7,13 @@ and B are trained (AdamW); the NF4 base is frozen.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import resource
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,14 +26,16 @@ from . import __version__
 from .adapter_file import base_fingerprint, load_adapter, save_adapter
 from .batching import BatchStream, collate, fixed_batches, pad_token_id
 from .data import IGNORE, DataStats, Example, tokenize
+from . import distributed
+from .devices import default_device
 from .embedded import smollm2_checkpoint
 from .errors import QDyLoRAError
 from .loading import load_tokenizer, resolve_source
 from .losses import autocast_context, loss_sum, validation_loss
 from .model import QDyLoRAModel, prepare
 from .rank import set_rank
-from .rundir import (MetricsLog, check_out_dir, clear_run, latest_checkpoint, load_state,
-                     read_json, save_checkpoint, write_json)
+from .rundir import (MetricsLog, check_out_dir, check_version, clear_run, load_state, read_json,
+                     remove_leftovers, resume_checkpoint, save_checkpoint, write_json)
 from .settings import RunSettings
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -84,14 +91,31 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     out = Path(out)
     settings = replace(settings, data=settings.data.with_embedded_default())
     t = settings.train
+    procs = distributed.from_environment()  # several processes under torchrun
+    device_name = distributed.device_for(procs, settings.device)
+    started = procs.distributed and not torch.distributed.is_initialized()
+    distributed.start(procs, torch.device(device_name) if device_name else default_device())
     check_out_dir(out, overwrite, resume)  # before any heavy work
+    distributed.barrier(procs)  # every process has checked `out` before process 0 writes to it
+    try:
+        return _train(settings, out, overwrite, resume, progress, model, on_step, procs, device_name)
+    finally:
+        if started:
+            distributed.stop(procs)
+
+
+def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, progress: bool,
+           model: Optional[QDyLoRAModel], on_step, procs: distributed.Processes,
+           device_name: Optional[str]) -> dict:
+    t = settings.train
+    main = procs.is_main
     if t.tensorboard:
         _tensorboard_writer_class()  # a missing package is reported before anything is written
     source = settings.model or smollm2_checkpoint()
 
     # Model and tokenizer. Dtype and device are decided here, once.
     if model is None:
-        model = prepare(source, settings.adapter, device=settings.device,
+        model = prepare(source, settings.adapter, device=device_name,
                         trust_remote_code=settings.trust_remote_code)
         tokenizer = load_tokenizer(resolve_source(source), settings.trust_remote_code)
     else:
@@ -105,11 +129,15 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
 
     data = load_data(settings, tokenizer)
     pad_id = pad_token_id(tokenizer)
-    stream = BatchStream(data.train, t.micro_batch_size, config.seed)
+    # global micro-batches of micro_batch_size x processes rows; each process takes its share
+    stream = BatchStream(data.train, t.micro_batch_size * procs.world, config.seed)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.per_epoch / t.grad_accumulation))
     val_batches = fixed_batches(data.val, t.micro_batch_size)
 
     params = model.adapter_parameters()
+    forward_model = model
+    if procs.distributed:  # A and B are initialised alike everywhere (seeded): no initial broadcast
+        forward_model = torch.nn.parallel.DistributedDataParallel(model, init_sync=False)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(SCHEDULES[t.schedule], optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=max_steps)
@@ -119,15 +147,28 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.model.config.use_cache = False
 
+    global_batch = t.micro_batch_size * procs.world * t.grad_accumulation
     record = {"qdylora_version": __version__, "base_fingerprint": fingerprint,
+              "processes": procs.world, "global_batch": global_batch,
               "settings": {**settings.to_dict(), "model": source, "adapter": config.to_dict()}}
     step, tokens_seen, elapsed = 0, 0, 0.0
     if resume:
         saved = read_json(out / "config.json")
+        check_version(saved, out)
         if saved.get("base_fingerprint") != fingerprint:
             raise QDyLoRAError(f"cannot resume {out}: it was trained on another base model "
                                f"({saved['settings'].get('model')})")
-        checkpoint = latest_checkpoint(out)
+        if saved.get("global_batch", global_batch) != global_batch:
+            raise QDyLoRAError(
+                f"cannot resume {out} with a global batch of {global_batch} (micro-batch x processes x "
+                f"accumulation); it was trained with {saved['global_batch']}: keep that product, e.g. "
+                f"{saved.get('processes', 1)} processes x micro-batch {t.micro_batch_size}")
+        if main:
+            remove_leftovers(out)
+            checkpoint = resume_checkpoint(out)  # may set damaged checkpoints aside
+        distributed.barrier(procs)
+        if not main:
+            checkpoint = resume_checkpoint(out)
         state = load_state(checkpoint)
         load_adapter(model, checkpoint / "adapter.safetensors")
         optimizer.load_state_dict(state["optimizer"])
@@ -136,20 +177,29 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
+        if procs.rank > 0:  # only process 0's generator is saved: the others draw anew
+            torch.manual_seed(config.seed + procs.rank + 1_000_003 * step)
     else:
-        if overwrite:
+        if overwrite and main:
             clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)  # adapter dropout draws from the global generator
-    write_json(out / "config.json", record)
-    write_json(out / "data_stats.json", {k: vars(v) for k, v in data.stats.items()})
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
-    tensorboard = _tensorboard(out) if t.tensorboard else None
-    for name, st in data.stats.items():
-        print(f"qdylora: {name} data: {st}")
+        # adapter dropout draws from the global generator; each process its own masks
+        torch.manual_seed(config.seed + procs.rank)
+    if main:
+        write_json(out / "config.json", record)
+        write_json(out / "data_stats.json", {k: vars(v) for k, v in data.stats.items()})
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if main else _NoLog()
+    tensorboard = _tensorboard(out) if t.tensorboard and main else None
+    if main:
+        for name, st in data.stats.items():
+            print(f"qdylora: {name} data: {st}")
+        if procs.distributed:
+            print(f"qdylora: {procs.world} processes; global batch {global_batch} = micro-batch "
+                  f"{t.micro_batch_size} x {procs.world} processes x accumulation {t.grad_accumulation} "
+                  f"(learning rate {t.lr} as given, not rescaled)")
 
     def evaluate(at_step: int) -> dict[int, float]:
-        if not val_batches:
+        if not val_batches or not main:  # process 0 validates; the others wait at the next step
             return {}
         losses = validation_loss(model, val_batches, eval_ranks, pad_id, device, autocast)
         metrics.write({"step": at_step, "val_loss": {str(r): v for r, v in losses.items()}})
@@ -167,36 +217,70 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
         extra = {"step": at_step, "rank_range": [sampler.min_rank, sampler.max_rank]}
-        save_checkpoint(out, at_step, lambda p: save_adapter(model, p, extra=extra), state, t.keep_last)
+        if not main:
+            return
+        try:
+            save_checkpoint(out, at_step, lambda p: save_adapter(model, p, extra=extra), state, t.keep_last)
+        except OSError as e:
+            full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise QDyLoRAError(
+                f"cannot write the step-{at_step} checkpoint in {out}{full}: {e.strerror or e}; "
+                f"the earlier checkpoints are intact: free space and --resume {out}") from None
 
     first_val = read_json(out / "summary.json").get("val_loss_before") if resume and (out / "summary.json").exists() else None
     if not resume:
         first_val = {str(r): v for r, v in evaluate(0).items()}
-        write_json(out / "summary.json", {"status": "running", "val_loss_before": first_val})
+        if main:
+            write_json(out / "summary.json", {"status": "running", "val_loss_before": first_val})
 
     model.train()
-    bar = _progress(max_steps, step, progress)
+    bar = _progress(max_steps, step, progress and main)
     last_val: dict[int, float] = {}
+    interrupt = _InterruptFlag()
     try:
         while step < max_steps:
+            # every process stops at the same step, whichever of them saw the Ctrl-C
+            if distributed.sum_float(procs, float(interrupt.requested), device) > 0:
+                checkpoint(step)
+                if main:
+                    write_json(out / "summary.json", {"status": "interrupted", "steps": step,
+                                                      "val_loss_before": first_val})
+                raise TrainingInterrupted(
+                    f"interrupted after step {step}; checkpoint saved: continue with "
+                    f"qdylora train --resume {out}")
             start = time.perf_counter()
             rank = sampler.rank_at(step)
+            distributed.check_same(procs, rank, f"the rank of step {step + 1}", device)
             set_rank(model, rank)  # one rank for every micro-batch of this step
-            micro = [collate(stream.at(step * t.grad_accumulation + i), pad_id)
-                     for i in range(t.grad_accumulation)]
-            n_loss = sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro)
-            step_loss, step_tokens = 0.0, 0
-            for batch in micro:
-                batch = {k: v.to(device) for k, v in batch.items()}  # (B, T) each
-                with autocast():
-                    total, _ = loss_sum(model, batch)
-                (total / max(n_loss, 1)).backward()  # mean over the step's loss tokens
-                step_loss += float(total.detach())
-                step_tokens += int(batch["attention_mask"].sum())
+            micro = [stream.at(step * t.grad_accumulation + i) for i in range(t.grad_accumulation)]  # global
+            n_loss = sum(_loss_tokens(m) for m in micro)  # the whole step's, over every process
+            step_tokens = sum(len(e) for m in micro for e in m)
+            step_loss = 0.0
+            for i, examples in enumerate(micro):
+                examples, weight = distributed.shard(examples, procs)  # this process's rows
+                batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}  # (B, T) each
+                sync = i == len(micro) - 1 or not procs.distributed  # all-reduce once per step
+                with autocast(), (contextlib.nullcontext() if sync else forward_model.no_sync()):
+                    total, _ = loss_sum(forward_model, batch)
+                    # mean over the step's loss tokens; DDP averages over processes, so x world
+                    (total * (weight * procs.world / max(n_loss, 1))).backward()
+                step_loss += float(total.detach()) * weight
+            step_loss = distributed.sum_float(procs, step_loss, device)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                          if t.max_grad_norm > 0 else _grad_norm(params))
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            finite = math.isfinite(step_loss) and math.isfinite(float(grad_norm))
+            if not finite and not t.skip_nonfinite:
+                raise QDyLoRAError(
+                    f"step {step + 1} (rank {rank}): the loss is {step_loss:.4g} and the gradient norm "
+                    f"{float(grad_norm):.4g}: lower --lr or check the data; nothing was updated and the "
+                    f"last checkpoint is kept (--resume {out}), or pass --skip-nonfinite to skip such steps")
+            if finite:
+                optimizer.step()
+            else:
+                metrics.write({"step": step + 1, "rank": rank, "skipped": "nonfinite loss or gradient"})
+                bar.write(f"qdylora: warning: step {step + 1} skipped (loss {step_loss:.4g}, "
+                          f"gradient norm {float(grad_norm):.4g})")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -224,6 +308,7 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
             if on_step is not None:
                 on_step(step)
     finally:
+        interrupt.restore()
         bar.close()
         metrics.close()
         if tensorboard:
@@ -239,6 +324,47 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+class TrainingInterrupted(QDyLoRAError):
+    """Ctrl-C during training: a checkpoint was written and the run can be resumed."""
+
+
+class _InterruptFlag:
+    """The first Ctrl-C (SIGINT) asks the loop to checkpoint and stop after the current step;
+    a second one interrupts at once. Only in the main thread (signals are delivered there)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+        print("\nqdylora: stopping after this step to write a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+def _loss_tokens(examples) -> int:
+    """Tokens that carry a loss (predicted from a previous token) in a list of examples."""
+    return sum(sum(1 for label in e.labels[1:] if label != IGNORE) for e in examples)
+
+
+class _NoLog:
+    """The metrics log of processes other than 0: writes nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _grad_norm(params) -> torch.Tensor:

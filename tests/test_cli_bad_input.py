@@ -1,0 +1,85 @@
+"""Bad input not covered elsewhere (see docs/reliability.md for the whole table): runs from a
+newer qdylora, unwritable outputs, untrusted settings, --debug."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from qdylora.cli import main
+from qdylora.sweep import load_run_settings
+
+from .conftest import write_sums
+
+
+def one_error_line(capsys, code: int, message: str) -> None:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("qdylora: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+
+
+def copy_run(trained_run, tmp_path, edit):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    record = json.loads((run / "config.json").read_text())
+    edit(record)
+    (run / "config.json").write_text(json.dumps(record))
+    return run
+
+
+@pytest.mark.parametrize("command", [["sweep"], ["export", "--rank", "2"], ["merge", "--rank", "2"],
+                                     ["generate", "--prompt", "1+1="]])
+def test_run_from_a_newer_qdylora_is_refused(trained_run, tmp_path, capsys, command):
+    run = copy_run(trained_run, tmp_path, lambda r: r.update(qdylora_version="99.0"))
+    argv = [command[0], str(run)] + command[1:]
+    if command[0] in ("export", "merge"):
+        argv += ["--out", str(tmp_path / "out")]
+    one_error_line(capsys, main(argv), "written by qdylora 99.0, newer than this qdylora")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_run_from_a_newer_qdylora_is_refused(trained_run, tmp_path, capsys):
+    run = copy_run(trained_run, tmp_path, lambda r: r.update(qdylora_version="99.0"))
+    before = sorted(p.name for p in run.rglob("*"))
+    one_error_line(capsys, main(["train", "--resume", str(run), "--out", str(run), "--quiet"]),
+                   "newer than this qdylora")
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
+def test_saved_trust_remote_code_is_not_honoured(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path, lambda r: r["settings"].update(trust_remote_code=True))
+    settings, _ = load_run_settings(run)
+    assert settings.trust_remote_code is False
+    assert load_run_settings(run, trust_remote_code=True)[0].trust_remote_code is True
+
+
+def test_unwritable_output_directory(tiny_lm, tmp_path, capsys):
+    data = write_sums(tmp_path / "sums.jsonl")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    for out in (blocker / "run", "/proc/qdylora-cannot-write-here"):
+        code = main(["train", "--model", tiny_lm, "--data", data, "--prompt-template", "{question}",
+                     "--response-template", "{answer}", "--out", str(out), "--max-steps", "1", "--quiet",
+                     "--compute-dtype", "float32"])
+        one_error_line(capsys, code, str(out).split("/")[1])
+    assert blocker.read_text() == "mine"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="not a qdylora run directory"):
+        main(["sweep", str(tmp_path), "--debug"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["merge", "{run}", "--rank", "9", "--out", "{tmp}/m"], "outside 1..8"),
+    (["export", "{run}", "--ranks", "0,2", "--out", "{tmp}/e"], "outside 1..8"),
+    (["sweep", "{run}", "--ranks", "1,9", "--out", "{tmp}/s"], "outside 1..8"),
+    (["generate", "{run}", "--rank", "-1", "--prompt", "x"], "outside 0..8"),
+])
+def test_rank_out_of_range_in_every_run_command(trained_run, tmp_path, capsys, argv, message):
+    argv = [a.format(run=trained_run, tmp=tmp_path) for a in argv]
+    one_error_line(capsys, main(argv + ["--quiet"] if argv[0] == "sweep" else argv), message)
+    assert not any(tmp_path.iterdir())
