@@ -1,0 +1,207 @@
+"""The rank study: one QDyLoRA run against QLoRA runs trained separately at each rank.
+
+    .venv/bin/python experiments/rank_study.py                 # run (or continue) the study
+    .venv/bin/python experiments/rank_study.py --report        # tables, plot and results.json
+
+SmolLM2-135M-Instruct on the embedded ASDiv split (1,905 train / 100 validation / 300 test),
+every run with the same steps, batch, learning rate, schedule, alpha rule (alpha / b), seed and
+data order; only the rank rule differs:
+
+    qdylora      ranks drawn uniformly from 1..64, update mode full
+    qlora-r{r}   min_rank == max_rank == r for r in 1, 2, ..., 64 (the same code path)
+    frozen       as qdylora with DyLoRA's update rule (only component b trains)
+    pow2         as qdylora with ranks drawn from 1, 2, 4, ..., 64 only
+
+Each run is evaluated on the test split at every power-of-two rank it supports (QLoRA runs at
+their own rank and truncated to lower ranks) plus the base model: answer loss on --test-rows
+rows and exact match on --em-rows rows.
+
+Resumable: training resumes from a run's checkpoints, and each finished evaluation is written to
+OUT/results/<run>-seed<s>.json, so running the command again continues where it stopped. Runs go
+in a fixed order (all runs for seed 0 first, then more seeds of qdylora and the QLoRA baselines),
+so partial results are the most useful ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+QLORA_RANKS = [1, 2, 4, 8, 16, 32, 64]
+RUNS = {"qdylora": dict(), **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in QLORA_RANKS},
+        "frozen": dict(update_mode="frozen"), "pow2": dict(ranks="1,2,4,8,16,32,64")}
+ORDER = ["qdylora", "qlora-r8", "qlora-r1", "qlora-r64", "qlora-r2", "qlora-r4", "qlora-r16", "qlora-r32",
+         "frozen", "pow2"]
+MAIN = ["qdylora"] + [f"qlora-r{r}" for r in QLORA_RANKS]  # the runs repeated over seeds
+
+
+def settings_for(name: str, seed: int, args):
+    from qdylora import QDyLoRAConfig
+    from qdylora.settings import DataSettings, RunSettings, TrainSettings
+
+    spec = RUNS[name]
+    max_rank = spec.get("max_rank", 64)
+    adapter = QDyLoRAConfig(max_rank=max_rank, alpha=16, dropout=0.05, seed=seed,
+                            update_mode=spec.get("update_mode", "full"))
+    train = TrainSettings(max_steps=args.steps, micro_batch_size=8, grad_accumulation=1, lr=args.lr,
+                          schedule="cosine", warmup_steps=max(1, args.steps // 20), eval_every=0,
+                          save_every=max(1, args.steps // 4), min_rank=spec.get("min_rank", 1),
+                          ranks=spec.get("ranks"), eval_ranks=str(max_rank))
+    return RunSettings(adapter=adapter, data=DataSettings(), train=train)
+
+
+def eval_ranks(name: str) -> list[int]:
+    top = RUNS[name].get("max_rank", 64)
+    return [r for r in QLORA_RANKS if r <= top]
+
+
+def run_one(name: str, seed: int, args) -> dict:
+    from qdylora.embedded import asdiv_split
+    from qdylora.rundir import latest_checkpoint, read_json
+    from qdylora.sweep import load_run, run_sweep
+    from qdylora.trainer import train
+
+    out = Path(args.out) / "runs" / f"{name}-seed{seed}"
+    settings = settings_for(name, seed, args)
+    summary_file = out / "summary.json"
+    done = summary_file.exists() and read_json(summary_file).get("status") == "done"
+    if not done:
+        resume = (out / "config.json").exists() and latest_checkpoint(out) is not None
+        print(f"[{time.strftime('%H:%M')}] train {name} seed {seed} ({'resume' if resume else 'start'})", flush=True)
+        train(settings, out, resume=resume, overwrite=not resume, progress=args.progress)
+    summary = read_json(summary_file)
+    print(f"[{time.strftime('%H:%M')}] evaluate {name} seed {seed}", flush=True)
+    model, tokenizer, saved = load_run(out)
+    rows = asdiv_split("test")
+    data = saved.data.with_embedded_default()
+    result = {"run": name, "seed": seed, "steps": summary["steps"], "train_seconds": summary["seconds"],
+              "train_tokens": summary["tokens"], "val_loss_after": summary["val_loss_after"]}
+    start = time.perf_counter()
+    loss = run_sweep(model, tokenizer, rows[: args.test_rows], data, eval_ranks(name), ["loss"],
+                     progress=args.progress)
+    em = run_sweep(model, tokenizer, rows[: args.em_rows], data, eval_ranks(name), ["exact_match"],
+                   max_new_tokens=16, progress=args.progress)
+    result.update(loss={str(r): v for r, v in loss.values["loss"].items()},
+                  exact_match={str(r): v for r, v in em.values["exact_match"].items()},
+                  test_rows=args.test_rows, em_rows=args.em_rows, eval_seconds=time.perf_counter() - start)
+    return result
+
+
+def plan(args) -> list[tuple[str, int]]:
+    first = [(name, args.seeds[0]) for name in ORDER]
+    more = [(name, seed) for seed in args.seeds[1:] for name in MAIN]
+    return [(n, s) for n, s in first + more if not args.runs or n in args.runs]
+
+
+def run_study(args) -> None:
+    results = Path(args.out) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for name, seed in plan(args):
+        path = results / f"{name}-seed{seed}.json"
+        if path.exists():
+            continue
+        result = run_one(name, seed, args)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+        print(f"[{time.strftime('%H:%M')}] wrote {path}", flush=True)
+
+
+def report(args) -> None:
+    """results.json, the markdown table on stdout, the plot."""
+    results = [json.loads(p.read_text()) for p in sorted((Path(args.out) / "results").glob("*.json"))]
+    if not results:
+        sys.exit("no results yet: run the study first")
+    by: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in results:
+        for metric in ("loss", "exact_match"):
+            for rank, v in r[metric].items():
+                by.setdefault((r["run"], metric), {}).setdefault(rank, []).append(v)
+
+    def cell(run: str, metric: str, rank: str, digits: int = 3) -> str:
+        vs = by.get((run, metric), {}).get(rank)
+        if not vs:
+            return "-"
+        mean = statistics.mean(vs)
+        spread = f" ± {statistics.stdev(vs):.{digits}f}" if len(vs) > 1 else ""
+        return f"{mean:.{digits}f}{spread}"
+
+    ranks = ["0"] + [str(r) for r in QLORA_RANKS]
+    for metric, digits in (("loss", 3), ("exact_match", 1)):
+        print(f"\n{metric} (mean ± sd over seeds; QLoRA at its own rank r; n = runs)\n")
+        print("| rank | QLoRA (own rank) | QDyLoRA | frozen | powers of two |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for rank in ranks:
+            own = "qlora-r1" if rank == "0" else f"qlora-r{rank}"
+            print(f"| {'base' if rank == '0' else rank} | {cell(own, metric, rank, digits)} | "
+                  f"{cell('qdylora', metric, rank, digits)} | {cell('frozen', metric, rank, digits)} | "
+                  f"{cell('pow2', metric, rank, digits)} |")
+    print("\nQLoRA runs truncated to lower ranks (loss):\n")
+    print("| run | " + " | ".join(f"r{r}" for r in QLORA_RANKS) + " |")
+    print("| --- |" + " ---: |" * len(QLORA_RANKS))
+    for r in QLORA_RANKS:
+        name = f"qlora-r{r}"
+        print(f"| {name} | " + " | ".join(cell(name, "loss", str(k)) for k in QLORA_RANKS) + " |")
+    seconds = {}
+    for r in results:
+        seconds.setdefault(r["run"], []).append(r["train_seconds"])
+    if "qdylora" in seconds and all(f"qlora-r{r}" in seconds for r in QLORA_RANKS):
+        q = statistics.mean(seconds["qdylora"])
+        total = sum(statistics.mean(seconds[f"qlora-r{r}"]) for r in QLORA_RANKS)
+        print(f"\ntraining time: 1 QDyLoRA run {q / 60:.1f} min, 7 QLoRA runs {total / 60:.1f} min "
+              f"(ratio {total / q:.2f})")
+    out = Path(args.out) / "results.json"
+    out.write_text(json.dumps(results, indent=1))
+    _plot(by, Path(args.plot))
+    print(f"\nraw results: {out}; plot: {args.plot}")
+
+
+def _plot(by, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("loss", "exact_match")):
+        for run, label, style in (("qdylora", "QDyLoRA (one run)", "o-"), ("frozen", "frozen ablation", "s--"),
+                                  ("pow2", "powers-of-two ablation", "^--")):
+            pts = sorted((int(k), statistics.mean(v)) for k, v in by.get((run, metric), {}).items() if k != "0")
+            if pts:
+                ax.plot([math.log2(k) for k, _ in pts], [v for _, v in pts], style, label=label)
+        own = [(r, statistics.mean(by[(f"qlora-r{r}", metric)][str(r)]))
+               for r in QLORA_RANKS if str(r) in by.get((f"qlora-r{r}", metric), {})]
+        if own:
+            ax.plot([math.log2(k) for k, _ in own], [v for _, v in own], "kD-", label="QLoRA (a run per rank)")
+        ax.set_xticks(range(7), [str(r) for r in QLORA_RANKS])
+        ax.set_xlabel("rank")
+        ax.set_ylabel("test answer loss" if metric == "loss" else "test exact match (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--test-rows", type=int, default=100, help="test rows for the loss (of 300)")
+    ap.add_argument("--em-rows", type=int, default=100, help="test rows for exact match (of 300)")
+    ap.add_argument("--out", default="experiments/rank-study")
+    ap.add_argument("--plot", default="docs/img/rank-study.png")
+    ap.add_argument("--runs", type=lambda s: s.split(","), default=None, help="only these runs (default: all)")
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    report(args) if args.report else run_study(args)
+
+
+if __name__ == "__main__":
+    main()
