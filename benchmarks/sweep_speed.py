@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import statistics
+import sys
 import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
+
 from qdylora.batching import fixed_batches, pad_token_id
 from qdylora.data import generation_prompts, read_rows, tokenize
 from qdylora.generation import generate_at_ranks
