@@ -260,8 +260,9 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
                 examples, weight = distributed.shard(examples, procs)  # this process's rows
                 batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}  # (B, T) each
                 sync = i == len(micro) - 1 or not procs.distributed  # all-reduce once per step
-                with autocast(), (contextlib.nullcontext() if sync else forward_model.no_sync()):
-                    total, _ = loss_sum(forward_model, batch)
+                with contextlib.nullcontext() if sync else forward_model.no_sync():
+                    with autocast():
+                        total, _ = loss_sum(forward_model, batch)
                     # mean over the step's loss tokens; DDP averages over processes, so x world
                     (total * (weight * procs.world / max(n_loss, 1))).backward()
                 step_loss += float(total.detach()) * weight
