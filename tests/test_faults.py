@@ -219,3 +219,15 @@ def test_kill_9_at_random_points_then_resume_gives_the_same_adapter(reference, t
             break
     assert kills == 3 and proc.returncode == 0, err.decode()[-1000:]
     assert_same_adapter(tmp_path / "uninterrupted", run)
+
+
+def test_a_checkpoint_without_manifest_from_an_older_qdylora_still_resumes(reference, tiny_lm, tmp_path):
+    ref, data = reference
+    run = tmp_path / "run"
+    stop_after = lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 5 else None  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=stop_after)
+    for checkpoint in checkpoint_dirs(run):
+        (checkpoint / "manifest.json").unlink()
+    train(settings(tiny_lm, data, **OPTS), run, resume=True, progress=False)
+    assert_same_adapter(ref, run)

@@ -122,9 +122,11 @@ def _sha256(path: Path) -> str:
 def checkpoint_problem(checkpoint: Path) -> Optional[str]:
     """Why `checkpoint` cannot be resumed from (missing file, size or checksum mismatch,
     unreadable training state), or None when it is intact."""
-    for name in CHECKPOINT_FILES + ("manifest.json",):
+    for name in CHECKPOINT_FILES:
         if not (checkpoint / name).is_file():
             return f"{name} is missing"
+    if not (checkpoint / "manifest.json").is_file():
+        return None  # an older qdylora wrote no manifest; a renamed directory is complete anyway
     try:
         manifest = json.loads((checkpoint / "manifest.json").read_text())
         for name in CHECKPOINT_FILES:
