@@ -6,8 +6,9 @@ Written out with autograd ops, every adapter keeps its own dropped-out copy of x
 element) for A's gradient, although q/k/v (and gate/up) read the same x. `LoRADelta` keeps x
 itself, shared by the sibling layers, and the boolean mask (1 byte per element), and recomputes
 the dropped-out x in backward (one elementwise pass): a third less activation memory on SmolLM2
-(1,120 -> 763 MiB on a batch of 8 x 65 tokens, docs/performance.md). It also handles DyLoRA's `frozen` update (only component b-1
-gets a gradient) by zeroing the other rows of the gradients instead of splitting the matrices.
+(1,120 -> 763 MiB on a batch of 8 x 65 tokens, docs/performance.md). It also handles DyLoRA's
+`frozen` update (only component b-1 gets a gradient) by zeroing the other rows of the gradients
+instead of splitting the matrices.
 """
 
 from __future__ import annotations
