@@ -47,6 +47,12 @@ def reference(tiny_lm, tmp_path_factory):
     return run, data
 
 
+def crash_after_step_5(step: int) -> None:
+    """on_step hook: a crash after step 5, whose checkpoint (save_every 1) is the newest."""
+    if step == 5:
+        raise KeyboardInterrupt
+
+
 def damage(path: Path, how: str) -> None:
     if how == "flip":
         raw = bytearray(path.read_bytes())
@@ -63,9 +69,8 @@ def damage(path: Path, how: str) -> None:
 def test_resume_falls_back_from_a_damaged_checkpoint(reference, tiny_lm, tmp_path, capsys, name, how):
     ref, data = reference
     run = tmp_path / "run"
-    stop_after = lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 5 else None  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
-        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=stop_after)
+        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=crash_after_step_5)
     newest = checkpoint_dirs(run)[-1]
     assert newest.name == "step-000005" and checkpoint_problem(newest) is None
     damage(newest / name, how)
@@ -224,9 +229,8 @@ def test_kill_9_at_random_points_then_resume_gives_the_same_adapter(reference, t
 def test_a_checkpoint_without_manifest_from_an_older_qdylora_still_resumes(reference, tiny_lm, tmp_path):
     ref, data = reference
     run = tmp_path / "run"
-    stop_after = lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 5 else None  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
-        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=stop_after)
+        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=crash_after_step_5)
     for checkpoint in checkpoint_dirs(run):
         (checkpoint / "manifest.json").unlink()
     train(settings(tiny_lm, data, **OPTS), run, resume=True, progress=False)

@@ -50,14 +50,16 @@ def device_for(procs: Processes, requested: str | None) -> str | None:
     return requested
 
 
-def start(procs: Processes, device: torch.device) -> None:
-    """Join the process group: nccl on CUDA, gloo on CPU (torchrun's rendezvous variables)."""
+def start(procs: Processes, device: torch.device) -> bool:
+    """Join the process group: nccl on CUDA, gloo on CPU (torchrun's rendezvous variables).
+    True when this call created it (and so should destroy it); False if there is nothing to do."""
     if not procs.distributed or dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=procs.rank, world_size=procs.world, timeout=timedelta(minutes=60))
+    return True
 
 
 def stop(procs: Processes) -> None:

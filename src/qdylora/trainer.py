@@ -93,8 +93,7 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     t = settings.train
     procs = distributed.from_environment()  # several processes under torchrun
     device_name = distributed.device_for(procs, settings.device)
-    started = procs.distributed and not torch.distributed.is_initialized()
-    distributed.start(procs, torch.device(device_name) if device_name else default_device())
+    started = distributed.start(procs, torch.device(device_name) if device_name else default_device())
     check_out_dir(out, overwrite, resume)  # before any heavy work
     distributed.barrier(procs)  # every process has checked `out` before process 0 writes to it
     try:
@@ -209,6 +208,8 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
         return losses
 
     def checkpoint(at_step: int) -> None:
+        if not main:  # process 0 writes; the others' state is the same
+            return
         state = {
             "step": at_step, "tokens_seen": tokens_seen, "seconds": elapsed,
             "micro_batch_position": at_step * t.grad_accumulation,
@@ -217,8 +218,6 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
         extra = {"step": at_step, "rank_range": [sampler.min_rank, sampler.max_rank]}
-        if not main:
-            return
         try:
             save_checkpoint(out, at_step, lambda p: save_adapter(model, p, extra=extra), state, t.keep_last)
         except OSError as e:
