@@ -14,8 +14,9 @@ data order; only the rank rule differs:
 
 Each run is evaluated on the test split at every power-of-two rank it supports (QLoRA runs at
 their own rank and truncated to lower ranks) plus the base model: answer loss on --test-rows
-rows and exact match on --em-rows rows (QLoRA runs: exact match at their own rank only, as
-generation is 2/3 of the evaluation time and the truncation story is told by the loss).
+rows and exact match on --em-rows rows (QLoRA runs: exact match at their own rank only, the
+ablations at ranks 1, 8 and 64: generation is 2/3 of the evaluation time, and the loss carries
+the comparison).
 
 Resumable: training resumes from a run's checkpoints, and each finished evaluation is written to
 OUT/results/<run>-seed<s>.json, so running the command again continues where it stopped. Runs go
@@ -65,9 +66,12 @@ def eval_ranks(name: str) -> list[int]:
 
 def em_ranks(name: str) -> list[int]:
     """Exact match is generation, 2/3 of the evaluation time: QLoRA runs get it at their own rank
-    only (their truncated ranks are shown with the loss); the dynamic runs at every rank."""
+    only (their truncated ranks are shown with the loss), the ablations at ranks 1, 8 and 64 (the
+    paper's), QDyLoRA at every rank."""
     spec = RUNS[name]
-    return [spec["max_rank"]] if "min_rank" in spec else eval_ranks(name)
+    if "min_rank" in spec:
+        return [spec["max_rank"]]
+    return eval_ranks(name) if name == "qdylora" else [1, 8, 64]
 
 
 def run_one(name: str, seed: int, args) -> dict:
