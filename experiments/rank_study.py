@@ -194,11 +194,42 @@ def report(args) -> None:
               + ", ".join(f"r{r} {seconds[(f'qlora-r{r}', first)] / 60:.1f}" for r in QLORA_RANKS))
     print(f"total compute of the results so far: training {sum(seconds.values()) / 3600:.2f} h, "
           f"evaluation {sum(evals.values()) / 3600:.2f} h ({len(results)} runs)")
+    _paired_training_loss(Path(args.out) / "runs", first)
     out = Path(args.out) / "results.json"
     out.write_text(json.dumps(results, indent=1))
     _plot({k: {rank: list(v.values()) for rank, v in ranks_.items()} for k, ranks_ in by.items()},
           Path(args.plot))
     print(f"\nraw results: {out}; plot: {args.plot}")
+
+
+def _paired_training_loss(runs: Path, seed: int) -> None:
+    """Training loss of QDyLoRA minus QLoRA on the same batches (same seed: same data order) over
+    the second half of training, by the rank QDyLoRA drew at that step. Needs the run directories."""
+    def losses(name: str) -> dict[int, dict]:
+        path = runs / f"{name}-seed{seed}" / "metrics.jsonl"
+        if not path.exists():
+            return {}
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {r["step"]: r for r in rows if "rank" in r and "loss" in r}
+
+    dynamic = losses("qdylora")
+    steps = sorted(dynamic)[len(dynamic) // 2:]
+    lines = []
+    for r in (1, 8, 64):
+        fixed = losses(f"qlora-r{r}")
+        if not fixed or not steps:
+            continue
+        cells = []
+        for lo, hi in ((1, 8), (9, 32), (33, 64)):
+            d = [dynamic[s]["loss"] - fixed[s]["loss"] for s in steps if s in fixed and lo <= dynamic[s]["rank"] <= hi]
+            cells.append(f"{statistics.mean(d):+.3f} ({len(d)} steps)" if d else "-")
+        lines.append(f"| QLoRA r{r} | " + " | ".join(cells) + " |")
+    if lines:
+        print(f"\nTraining loss, QDyLoRA minus QLoRA on the same batches, steps {steps[0]}-{steps[-1]}, "
+              f"by the rank QDyLoRA drew (seed {seed}):\n")
+        print("| against | drawn 1-8 | drawn 9-32 | drawn 33-64 |")
+        print("| --- | ---: | ---: | ---: |")
+        print("\n".join(lines))
 
 
 def _plot(by, path: Path) -> None:
