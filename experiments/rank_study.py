@@ -233,25 +233,37 @@ def _paired_training_loss(runs: Path, seed: int) -> None:
 
 
 def _plot(by, path: Path) -> None:
+    """Loss and exact match against rank (log scale); error bars are the sd over seeds where a
+    point has several; the grey line is the QLoRA rank-64 run cut to lower ranks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def points(run: str, metric: str, only: str | None = None):
+        got = by.get((run, metric), {})
+        return sorted((int(k), statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                      for k, v in got.items() if k != "0" and (only is None or k == only))
+
+    def draw(ax, pts, style, label, **kw):
+        if pts:
+            ax.errorbar([math.log2(k) for k, _, _ in pts], [m for _, m, _ in pts], yerr=[e for _, _, e in pts],
+                        fmt=style, label=label, capsize=3, **kw)
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("loss", "exact_match")):
+        own = [p for r in QLORA_RANKS for p in points(f"qlora-r{r}", metric, str(r))]
+        draw(ax, own, "kD-", "QLoRA (a run per rank)")
         for run, label, style in (("qdylora", "QDyLoRA (one run)", "o-"), ("frozen", "frozen ablation", "s--"),
                                   ("pow2", "powers-of-two ablation", "^--")):
-            pts = sorted((int(k), statistics.mean(v)) for k, v in by.get((run, metric), {}).items() if k != "0")
-            if pts:
-                ax.plot([math.log2(k) for k, _ in pts], [v for _, v in pts], style, label=label)
-        own = [(r, statistics.mean(by[(f"qlora-r{r}", metric)][str(r)]))
-               for r in QLORA_RANKS if str(r) in by.get((f"qlora-r{r}", metric), {})]
-        if own:
-            ax.plot([math.log2(k) for k, _ in own], [v for _, v in own], "kD-", label="QLoRA (a run per rank)")
+            draw(ax, points(run, metric), style, label)
+        if metric == "loss":
+            draw(ax, points("qlora-r64", metric), ":", "QLoRA r64 cut to lower ranks", color="grey")
+        base = by.get(("qdylora", metric), {}).get("0")
+        note = f" (base model: {statistics.mean(base):.{3 if metric == 'loss' else 0}f})" if base else ""
+        ax.set_title(("test answer loss" if metric == "loss" else "test exact match, %") + note, fontsize=10)
         ax.set_xticks(range(7), [str(r) for r in QLORA_RANKS])
         ax.set_xlabel("rank")
-        ax.set_ylabel("test answer loss" if metric == "loss" else "test exact match (%)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
