@@ -195,6 +195,7 @@ def report(args) -> None:
     print(f"total compute of the results so far: training {sum(seconds.values()) / 3600:.2f} h, "
           f"evaluation {sum(evals.values()) / 3600:.2f} h ({len(results)} runs)")
     _paired_training_loss(Path(args.out) / "runs", first)
+    _cut_sizes(Path(args.out) / "runs", first)
     out = Path(args.out) / "results.json"
     out.write_text(json.dumps(results, indent=1))
     _plot({k: {rank: list(v.values()) for rank, v in ranks_.items()} for k, ranks_ in by.items()},
@@ -230,6 +231,34 @@ def _paired_training_loss(runs: Path, seed: int) -> None:
         print("| against | drawn 1-8 | drawn 9-32 | drawn 33-64 |")
         print("| --- | ---: | ---: | ---: |")
         print("\n".join(lines))
+
+
+def _cut_sizes(runs: Path, seed: int) -> None:
+    """Why a cut fixed-rank adapter can still work: the size of B's columns, and how the rank-b
+    cut delta (alpha/b) B[:, :b] A[:b] compares with the full one, for two layers."""
+    import torch
+    from safetensors.torch import load_file
+
+    layers = ("model.layers.0.self_attn.q_proj", "model.layers.15.mlp.down_proj")
+    print(f"\nAdapter deltas cut to rank b against the full delta (seed {seed}; alpha 16):\n")
+    print("| run | layer | B column norms (min-max) | rank-1 cut: norm / full norm, cosine | rank-8 cut: same |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name in ("qlora-r8", "qlora-r64", "qdylora"):
+        path = runs / f"{name}-seed{seed}" / "adapter.safetensors"
+        if not path.exists():
+            continue
+        tensors = load_file(str(path))
+        for layer in layers:
+            a, b = tensors[f"{layer}.lora_A"].double(), tensors[f"{layer}.lora_B"].double()  # (r, in), (out, r)
+            full = 16 / a.shape[0] * b @ a
+            cells = []
+            for k in (1, 8):
+                cut = 16 / k * b[:, :k] @ a[:k]
+                cos = torch.nn.functional.cosine_similarity(cut.flatten(), full.flatten(), dim=0)
+                cells.append(f"{cut.norm() / full.norm():.2f}, {cos:.2f}")
+            cols = b.norm(dim=0)
+            print(f"| {name} | {layer.removeprefix('model.')} | {cols.min():.3f}-{cols.max():.3f} | "
+                  + " | ".join(cells) + " |")
 
 
 def _plot(by, path: Path) -> None:
