@@ -225,6 +225,10 @@ def _paired_training_loss(runs: Path, seed: int) -> None:
             d = [dynamic[s]["loss"] - fixed[s]["loss"] for s in steps if s in fixed and lo <= dynamic[s]["rank"] <= hi]
             cells.append(f"{statistics.mean(d):+.3f} ({len(d)} steps)" if d else "-")
         lines.append(f"| QLoRA r{r} | " + " | ".join(cells) + " |")
+    early = {name: statistics.mean(r["loss"] for s, r in rows.items() if s <= 10)
+             for name in ["qdylora"] + [f"qlora-r{r}" for r in QLORA_RANKS] if (rows := losses(name))}
+    if early:
+        print("\nmean training loss of steps 1-10: " + ", ".join(f"{k} {v:.2f}" for k, v in early.items()))
     if lines:
         print(f"\nTraining loss, QDyLoRA minus QLoRA on the same batches, steps {steps[0]}-{steps[-1]}, "
               f"by the rank QDyLoRA drew (seed {seed}):\n")
