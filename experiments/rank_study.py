@@ -1,7 +1,8 @@
 """The rank study: one QDyLoRA run against QLoRA runs trained separately at each rank.
 
     .venv/bin/python experiments/rank_study.py                 # run (or continue) the study
-    .venv/bin/python experiments/rank_study.py --report        # tables, plot and results.json
+    .venv/bin/python experiments/rank_study.py --report        # tables (also into docs/rank-study.md),
+                                                               # plot and results.json
 
 SmolLM2-135M-Instruct on the embedded ASDiv split (1,905 train / 100 validation / 300 test),
 every run with the same steps, batch, learning rate, schedule, alpha rule (alpha / b), seed and
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -127,8 +129,42 @@ def run_study(args) -> None:
         print(f"[{time.strftime('%H:%M')}] wrote {path}", flush=True)
 
 
+DOC_TABLES = {"loss": "loss on the test rows", "exact_match": "exact_match on the test rows",
+              "cut": "QLoRA runs evaluated at their own rank", "paired": "Training loss, QDyLoRA minus QLoRA",
+              "deltas": "Adapter deltas cut to rank b"}
+
+
+def update_doc(doc: Path, text: str) -> None:
+    """Put each table of the report `text` between its <!-- table:NAME --> markers in `doc`
+    (the prose around them is written by hand and must be checked against the new numbers)."""
+    page = doc.read_text()
+    for name, heading in DOC_TABLES.items():
+        if heading not in text:
+            continue
+        after = text[text.index(heading):].splitlines()[1:]
+        start = next(i for i, line in enumerate(after) if line.startswith("|"))
+        end = next((i for i in range(start, len(after)) if not after[i].startswith("|")), len(after))
+        table = "\n".join(after[start:end])
+        page = re.sub(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)",
+                      lambda m: m.group(1) + table + m.group(2), page, flags=re.S)
+    doc.write_text(page)
+
+
 def report(args) -> None:
-    """results.json, the markdown tables on stdout, the plot."""
+    """results.json, the markdown tables on stdout (and in --doc), the plot."""
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        _report(args)
+    print(text.getvalue(), end="")
+    if args.doc and Path(args.doc).exists():
+        update_doc(Path(args.doc), text.getvalue())
+        print(f"tables updated in {args.doc}")
+
+
+def _report(args) -> None:
     results = [json.loads(p.read_text()) for p in sorted((Path(args.out) / "results").glob("*.json"))]
     if not results:
         sys.exit("no results yet: run the study first")
@@ -314,6 +350,7 @@ def main() -> None:
     ap.add_argument("--plot", default="docs/img/rank-study.png")
     ap.add_argument("--runs", type=lambda s: s.split(","), default=None, help="only these runs (default: all)")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--doc", default="docs/rank-study.md", help="--report rewrites the tables in this page")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     report(args) if args.report else run_study(args)
