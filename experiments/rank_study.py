@@ -230,7 +230,7 @@ def _report(args) -> None:
               + ", ".join(f"r{r} {seconds[(f'qlora-r{r}', first)] / 60:.1f}" for r in QLORA_RANKS))
     print(f"total compute of the results so far: training {sum(seconds.values()) / 3600:.2f} h, "
           f"evaluation {sum(evals.values()) / 3600:.2f} h ({len(results)} runs)")
-    _paired_training_loss(Path(args.out) / "runs", first)
+    _paired_training_loss(Path(args.out) / "runs", sorted({r["seed"] for r in results}))
     _cut_sizes(Path(args.out) / "runs", first)
     out = Path(args.out) / "results.json"
     out.write_text(json.dumps(results, indent=1))
@@ -239,35 +239,41 @@ def _report(args) -> None:
     print(f"\nraw results: {out}; plot: {args.plot}")
 
 
-def _paired_training_loss(runs: Path, seed: int) -> None:
+def _paired_training_loss(runs: Path, seeds: list[int]) -> None:
     """Training loss of QDyLoRA minus QLoRA on the same batches (same seed: same data order) over
-    the second half of training, by the rank QDyLoRA drew at that step. Needs the run directories."""
-    def losses(name: str) -> dict[int, dict]:
+    the second half of training, by the rank QDyLoRA drew at that step, pooled over the seeds that
+    have both runs. Needs the run directories."""
+    def losses(name: str, seed: int) -> dict[int, dict]:
         path = runs / f"{name}-seed{seed}" / "metrics.jsonl"
         if not path.exists():
             return {}
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return {r["step"]: r for r in rows if "rank" in r and "loss" in r}
 
-    dynamic = losses("qdylora")
-    steps = sorted(dynamic)[len(dynamic) // 2:]
-    lines = []
+    bins = ((1, 8), (9, 32), (33, 64))
+    lines, used = [], set()
     for r in (1, 8, 64):
-        fixed = losses(f"qlora-r{r}")
-        if not fixed or not steps:
-            continue
-        cells = []
-        for lo, hi in ((1, 8), (9, 32), (33, 64)):
-            d = [dynamic[s]["loss"] - fixed[s]["loss"] for s in steps if s in fixed and lo <= dynamic[s]["rank"] <= hi]
-            cells.append(f"{statistics.mean(d):+.3f} ({len(d)} steps)" if d else "-")
-        lines.append(f"| QLoRA r{r} | " + " | ".join(cells) + " |")
+        diffs: dict[tuple[int, int], list[float]] = {b: [] for b in bins}
+        for seed in seeds:
+            dynamic, fixed = losses("qdylora", seed), losses(f"qlora-r{r}", seed)
+            if not dynamic or not fixed or len(fixed) < len(dynamic):
+                continue  # a run still training
+            used.add(seed)
+            for s in sorted(dynamic)[len(dynamic) // 2:]:
+                lo, hi = next(b for b in bins if b[0] <= dynamic[s]["rank"] <= b[1])
+                diffs[(lo, hi)].append(dynamic[s]["loss"] - fixed[s]["loss"])
+        if any(diffs.values()):
+            lines.append(f"| QLoRA r{r} | " + " | ".join(
+                f"{statistics.mean(d):+.3f} ({len(d)} steps)" if d else "-" for d in diffs.values()) + " |")
     early = {name: statistics.mean(r["loss"] for s, r in rows.items() if s <= 10)
-             for name in ["qdylora"] + [f"qlora-r{r}" for r in QLORA_RANKS] if (rows := losses(name))}
+             for name in ["qdylora"] + [f"qlora-r{r}" for r in QLORA_RANKS] if (rows := losses(name, seeds[0]))}
     if early:
-        print("\nmean training loss of steps 1-10: " + ", ".join(f"{k} {v:.2f}" for k, v in early.items()))
+        print(f"\nmean training loss of steps 1-10 (seed {seeds[0]}): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in early.items()))
     if lines:
-        print(f"\nTraining loss, QDyLoRA minus QLoRA on the same batches, steps {steps[0]}-{steps[-1]}, "
-              f"by the rank QDyLoRA drew (seed {seed}):\n")
+        pooled = f"seed {min(used)}" if len(used) == 1 else f"seeds {', '.join(map(str, sorted(used)))} pooled"
+        print("\nTraining loss, QDyLoRA minus QLoRA on the same batches, second half of training, "
+              f"by the rank QDyLoRA drew ({pooled}):\n")
         print("| against | drawn 1-8 | drawn 9-32 | drawn 33-64 |")
         print("| --- | ---: | ---: | ---: |")
         print("\n".join(lines))
