@@ -185,7 +185,10 @@ def _report(args) -> None:
         return by.get((run, metric), {}).get(rank, {})
 
     def cell(run: str, metric: str, rank: str, digits: int = 3) -> str:
-        return fmt(list(seeds(run, metric, rank).values()), digits)
+        vs = list(seeds(run, metric, rank).values())
+        if rank == "0" and vs:  # the base model: the same with every seed
+            return f"{vs[0]:.{digits}f}"
+        return fmt(vs, digits)
 
     def own(rank: str) -> str:
         return "qlora-r1" if rank == "0" else f"qlora-r{rank}"
@@ -197,7 +200,8 @@ def _report(args) -> None:
 
     ranks = ["0"] + [str(r) for r in QLORA_RANKS]
     for metric, digits in (("loss", 3), ("exact_match", 1)):
-        print(f"\n{metric} on the test rows (one value: seed 0; mean ± sd (n=seeds) otherwise)\n")
+        print(f"\n{metric} on the test rows (one value: seed 0; mean ± sd (n=seeds) otherwise; the difference "
+              "pairs runs of the same seed)\n")
         print("| rank | QLoRA, a run at this rank | QDyLoRA, one run | QDyLoRA − QLoRA | frozen ablation "
               "| powers-of-two ablation |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -228,6 +232,13 @@ def _report(args) -> None:
         print(f"\ntraining time, seed {first}: 1 QDyLoRA run {q / 60:.1f} min, 7 QLoRA runs {total / 60:.1f} min "
               f"(ratio {total / q:.2f}); per QLoRA run: "
               + ", ".join(f"r{r} {seconds[(f'qlora-r{r}', first)] / 60:.1f}" for r in QLORA_RANKS))
+    for seed in sorted({r["seed"] for r in results}):
+        mine = {run: t for (run, s), t in seconds.items() if s == seed and run.startswith("qlora")}
+        if ("qdylora", seed) in seconds and mine:
+            q = seconds[("qdylora", seed)]
+            print(f"seed {seed}: QDyLoRA {q / 60:.1f} min; " + ", ".join(
+                f"{run} {t / 60:.1f}" for run, t in sorted(mine.items(), key=lambda kv: int(kv[0][7:])))
+                + f" min; mean QLoRA run / QDyLoRA run {statistics.mean(mine.values()) / q:.2f}")
     print(f"total compute of the results so far: training {sum(seconds.values()) / 3600:.2f} h, "
           f"evaluation {sum(evals.values()) / 3600:.2f} h ({len(results)} runs)")
     _paired_training_loss(Path(args.out) / "runs", sorted({r["seed"] for r in results}))
