@@ -14,7 +14,7 @@ data order; only the rank rule differs:
     pow2         as qdylora with ranks drawn from 1, 2, 4, ..., 64 only
 
 Each run is evaluated on the test split at every power-of-two rank it supports (QLoRA runs at
-their own rank and truncated to lower ranks) plus the base model: answer loss on --test-rows
+their own rank and, for seeds 0 and 1, truncated to lower ranks) plus the base model: answer loss on --test-rows
 rows and exact match on --em-rows rows (QLoRA runs: exact match at their own rank only, the
 ablations at ranks 1, 8 and 64: generation is 2/3 of the evaluation time, and the loss carries
 the comparison).
