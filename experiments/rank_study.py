@@ -249,8 +249,7 @@ def _report(args) -> None:
     _cut_sizes(Path(args.out) / "runs", first)
     out = Path(args.out) / "results.json"
     out.write_text(json.dumps(results, indent=1))
-    _plot({k: {rank: list(v.values()) for rank, v in ranks_.items()} for k, ranks_ in by.items()},
-          Path(args.plot))
+    _plot(by, Path(args.plot))
     print(f"\nraw results: {out}; plot: {args.plot}")
 
 
@@ -322,9 +321,10 @@ def _cut_sizes(runs: Path, seed: int) -> None:
                   + " | ".join(cells) + " |")
 
 
-def _plot(by, path: Path) -> None:
-    """Loss and exact match against rank (log scale); error bars are the sd over seeds where a
-    point has several; the grey line is the QLoRA rank-64 run cut to lower ranks."""
+def _plot(by: dict[tuple[str, str], dict[str, dict[int, float]]], path: Path) -> None:
+    """Loss and exact match against rank (log scale), and the loss of QDyLoRA minus QLoRA paired
+    by seed; error bars are the sd over seeds where a point has several; the grey line is the
+    QLoRA rank-64 run cut to lower ranks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,7 +332,7 @@ def _plot(by, path: Path) -> None:
 
     def points(run: str, metric: str, only: str | None = None):
         got = by.get((run, metric), {})
-        return sorted((int(k), statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+        return sorted((int(k), statistics.mean(v.values()), statistics.stdev(v.values()) if len(v) > 1 else 0.0)
                       for k, v in got.items() if k != "0" and (only is None or k == only))
 
     def draw(ax, pts, style, label, **kw):
@@ -340,7 +340,7 @@ def _plot(by, path: Path) -> None:
             ax.errorbar([math.log2(k) for k, _, _ in pts], [m for _, m, _ in pts], yerr=[e for _, _, e in pts],
                         fmt=style, label=label, capsize=3, **kw)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for ax, metric in zip(axes, ("loss", "exact_match")):
         own = [p for r in QLORA_RANKS for p in points(f"qlora-r{r}", metric, str(r))]
         draw(ax, own, "kD-", "QLoRA (a run per rank)")
@@ -350,11 +350,23 @@ def _plot(by, path: Path) -> None:
         if metric == "loss":
             draw(ax, points("qlora-r64", metric), ":", "QLoRA r64 cut to lower ranks", color="grey")
         base = by.get(("qdylora", metric), {}).get("0")
-        note = f" (base model: {statistics.mean(base):.{3 if metric == 'loss' else 0}f})" if base else ""
+        note = f" (base model: {next(iter(base.values())):.{3 if metric == 'loss' else 0}f})" if base else ""
         ax.set_title(("test answer loss" if metric == "loss" else "test exact match, %") + note, fontsize=10)
         ax.set_xticks(range(7), [str(r) for r in QLORA_RANKS])
         ax.set_xlabel("rank")
         ax.legend(fontsize=8)
+    gaps = []
+    for r in QLORA_RANKS:
+        q, d = by.get((f"qlora-r{r}", "loss"), {}).get(str(r), {}), by.get(("qdylora", "loss"), {}).get(str(r), {})
+        diffs = [d[s] - q[s] for s in sorted(q.keys() & d.keys())]
+        if diffs:
+            gaps.append((r, statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0))
+    draw(axes[2], gaps, "o-", "QDyLoRA − QLoRA, same seed")
+    axes[2].axhline(0, color="grey", lw=0.8)
+    axes[2].set_title("test answer loss, QDyLoRA minus QLoRA (paired by seed)", fontsize=10)
+    axes[2].set_xticks(range(7), [str(r) for r in QLORA_RANKS])
+    axes[2].set_xlabel("rank")
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
