@@ -154,6 +154,13 @@ def update_doc(doc: Path, text: str) -> None:
     doc.write_text(page)
 
 
+def paired_gaps(by: dict[tuple[str, str], dict[str, dict[int, float]]], metric: str, rank: int) -> list[float]:
+    """QDyLoRA minus the QLoRA run of this rank, at this rank, one value per seed that has both."""
+    q = by.get((f"qlora-r{rank}", metric), {}).get(str(rank), {})
+    d = by.get(("qdylora", metric), {}).get(str(rank), {})
+    return [d[s] - q[s] for s in sorted(q.keys() & d.keys())]
+
+
 def report(args) -> None:
     """results.json, the markdown tables on stdout (and in --doc), the plot."""
     import contextlib
@@ -198,9 +205,7 @@ def _report(args) -> None:
         return "qlora-r1" if rank == "0" else f"qlora-r{rank}"
 
     def difference(metric: str, rank: str, digits: int) -> str:
-        """QDyLoRA minus QLoRA at this rank, paired by seed."""
-        q, d = seeds(own(rank), metric, rank), seeds("qdylora", metric, rank)
-        return fmt([d[s] - q[s] for s in sorted(q.keys() & d.keys())], digits, "+") if rank != "0" else ""
+        return fmt(paired_gaps(by, metric, int(rank)), digits, "+") if rank != "0" else ""
 
     ranks = ["0"] + [str(r) for r in QLORA_RANKS]
     for metric, digits in (("loss", 3), ("exact_match", 1)):
@@ -236,16 +241,16 @@ def _report(args) -> None:
         print(f"\ntraining time, seed {first}: 1 QDyLoRA run {q / 60:.1f} min, 7 QLoRA runs {total / 60:.1f} min "
               f"(ratio {total / q:.2f}); per QLoRA run: "
               + ", ".join(f"r{r} {seconds[(f'qlora-r{r}', first)] / 60:.1f}" for r in QLORA_RANKS))
-    for seed in sorted({r["seed"] for r in results}):
-        mine = {run: t for (run, s), t in seconds.items() if s == seed and run.startswith("qlora")}
+    all_seeds = sorted({r["seed"] for r in results})
+    for seed in all_seeds:
+        mine = {f"qlora-r{r}": seconds[(f"qlora-r{r}", seed)] for r in QLORA_RANKS if (f"qlora-r{r}", seed) in seconds}
         if ("qdylora", seed) in seconds and mine:
             q = seconds[("qdylora", seed)]
-            print(f"seed {seed}: QDyLoRA {q / 60:.1f} min; " + ", ".join(
-                f"{run} {t / 60:.1f}" for run, t in sorted(mine.items(), key=lambda kv: int(kv[0][7:])))
-                + f" min; mean QLoRA run / QDyLoRA run {statistics.mean(mine.values()) / q:.2f}")
+            print(f"seed {seed}: QDyLoRA {q / 60:.1f} min; " + ", ".join(f"{run} {t / 60:.1f}" for run, t in mine.items())
+                  + f" min; mean QLoRA run / QDyLoRA run {statistics.mean(mine.values()) / q:.2f}")
     print(f"total compute of the results so far: training {sum(seconds.values()) / 3600:.2f} h, "
           f"evaluation {sum(evals.values()) / 3600:.2f} h ({len(results)} runs)")
-    _paired_training_loss(Path(args.out) / "runs", sorted({r["seed"] for r in results}))
+    _paired_training_loss(Path(args.out) / "runs", all_seeds)
     _cut_sizes(Path(args.out) / "runs", first)
     out = Path(args.out) / "results.json"
     out.write_text(json.dumps(results, indent=1))
@@ -266,10 +271,11 @@ def _paired_training_loss(runs: Path, seeds: list[int]) -> None:
 
     bins = ((1, 8), (9, 32), (33, 64))
     lines, used = [], set()
+    dynamics = {seed: losses("qdylora", seed) for seed in seeds}
     for r in (1, 8, 64):
         diffs: dict[tuple[int, int], list[float]] = {b: [] for b in bins}
         for seed in seeds:
-            dynamic, fixed = losses("qdylora", seed), losses(f"qlora-r{r}", seed)
+            dynamic, fixed = dynamics[seed], losses(f"qlora-r{r}", seed)
             if not dynamic or not fixed or len(fixed) < len(dynamic):
                 continue  # a run still training
             used.add(seed)
@@ -352,21 +358,15 @@ def _plot(by: dict[tuple[str, str], dict[str, dict[int, float]]], path: Path) ->
         base = by.get(("qdylora", metric), {}).get("0")
         note = f" (base model: {next(iter(base.values())):.{3 if metric == 'loss' else 0}f})" if base else ""
         ax.set_title(("test answer loss" if metric == "loss" else "test exact match, %") + note, fontsize=10)
-        ax.set_xticks(range(7), [str(r) for r in QLORA_RANKS])
-        ax.set_xlabel("rank")
-        ax.legend(fontsize=8)
-    gaps = []
-    for r in QLORA_RANKS:
-        q, d = by.get((f"qlora-r{r}", "loss"), {}).get(str(r), {}), by.get(("qdylora", "loss"), {}).get(str(r), {})
-        diffs = [d[s] - q[s] for s in sorted(q.keys() & d.keys())]
-        if diffs:
-            gaps.append((r, statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0))
+    gaps = [(r, statistics.mean(g), statistics.stdev(g) if len(g) > 1 else 0.0)
+            for r in QLORA_RANKS if (g := paired_gaps(by, "loss", r))]
     draw(axes[2], gaps, "o-", "QDyLoRA − QLoRA, same seed")
     axes[2].axhline(0, color="grey", lw=0.8)
     axes[2].set_title("test answer loss, QDyLoRA minus QLoRA (paired by seed)", fontsize=10)
-    axes[2].set_xticks(range(7), [str(r) for r in QLORA_RANKS])
-    axes[2].set_xlabel("rank")
-    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xticks(range(7), [str(r) for r in QLORA_RANKS])
+        ax.set_xlabel("rank")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
