@@ -26,11 +26,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/qdylora demo --out demo-run --overwrite
 
+# PYTEST_ARGS="--auto-dtype bfloat16" (or float32) runs the suite as a CPU with (without) fast
+# bf16 would: what compute_dtype "auto" resolves to, here and in the processes the tests start.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import bitsandbytes as bnb
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -23,6 +24,7 @@ from qdylora.batching import pad_token_id
 from qdylora.data import generation_prompts, read_rows
 from qdylora.generation import left_pad
 from qdylora.loading import bnb_config
+from qdylora.quantize import guard_cpu_repacking
 
 
 def main() -> None:
@@ -48,6 +50,9 @@ def main() -> None:
         out = {"rank": rank, "compute_dtype": str(dtype), "prompts": len(prompts), "tokens": int(keep.sum()),
                "adapter_effect_max_abs": float((ours - base_ours)[keep].abs().max())}
         b4 = AutoModelForCausalLM.from_pretrained(args.base, quantization_config=bnb_config(dtype), dtype=dtype)
+        for m in b4.modules():  # the same kernels as ours: bitsandbytes' AVX512-BF16 CPU eval
+            if isinstance(m, bnb.nn.Linear4bit):  # path repacks with bf16 block scales
+                guard_cpu_repacking(m)
         p4 = PeftModel.from_pretrained(b4, args.peft_dir).eval()
         l4 = p4(input_ids=ids, attention_mask=mask).logits.float()
         out["peft_4bit_max_abs_diff"] = float((l4 - ours)[keep].abs().max())

@@ -19,12 +19,39 @@ from transformers import (
 )
 
 from qdylora.config import QDyLoRAConfig
+from qdylora.devices import CPU_BF16_ENV, fast_compute_dtype
 from qdylora.settings import DataSettings, RunSettings, TrainSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# What compute_dtype "auto" resolves to on a CPU, for the whole run and the processes the tests
+# start: `pytest --auto-dtype bfloat16` (as on a CPU with AVX512-BF16 or AMX) or `--auto-dtype
+# float32` (as on an AVX2-only CPU) sets the probe override QDYLORA_CPU_BF16; the default keeps
+# whatever the environment says (normally nothing: the CPU's own probe).
+def pytest_addoption(parser):
+    parser.addoption("--auto-dtype", choices=("probe", "bfloat16", "float32"), default="probe",
+                     help="what compute_dtype 'auto' resolves to on the CPU during the tests")
+
+
+def pytest_configure(config):
+    choice = config.getoption("--auto-dtype")
+    if choice != "probe":
+        os.environ[CPU_BF16_ENV] = "1" if choice == "bfloat16" else "0"
+
+
+def pytest_report_header(config):
+    return f"compute_dtype 'auto' on this CPU resolves to {fast_compute_dtype('cpu')}"
+
+
 VOCAB = 128
+
+# Compute dtypes the dtype-sensitive tests run in on every machine (bf16 is emulated, slow but
+# correct, on AVX2-only CPUs), and how far logits of two computations of the same model may be
+# apart in each: float32 rounding, or bf16 rounding (8 significant bits) through a tiny model's
+# layers (measured: up to 0.04 on logits of magnitude 2.8, tiny Llama, PEFT and merge).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+LOGIT_TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "bfloat16": dict(rtol=3e-2, atol=6e-2)}
 
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(
@@ -128,13 +155,14 @@ def write_sums(path, n=48, seed=0):
     return str(path)
 
 
-def tiny_settings(model, data, **train) -> RunSettings:
-    """Settings of a short fp32 run on `data` (sums) with the tiny model at max_rank 8."""
+def tiny_settings(model, data, compute_dtype="float32", **train) -> RunSettings:
+    """Settings of a short run on `data` (sums) with the tiny model at max_rank 8 (float32
+    unless `compute_dtype` says otherwise)."""
     defaults = dict(max_steps=6, micro_batch_size=4, grad_accumulation=2, lr=1e-2,
                     eval_every=0, save_every=0)
     return RunSettings(
         model=model,
-        adapter=QDyLoRAConfig(max_rank=8, alpha=16, dropout=0.1, compute_dtype="float32"),
+        adapter=QDyLoRAConfig(max_rank=8, alpha=16, dropout=0.1, compute_dtype=compute_dtype),
         data=DataSettings(data=data, prompt_template="{question}", response_template="{answer}",
                           val_fraction=0.25),
         train=TrainSettings(**{**defaults, **train}),
@@ -152,3 +180,33 @@ def trained_run(tiny_lm, tmp_path_factory):
     run = root / "run"
     train(tiny_settings(tiny_lm, data, max_steps=20), run, progress=False)
     return run
+
+
+def adapted_model(path, scaling="standard", compute_dtype="float32"):
+    """A prepared tiny model (max_rank 8, no dropout) whose B is random, so every rank differs
+    from the base; in eval mode."""
+    import qdylora
+
+    model = qdylora.prepare(path, QDyLoRAConfig(max_rank=8, alpha=16, scaling=scaling, dropout=0.0,
+                                                compute_dtype=compute_dtype))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.adapter_layers().values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def transformers_4bit(path, dtype: torch.dtype):
+    """The reference QLoRA base: transformers + BitsAndBytesConfig(nf4, double quant), with
+    bitsandbytes' AVX512-BF16 CPU repacking turned off as in our layers, so both run the same
+    kernels (the repacked eval path computes with bf16 block scales: 0.03 apart on an
+    AVX512-BF16 CPU even in float32)."""
+    from qdylora.loading import bnb_config
+    from qdylora.quantize import guard_cpu_repacking
+    import bitsandbytes as bnb
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(dtype), dtype=dtype)
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            guard_cpu_repacking(m)
+    return model.eval()

@@ -14,21 +14,10 @@ from qdylora import QDyLoRAConfig
 from qdylora.config import scale
 from qdylora.errors import QDyLoRAError
 from qdylora.export import export_peft
-from qdylora.loading import bnb_config
 
-from .conftest import VOCAB
+from .conftest import COMPUTE_DTYPES, LOGIT_TOL, VOCAB, adapted_model, transformers_4bit
 
 peft = pytest.importorskip("peft")
-
-
-def adapted_model(path, scaling="standard"):
-    model = qdylora.prepare(path, QDyLoRAConfig(max_rank=8, alpha=16, scaling=scaling, dropout=0.0,
-                                                compute_dtype="float32"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.adapter_layers().values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 def merged_reference(path, model, rank):
@@ -43,10 +32,11 @@ def merged_reference(path, model, rank):
     return ref
 
 
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("arch, scaling", [("llama", "standard"), ("gpt2", "standard"), ("llama", "rslora")])
-def test_peft_reproduces_our_logits(arch, scaling, tiny_dir, tmp_path):
+def test_peft_reproduces_our_logits(arch, scaling, dtype, tiny_dir, tmp_path):
     path = tiny_dir(arch)
-    model = adapted_model(path, scaling)
+    model = adapted_model(path, scaling, compute_dtype=dtype)
     rank = 3
     out = export_peft(model, rank, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -58,11 +48,9 @@ def test_peft_reproduces_our_logits(arch, scaling, tiny_dir, tmp_path):
         with qdylora.at_rank(model, 0):
             assert (model(input_ids=x).logits - ours).abs().max() > 1e-2  # the adapter is not a no-op
 
-        # 4-bit: PEFT on transformers' own NF4 model (the same quantization as ours).
-        base4 = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(torch.float32),
-                                                     dtype=torch.float32)
-        peft4 = peft.PeftModel.from_pretrained(base4, out).eval()
-        torch.testing.assert_close(peft4(input_ids=x).logits, ours, rtol=1e-4, atol=1e-4)
+        # 4-bit: PEFT on transformers' own NF4 model (the same quantization as ours), in our dtype.
+        peft4 = peft.PeftModel.from_pretrained(transformers_4bit(path, getattr(torch, dtype)), out).eval()
+        torch.testing.assert_close(peft4(input_ids=x).logits.float(), ours.float(), **LOGIT_TOL[dtype])
 
         # Full precision: PEFT on the unquantized base equals the float64 merged reference.
         basefp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

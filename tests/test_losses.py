@@ -11,7 +11,7 @@ from qdylora import QDyLoRAConfig
 from qdylora.data import IGNORE
 from qdylora.losses import loss_sum, row_loss_sums
 
-from .conftest import VOCAB
+from .conftest import COMPUTE_DTYPES, VOCAB
 
 
 def batch(seed=0):
@@ -33,9 +33,15 @@ def reference(model, b):
     return ce.sum(1), (b["labels"][:, 1:] != IGNORE).sum(1)
 
 
+# Both sides run the same model in the same dtype; only the set of positions projected onto the
+# vocabulary differs, which changes bf16 matmul blocking: summed losses within bf16 rounding.
+LOSS_TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "falcon"])
-def test_loss_on_kept_positions_equals_full_logits(arch, tiny_dir):
-    model = qdylora.prepare(tiny_dir(arch), QDyLoRAConfig(max_rank=4, compute_dtype="float32", dropout=0.0))
+def test_loss_on_kept_positions_equals_full_logits(arch, dtype, tiny_dir):
+    model = qdylora.prepare(tiny_dir(arch), QDyLoRAConfig(max_rank=4, compute_dtype=dtype, dropout=0.0))
     with torch.no_grad():
         for layer in model.adapter_layers().values():
             layer.lora_B.normal_(0, 0.1)  # not a no-op adapter
@@ -46,6 +52,6 @@ def test_loss_on_kept_positions_equals_full_logits(arch, tiny_dir):
         total, count = loss_sum(model, b)
         rows, counts = row_loss_sums(model, b)
     assert count == int(ref_counts.sum()) == 8
-    torch.testing.assert_close(total.double(), ref_rows.sum(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rows.double(), ref_rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total.double(), ref_rows.sum(), **LOSS_TOL[dtype])
+    torch.testing.assert_close(rows.double(), ref_rows, **LOSS_TOL[dtype])
     assert counts.tolist() == ref_counts.tolist()

@@ -10,26 +10,27 @@ import qdylora
 from qdylora.errors import QDyLoRAError
 from qdylora.merge import merge
 
-from .conftest import VOCAB, char_tokenizer
-from .test_export import adapted_model
+from .conftest import COMPUTE_DTYPES, LOGIT_TOL, VOCAB, adapted_model, char_tokenizer
 
 
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
-def test_merged_model_matches_the_adapter_at_that_rank(arch, tiny_dir, tmp_path):
-    model = adapted_model(tiny_dir(arch))
+def test_merged_model_matches_the_adapter_at_that_rank(arch, dtype, tiny_dir, tmp_path):
+    """Merged in the compute dtype, the plain model reproduces the adapter model's logits."""
+    model = adapted_model(tiny_dir(arch), compute_dtype=dtype)
     x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), qdylora.at_rank(model, 5):
         ours = model(input_ids=x).logits
     with torch.no_grad(), qdylora.at_rank(model, 0):
         base = model(input_ids=x).logits
     assert (ours - base).abs().max() > 1e-2  # not a no-op
-    out = merge(model, 5, tmp_path / "merged", tokenizer=char_tokenizer(), dtype="float32")
+    out = merge(model, 5, tmp_path / "merged", tokenizer=char_tokenizer(), dtype=dtype)
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     assert (out / "tokenizer.json").is_file()
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
     assert not hasattr(loaded.config, "quantization_config")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=x).logits, ours, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(input_ids=x).logits.float(), ours.float(), **LOGIT_TOL[dtype])
 
 
 def test_merge_refuses_bad_rank_dtype_and_existing_dir(tiny_dir, tmp_path):

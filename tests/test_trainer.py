@@ -13,7 +13,7 @@ from qdylora.rundir import checkpoint_dirs
 from qdylora.trainer import train
 
 from .conftest import tiny_settings as settings
-from .conftest import write_sums
+from .conftest import COMPUTE_DTYPES, write_sums
 
 
 def lines(run):
@@ -38,6 +38,18 @@ def test_training_lowers_validation_loss_at_every_measured_rank(tiny_lm, tmp_pat
     assert [x["step"] for x in steps] == list(range(1, 31))
     assert all(1 <= x["rank"] <= 8 for x in steps) and len({x["rank"] for x in steps}) > 3
     assert [x["step"] for x in lines(run) if "val_loss" in x] == [0, 15, 30]
+
+
+def test_training_in_bfloat16_learns(tiny_lm, tmp_path):
+    """The bf16 path (autocast, bf16 NF4 matmuls, float32 A and B) trains as float32 does."""
+    data = write_sums(tmp_path / "sums.jsonl")
+    run = tmp_path / "run"
+    summary = train(settings(tiny_lm, data, compute_dtype="bfloat16", max_steps=30), run, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["adapter"]["compute_dtype"] == "bfloat16"
+    assert load_file(run / "adapter.safetensors")["model.layers.0.self_attn.q_proj.lora_A"].dtype == torch.float32
+    for rank, after in summary["val_loss_after"].items():
+        assert after < summary["val_loss_before"][rank] - 0.5, (rank, summary)
 
 
 def test_min_rank_equal_to_max_rank_is_plain_qlora(tiny_lm, tmp_path):
@@ -66,11 +78,14 @@ class Stop(Exception):
     pass
 
 
-def test_resume_finishes_with_the_same_adapter(tiny_lm, tmp_path):
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
+def test_resume_finishes_with_the_same_adapter(dtype, tiny_lm, tmp_path):
     """A run stopped after step 4 and resumed ends bit-equal to an uninterrupted run, with
-    dropout, gradient accumulation, warmup and a cosine schedule in play."""
+    dropout, gradient accumulation, warmup and a cosine schedule in play, in each compute dtype
+    (bfloat16: autocast on, float32 adapter masters)."""
     data = write_sums(tmp_path / "sums.jsonl")
-    opts = dict(max_steps=8, save_every=2, warmup_steps=2, schedule="cosine", eval_every=3)
+    opts = dict(max_steps=8, save_every=2, warmup_steps=2, schedule="cosine", eval_every=3,
+                compute_dtype=dtype)
     full, part = tmp_path / "full", tmp_path / "part"
     train(settings(tiny_lm, data, **opts), full, progress=False)
 

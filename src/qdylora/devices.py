@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Union
 
 import torch
+
+from .errors import QDyLoRAError
+
+CPU_BF16_ENV = "QDYLORA_CPU_BF16"
+"""Environment variable that overrides the CPU probe: "1" = treat this CPU as multiplying bf16
+fast, "0" = as not (e.g. to run the test suite as the other CPU kind would)."""
 
 
 def default_device() -> torch.device:
@@ -17,7 +24,14 @@ def cpu_has_fast_bf16() -> bool:
 
     Without it PyTorch emulates bf16 matmul: on an AVX2-only AMD EPYC, a 1024^3 bf16 matmul
     took 3.0 s against 34 ms in float32 (torch 2.13), so float32 is the right default there.
+    `QDYLORA_CPU_BF16=1` or `=0` overrides the probe.
     """
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override in ("0", "1"):
+        return override == "1"
+    if override:
+        raise QDyLoRAError(f"{CPU_BF16_ENV}={override!r}: set it to 1 (fast bf16) or 0 (no fast bf16), "
+                           "or unset it to probe the CPU")
     try:
         caps = torch._C._cpu._get_cpu_capability()  # dict of CPU flags (private, no public API)
         return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
