@@ -29,7 +29,7 @@ def autograd_way(x, A, B, p):
 
 def lora_delta_way(x, A, B, p):
     mask = dropout_mask(x.shape, p, x.device) if p > 0 else None
-    return LoRADelta.apply(x, A, B, mask, 1 / (1 - p), 2.0, 0)
+    return LoRADelta.apply(x, A, B, mask, 1 / (1 - p), 2.0, None)
 
 
 def saved_bytes(way, x, A, B) -> int:

@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from qdylora.errors import QDyLoRAError
 from qdylora.layer import QDyLoRALinear
 from qdylora.lora_function import dropout_mask, keep_probability
 from qdylora.quantize import dequantized_weight, quantize_linear
+from qdylora.scaling import RankMixture
 
 IN, OUT, R, ALPHA = 96, 80, 16, 8.0
 # bf16 keeps 8 bits of mantissa: relative error ~2^-8 per rounding, a few roundings deep.
@@ -205,3 +207,48 @@ def test_dropout_applies_to_the_adapter_input_only():
     layer.eval()  # no dropout in eval
     with torch.no_grad():
         torch.testing.assert_close(layer(x).double(), reference(layer, x, R), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_rank_mixture_is_the_expected_adapter(scaling):
+    """A RankMixture runs E_b[s(b) B[:, :b] A[:b]] in one forward: its output is the
+    probability-weighted sum of the rank-b outputs (float64 reference), and for a loss linear in
+    the output so is its gradient."""
+    probs = {1: 0.25, 4: 0.5, R: 0.25}
+    layer = make_layer(scaling=scaling).train()
+    x = torch.randn(5, IN)
+    W = dequantized_weight(layer.base).double()
+    base = x.double() @ W.T + layer.base.bias.double()
+    with torch.no_grad():
+        layer.rank = RankMixture.of({1: 1, 4: 2, R: 1})  # normalised to probs
+        mixed = layer(x).double()
+    expected = base + sum(p * (reference(layer, x, b) - base) for b, p in probs.items())
+    torch.testing.assert_close(mixed, expected, rtol=1e-4, atol=1e-4)
+
+    g = torch.randn(5, OUT)
+    layer.zero_grad()
+    layer.rank = RankMixture.of(probs)
+    (layer(x) * g).sum().backward()
+    gA, gB = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    want_A, want_B = torch.zeros_like(gA), torch.zeros_like(gB)
+    for b, p in probs.items():
+        layer.zero_grad()
+        layer.rank = b
+        (layer(x) * g).sum().backward()
+        want_A += p * layer.lora_A.grad
+        want_B += p * layer.lora_B.grad
+    torch.testing.assert_close(gA, want_A, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gB, want_B, rtol=1e-4, atol=1e-5)
+    assert nonzero_rows(gA) == set(range(R))  # every component trains, in one forward
+
+
+def test_rank_mixture_weights_and_refusals():
+    mix = RankMixture.of({2: 1.0, 4: 3.0})
+    assert mix.probabilities == ((2, 0.25), (4, 0.75)) and mix.max_rank == 4
+    c = mix.component_weights(8.0, "standard")  # c_k = sum over b > k of p(b) * 8 / b
+    torch.testing.assert_close(c, torch.tensor([0.25 * 4 + 0.75 * 2, 0.25 * 4 + 0.75 * 2, 1.5, 1.5],
+                                                dtype=torch.float64))
+    layer = make_layer(mode="frozen").train()
+    layer.rank = mix
+    with pytest.raises(QDyLoRAError, match="mixture trains every component"):
+        layer(torch.randn(2, IN))

@@ -10,6 +10,7 @@ import torch
 
 from .devices import fast_compute_dtype
 from .errors import QDyLoRAError
+from .scaling import scale  # noqa: F401  (re-exported: s(b) lives in scaling.py)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -87,11 +88,3 @@ class QDyLoRAConfig:
         if unknown:
             raise QDyLoRAError(f"unknown QDyLoRAConfig fields: {', '.join(sorted(unknown))}")
         return cls(**d)
-
-
-def scale(alpha: float, rank: int, scaling: str) -> float:
-    """s(b): alpha / b ("standard") or alpha / sqrt(b) ("rslora"); 0 for rank 0 (adapter off)."""
-    if rank == 0:
-        return 0.0
-    return alpha / rank if scaling == "standard" else alpha / rank**0.5
-

@@ -5,24 +5,26 @@ At active rank b (0 <= b <= R, 0 = adapter off):
     y = W~ x + s(b) * B[:, :b] @ A[:b, :] @ dropout(x)
 
 with W~ the dequantized NF4 weight (out x in), A (R x in), B (out x R), s(b) = alpha / b or
-alpha / sqrt(b). The rank is an int for the whole batch (training: one rank per step) or a
-tensor of shape [batch] so one batch mixes ranks (rank sweep, side-by-side generation).
+alpha / sqrt(b). The rank is an int for the whole batch (one rank per training step), a tensor
+of shape [batch] so one batch mixes ranks (training with per-example ranks, the rank sweep,
+side-by-side generation), or a `RankMixture`: the adapter averaged over a distribution of ranks
+(a deterministic training forward).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import bitsandbytes as bnb
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import scale
-from .lora_function import LoRADelta, dropout_mask, keep_probability
+from .errors import QDyLoRAError
+from .lora_function import LoRADelta, Weights, dropout_mask, keep_probability
+from .scaling import RankMixture, scale, scales
 
-Rank = Union[int, torch.Tensor]
+Rank = Union[int, torch.Tensor, RankMixture]
 
 
 class QDyLoRALinear(nn.Module):
@@ -64,26 +66,30 @@ class QDyLoRALinear(nn.Module):
         x = x.to(self.compute_dtype)  # (..., in); A and B follow its dtype
         p = self.dropout if self.training else 0.0
         mask = dropout_mask(x.shape, p, x.device) if p > 0 else None  # (..., in) bool
-        inv_keep = 1.0 / keep_probability(p)
-        A, B = self.lora_A, self.lora_B  # (R, in), (out, R): fp32 masters, cast after slicing
-        if isinstance(self.rank, int):
-            b = self.rank
-            first_trained = b - 1 if self.update_mode == "frozen" else 0
-            delta = LoRADelta.apply(x, A[:b].to(x.dtype), B[:, :b].to(x.dtype), mask, inv_keep,
-                                    self._scale(b), first_trained)
-        else:
-            xd = x if mask is None else x * mask * inv_keep
-            delta = _delta_per_example(xd, A, B, self.rank, self._scales(self.rank), self.update_mode)
+        b, c, trained = self._components(x)
+        A, B = self.lora_A[:b].to(x.dtype), self.lora_B[:, :b].to(x.dtype)  # fp32 masters, cast after slicing
+        delta = LoRADelta.apply(x, A, B, mask, 1.0 / keep_probability(p), c, trained)
         return y + delta.to(y.dtype)
 
-    def _scale(self, rank: int) -> float:
-        return scale(self.alpha, rank, self.scaling)
-
-    def _scales(self, ranks: torch.Tensor) -> torch.Tensor:
-        """s(b) for each example, shape [batch]; 0 where the rank is 0."""
-        r = ranks.to(torch.float32)
-        s = self.alpha / (r if self.scaling == "standard" else r.sqrt())
-        return torch.where(ranks > 0, s, torch.zeros_like(s))
+    def _components(self, x: torch.Tensor) -> tuple[int, Weights, Optional[torch.Tensor]]:
+        """How many components run (b), their weights c (a scalar or broadcastable to
+        (..., b)) and which of them get a gradient (None: all), for the active rank."""
+        rank, frozen = self.rank, self.update_mode == "frozen"
+        if isinstance(rank, int):
+            trained = torch.arange(rank, device=x.device) == rank - 1 if frozen else None  # (b,)
+            return rank, scale(self.alpha, rank, self.scaling), trained
+        if isinstance(rank, RankMixture):
+            if frozen:
+                raise QDyLoRAError("a rank mixture trains every component: use update mode 'full'")
+            return rank.max_rank, rank.component_weights(self.alpha, self.scaling).to(x.device, x.dtype), None
+        # Per-example ranks: all R components run; row i weighs its first b_i by s(b_i), the rest 0.
+        ranks = _per_row(rank.to(x.device), x)  # (rows,)
+        view = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.max_rank,)  # broadcasts over tokens
+        components = torch.arange(self.max_rank, device=x.device)  # (R,)
+        on = components[None, :] < ranks[:, None]  # (rows, R)
+        c = (scales(self.alpha, ranks, self.scaling)[:, None] * on).to(x.dtype).view(view)
+        trained = (components[None, :] == ranks[:, None] - 1).view(view) if frozen else None
+        return self.max_rank, c, trained
 
     def extra_repr(self) -> str:
         return (
@@ -93,32 +99,13 @@ class QDyLoRALinear(nn.Module):
         )
 
 
-def _delta_per_example(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor, s: torch.Tensor, mode: str
-) -> torch.Tensor:
-    """Per-example ranks: example i uses the first ranks[i] components, scaled by s[i].
-
-    Computes all R components and zeroes those at or past each example's rank, which gives the
-    same result as truncating A and B example by example.
-    """
-    A, B = A.to(x.dtype), B.to(x.dtype)
-    ranks, s = ranks.to(x.device), s.to(x.device)
+def _per_row(ranks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-example ranks (batch,) matched to the rows of x: some blocks (OPT's MLP) flatten
+    (batch, seq, in) to (batch * seq, in), batch-major, so each rank repeats over its tokens."""
     if x.dim() == 2 and x.shape[0] != ranks.shape[0] and x.shape[0] % ranks.shape[0] == 0:
-        # Some blocks (OPT's MLP) flatten (batch, seq, in) to (batch * seq, in), batch-major.
         ranks = ranks.repeat_interleave(x.shape[0] // ranks.shape[0])
-        s = s.repeat_interleave(x.shape[0] // s.shape[0])
     if x.shape[0] != ranks.shape[0]:
         raise ValueError(
             f"per-example ranks have {ranks.shape[0]} entries but the batch has {x.shape[0]} rows"
         )
-    components = torch.arange(A.shape[0], device=x.device)  # (R,)
-    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # (batch, 1.., R) broadcasts over tokens
-    keep = (components[None, :] < ranks[:, None]).to(x.dtype).view(view)  # 1 for components < b_i
-    if mode == "full":
-        out = F.linear(F.linear(x, A) * keep, B)  # (..., R) -> (..., out)
-    else:
-        # frozen: components < b_i - 1 are detached; only component b_i - 1 gets a gradient.
-        last = (components[None, :] == ranks[:, None] - 1).to(x.dtype).view(view)
-        out = F.linear(F.linear(x, A.detach()) * (keep - last), B.detach())
-        out = out + F.linear(F.linear(x, A) * last, B)
-    return out * s.view(view)  # s_i per example, float32
+    return ranks

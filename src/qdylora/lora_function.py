@@ -1,21 +1,27 @@
 """The adapter's training math as one autograd function, and a cheaper dropout mask.
 
-    delta = s * B_b @ A_b @ (x * mask / keep)        x (..., in), A_b (b, in), B_b (out, b)
+    delta = (x * mask / keep) @ A_b^T * c @ B_b^T       x (..., in), A_b (b, in), B_b (out, b)
 
-Written out with autograd ops, every adapter keeps its own dropped-out copy of x (4 bytes per
-element) for A's gradient, although q/k/v (and gate/up) read the same x. `LoRADelta` keeps x
-itself, shared by the sibling layers, and the boolean mask (1 byte per element), and recomputes
-the dropped-out x in backward (one elementwise pass): a third less activation memory on SmolLM2
-(1,120 -> 763 MiB on a batch of 8 x 65 tokens, docs/performance.md). It also handles DyLoRA's
-`frozen` update (only component b-1 gets a gradient) by zeroing the other rows of the gradients
-instead of splitting the matrices.
+`c` weighs the b components: the scalar s(b) for one rank (every component scaled alike), a
+tensor (..., b) broadcast over the rows of x for per-example ranks (row i: s(b_i) on its first b_i
+components, 0 on the rest), or a vector (b,) for a training forward that mixes ranks. Written out
+with autograd ops, every adapter keeps its own dropped-out copy of x (4 bytes per element) for
+A's gradient, although q/k/v (and gate/up) read the same x. `LoRADelta` keeps x itself, shared
+by the sibling layers, and the boolean mask (1 byte per element), and recomputes the dropped-out
+x in backward (one elementwise pass): a third less activation memory on SmolLM2 (1,120 -> 763
+MiB on a batch of 8 x 65 tokens, docs/performance.md). `trained` limits which components get a
+gradient (DyLoRA's `frozen` update: only component b-1) without splitting the matrices.
 """
 
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 
 _BITS = 15  # dropout probabilities are rounded to a multiple of 2^-15
+
+Weights = Union[float, torch.Tensor]
 
 
 def keep_probability(p: float) -> float:
@@ -36,34 +42,45 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
 
 
 class LoRADelta(torch.autograd.Function):
-    """s * F.linear(F.linear(x * mask * inv_keep, A), B); gradients for x, A and B."""
+    """F.linear(F.linear(x * mask * inv_keep, A) * c, B); gradients for x, A and B.
+
+    c: a float, or a tensor broadcastable to (..., b) in x's dtype. trained: None (every
+    component trains) or a bool tensor broadcastable to (..., b): components (per row) whose
+    A-row and B-column get a gradient; x's gradient always sees every component.
+    """
 
     @staticmethod
-    def forward(ctx, x, A, B, mask, inv_keep: float, s: float, first_trained: int):
+    def forward(ctx, x, A, B, mask, inv_keep: float, c: Weights, trained: Optional[torch.Tensor]):
         # x (..., in), A (b, in), B (out, b), mask (..., in) bool or None; all one dtype.
         # 1/keep is folded into the small matrices: one elementwise pass over x, not two.
         xm = x if mask is None else torch.where(mask, x, 0)  # (..., in), x dropped out, unscaled
         inv_keep = 1.0 if mask is None else inv_keep
         h = torch.nn.functional.linear(xm, A * inv_keep)  # (..., b)
-        ctx.save_for_backward(x, mask, h, A, B)  # x, not xm: sibling layers share x
-        ctx.inv_keep, ctx.s, ctx.first_trained = inv_keep, s, first_trained
-        return torch.nn.functional.linear(h, B) * s  # (..., out)
+        weighted = torch.is_tensor(c)
+        ctx.save_for_backward(x, mask, h, A, B, c if weighted else None, trained)  # x, not xm: siblings share x
+        ctx.inv_keep, ctx.s = inv_keep, None if weighted else c
+        if weighted:
+            return torch.nn.functional.linear(h * c, B)  # (..., out)
+        return torch.nn.functional.linear(h, B) * c  # (..., out): one scale, applied where cheaper
 
     @staticmethod
     def backward(ctx, g):
-        x, mask, h, A, B = ctx.saved_tensors
-        s, b = ctx.s, A.shape[0]
+        x, mask, h, A, B, c, trained = ctx.saved_tensors
+        b = A.shape[0]
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gh = g2 @ (B * s)  # (N, b): gradient at h
-        grad_B = g2.t() @ (h.reshape(-1, b) * s)  # (out, b)
+        h2 = h.reshape(-1, b)  # (N, b)
+        if c is None:
+            cw = ctx.s  # scalar
+        else:
+            cw = c.expand(h.shape).reshape(-1, b)  # (N, b), each row's component weights
+        ct = cw if trained is None else cw * trained.expand(h.shape).reshape(-1, b)  # (N, b) or scalar
+        gh = g2 @ B  # (N, b): gradient at h * c, before the weights
+        grad_B = g2.t() @ (h2 * ct)  # (out, b)
         xm = x if mask is None else torch.where(mask, x, 0)  # recomputed, (..., in)
-        grad_A = (gh * ctx.inv_keep).t() @ xm.reshape(-1, xm.shape[-1])  # (b, in)
+        grad_A = (gh * (ct * ctx.inv_keep)).t() @ xm.reshape(-1, xm.shape[-1])  # (b, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (gh @ (A * ctx.inv_keep)).view(x.shape)  # (..., in)
+            grad_x = ((gh * cw) @ (A * ctx.inv_keep)).view(x.shape)  # (..., in)
             if mask is not None:
                 grad_x = torch.where(mask, grad_x, 0)
-        if ctx.first_trained > 0:  # frozen update: components before b-1 get no gradient
-            grad_A[: ctx.first_trained] = 0
-            grad_B[:, : ctx.first_trained] = 0
         return grad_x, grad_A, grad_B, None, None, None, None

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import DTYPES, scale
+from .config import DTYPES
+from .scaling import scale
 from .errors import QDyLoRAError
 from .files import atomic_dir, refuse_existing
 from .export import CONV1D_MODEL_TYPES

@@ -10,8 +10,9 @@ from torch import nn
 
 from .errors import QDyLoRAError
 from .layer import QDyLoRALinear, Rank
+from .scaling import RankMixture
 
-RankLike = Union[int, Sequence[int], torch.Tensor]
+RankLike = Union[int, Sequence[int], torch.Tensor, RankMixture]
 
 
 def adapter_layers(model: nn.Module) -> dict[str, QDyLoRALinear]:
@@ -34,6 +35,10 @@ def _validate(model: nn.Module, rank: RankLike) -> Rank:
         if not 0 <= rank <= top:
             raise QDyLoRAError(f"rank {rank} is out of range: use 1..{top} (or 0 for the base model)")
         return rank
+    if isinstance(rank, RankMixture):
+        if not rank.probabilities or rank.probabilities[0][0] < 1 or rank.max_rank > top:
+            raise QDyLoRAError(f"a rank mixture needs ranks in 1..{top}, got {rank.probabilities}")
+        return rank
     ranks = torch.as_tensor(rank)
     if ranks.dim() != 1 or ranks.is_floating_point() or ranks.is_complex():
         raise QDyLoRAError("per-example ranks must be a 1-D integer tensor of shape [batch]")
@@ -46,8 +51,9 @@ def _validate(model: nn.Module, rank: RankLike) -> Rank:
 def set_rank(model: nn.Module, rank: RankLike) -> None:
     """Set the active rank of every adapter.
 
-    `rank` is an int in 0..max_rank for the whole batch (0 = adapter off, the base model), or a
-    sequence / tensor of shape [batch] giving each example its own rank.
+    `rank` is an int in 0..max_rank for the whole batch (0 = adapter off, the base model), a
+    sequence / tensor of shape [batch] giving each example its own rank, or a `RankMixture`
+    (the adapter averaged over a distribution of ranks, for training).
     """
     value = _validate(model, rank)
     for layer in adapter_layers(model).values():

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from .config import QDyLoRAConfig
 from .data import FORMATS, RowFormat, detect_format, read_rows, split_rows
 from .errors import QDyLoRAError
-from .sampling import RankSampler, check_ranks, parse_ranks
+from .sampling import RULES, RankSampler, check_ranks, parse_ranks
 
 
 @dataclass
@@ -128,6 +128,12 @@ class TrainSettings:
     max_grad_norm: float = 0.3
     """Gradients are clipped to this global norm (QLoRA's 0.3); 0 = no clipping."""
 
+    rank_rule: Literal["step", "example", "sandwich", "mixture"] = "step"
+    """How ranks are trained: step (one rank b ~ p_B per optimizer step, the papers' rule), example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, one forward), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B)."""
+
+    rank_distribution: Literal["uniform", "log-uniform"] = "uniform"
+    """p_B over [min_rank, max_rank]: uniform, or log-uniform (p(b) proportional to 1/b: as much weight on 1-8 as on 8-64)."""
+
     min_rank: int = 1
     """Smallest rank sampled; rank b is drawn uniformly from [min_rank, max_rank] each step. min_rank == max_rank is plain QLoRA at that rank."""
 
@@ -174,6 +180,8 @@ class TrainSettings:
         for name in ("micro_batch_size", "grad_accumulation", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise QDyLoRAError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.rank_rule not in RULES:
+            raise QDyLoRAError(f"rank_rule must be one of {', '.join(RULES)}, got {self.rank_rule!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise QDyLoRAError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -188,10 +196,11 @@ class TrainSettings:
                     weights = tuple(float(w) for w in self.rank_weights.split(","))
                 except ValueError:
                     raise QDyLoRAError(f"rank_weights must be numbers, got {self.rank_weights!r}") from None
-            return RankSampler(max_rank, min_rank=min(ranks), ranks=ranks, weights=weights, seed=seed)
+            return RankSampler(max_rank, min_rank=min(ranks), ranks=ranks, weights=weights, seed=seed,
+                               distribution=self.rank_distribution)
         if self.rank_weights is not None:
             raise QDyLoRAError("rank_weights needs --ranks")
-        return RankSampler(max_rank, min_rank=self.min_rank, seed=seed)
+        return RankSampler(max_rank, min_rank=self.min_rank, seed=seed, distribution=self.rank_distribution)
 
     def validation_ranks(self, sampler: RankSampler) -> list[int]:
         """Ranks for the periodic validation loss (each checked against max_rank)."""

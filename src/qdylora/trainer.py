@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from transformers import get_scheduler
@@ -36,6 +36,8 @@ from .model import QDyLoRAModel, prepare
 from .rank import set_rank
 from .rundir import (MetricsLog, check_out_dir, check_version, clear_run, load_state, read_json,
                      remove_leftovers, resume_checkpoint, save_checkpoint, write_json)
+from .sampling import micro_batch_ranks
+from .scaling import RankMixture
 from .settings import RunSettings
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -248,15 +250,22 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
                     f"interrupted after step {step}; checkpoint saved: continue with "
                     f"qdylora train --resume {out}")
             start = time.perf_counter()
-            rank = sampler.rank_at(step)
-            distributed.check_same(procs, rank, f"the rank of step {step + 1}", device)
-            set_rank(model, rank)  # one rank for every micro-batch of this step
-            micro = [stream.at(step * t.grad_accumulation + i) for i in range(t.grad_accumulation)]  # global
+            plans, micro = [], []
+            for i in range(t.grad_accumulation):
+                examples = stream.at(step * t.grad_accumulation + i)  # global micro-batch
+                plan = micro_batch_ranks(t.rank_rule, sampler, step, i, len(examples))
+                plans.append(plan)
+                micro.append([examples[j] for j in plan.rows])  # rows, repeated for sandwich
+            rank = _rank_record([p.rank for p in plans])
+            distributed.check_same(procs, _fingerprint(rank), f"the ranks of step {step + 1}", device)
             n_loss = sum(_loss_tokens(m) for m in micro)  # the whole step's, over every process
             step_tokens = sum(len(e) for m in micro for e in m)
             step_loss = 0.0
-            for i, examples in enumerate(micro):
-                examples, weight = distributed.shard(examples, procs)  # this process's rows
+            for i, (plan, rows) in enumerate(zip(plans, micro)):
+                ranks = plan.rank if isinstance(plan.rank, list) else [plan.rank] * len(rows)
+                mine, weight = distributed.shard(list(zip(rows, ranks)), procs)  # this process's rows
+                examples = [e for e, _ in mine]
+                set_rank(model, [r for _, r in mine] if isinstance(plan.rank, list) else plan.rank)
                 batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}  # (B, T) each
                 sync = i == len(micro) - 1 or not procs.distributed  # all-reduce once per step
                 with contextlib.nullcontext() if sync else forward_model.no_sync():
@@ -294,10 +303,12 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
                                "seconds": round(seconds, 4), "elapsed": round(elapsed, 3)})
                 if tensorboard:
                     tensorboard.add_scalar("train/loss", loss, step)
-                    tensorboard.add_scalar("train/rank", rank, step)
+                    if isinstance(rank, int):
+                        tensorboard.add_scalar("train/rank", rank, step)
                     tensorboard.add_scalar("train/lr", lr, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", rank=rank, tok_s=f"{tokens_seen / elapsed:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", rank=rank if isinstance(rank, int) else t.rank_rule,
+                            tok_s=f"{tokens_seen / elapsed:.0f}")
             if step == max_steps or (t.eval_every and step % t.eval_every == 0):
                 last_val = evaluate(step)
                 if last_val:
@@ -350,6 +361,24 @@ class _InterruptFlag:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
             self._old = None
+
+
+def _rank_record(ranks: list) -> Union[int, str, list[int]]:
+    """The ranks of a step as logged: one int (step rule), "mixture", or every row's rank."""
+    if all(isinstance(r, int) for r in ranks) and len(set(ranks)) == 1:
+        return ranks[0]
+    if any(isinstance(r, RankMixture) for r in ranks):
+        return "mixture"
+    return [b for r in ranks for b in (r if isinstance(r, list) else [r])]
+
+
+def _fingerprint(rank) -> int:
+    """An int that differs when a step's ranks differ, to check that every process agrees."""
+    if isinstance(rank, int):
+        return rank
+    if isinstance(rank, str):
+        return -1
+    return sum((i + 1) * 1_000_003 * b for i, b in enumerate(rank)) % (2**31 - 1)
 
 
 def _loss_tokens(examples) -> int:

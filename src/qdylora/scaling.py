@@ -1,0 +1,54 @@
+"""s(b), the scale of the adapter at rank b: the one home of the formula, for one rank, for a
+tensor of per-example ranks, and for a mixture of ranks (the component weights of a training
+forward that averages the adapter over p_B)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RULES = ("standard", "rslora")
+
+
+def scale(alpha: float, rank: int, rule: str) -> float:
+    """s(b): alpha / b ("standard") or alpha / sqrt(b) ("rslora"); 0 for rank 0 (adapter off)."""
+    if rank == 0:
+        return 0.0
+    return alpha / rank if rule == "standard" else alpha / rank**0.5
+
+
+def scales(alpha: float, ranks: torch.Tensor, rule: str) -> torch.Tensor:
+    """s(b_i) for a tensor of ranks, float32 of the same shape; 0 where the rank is 0."""
+    r = ranks.to(torch.float32)
+    s = alpha / (r if rule == "standard" else r.sqrt())
+    return torch.where(ranks > 0, s, torch.zeros_like(s))
+
+
+@dataclass(frozen=True)
+class RankMixture:
+    """The adapter averaged over ranks drawn with `probabilities` {rank: p}:
+
+        E_b[s(b) B[:, :b] A[:b]] = B diag(c) A,    c_k = sum_{b > k} p(b) s(b)   (k = 0..max-1)
+
+    one forward at the largest rank instead of one per rank (MatryoshkaLoRA's training forward,
+    arXiv 2605.07850, normalised to an expectation so the output keeps a single rank's size).
+    """
+
+    probabilities: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def of(cls, probabilities: dict[int, float]) -> "RankMixture":
+        total = sum(probabilities.values())
+        return cls(tuple(sorted((int(b), p / total) for b, p in probabilities.items() if p > 0)))
+
+    @property
+    def max_rank(self) -> int:
+        return self.probabilities[-1][0]
+
+    def component_weights(self, alpha: float, rule: str) -> torch.Tensor:
+        """c, float64 of shape (max_rank,)."""
+        c = torch.zeros(self.max_rank, dtype=torch.float64)
+        for b, p in self.probabilities:
+            c[:b] += p * scale(alpha, b, rule)
+        return c
