@@ -98,3 +98,29 @@ def smollm2_checkpoint() -> str:
     except FileExistsError:  # another process finished the same conversion first
         pass
     return str(target)
+
+
+def synthetic_facts(n: int = 400, seed: int = 0) -> list[dict]:
+    """n made-up facts to memorise, the same on every machine: {"question": "What is the code of
+    Davel Kortin?\\nCode:", "answer": " 4821"}. Names are unique, codes uniform over 0000-9999,
+    so an answer cannot be inferred, only recalled: what an adapter can store grows with its rank
+    (the rank-sensitive task of experiments/recipe_study.py)."""
+    import random
+
+    rng = random.Random(seed)
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+
+    def word() -> str:
+        syllables = rng.randint(2, 3)
+        w = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables))
+        return (w + rng.choice(consonants + "n")).capitalize()
+
+    names: set[str] = set()
+    rows = []
+    while len(rows) < n:
+        name = f"{word()} {word()}"
+        if name in names:
+            continue
+        names.add(name)
+        rows.append({"question": f"What is the code of {name}?\nCode:", "answer": f" {rng.randrange(10000):04d}"})
+    return rows

@@ -1,0 +1,175 @@
+"""The recipe study: which training rule makes one run as good as a QLoRA run at every rank?
+
+    .venv/bin/python experiments/recipe_study.py --task asdiv --runs example,mixture --seeds 0
+    .venv/bin/python experiments/recipe_study.py --task facts --runs qlora-r1,qlora-r64 --seeds 0,1
+    .venv/bin/python experiments/recipe_study.py --report      # tables into docs/rank-study.md
+
+Two tasks, SmolLM2-135M-Instruct NF4, adapters on all 210 linears, max rank 64, alpha 16:
+
+    asdiv   the embedded ASDiv split, exactly the settings of experiments/rank_study.py (100 steps
+            of 8, lr 5e-4, cosine, chat template), so its QLoRA results are reused where they exist
+    facts   memorising synthetic facts (`qdylora.embedded.synthetic_facts`): the answers cannot be
+            guessed, so what an adapter stores grows with its rank; test = the facts themselves
+
+Recipes (only the rank rule and scale differ; every run of a seed sees the same batches):
+
+    step            one rank b ~ U(1..64) per step (the papers' rule; "qdylora" of the old study)
+    example         per-example ranks: in each micro-batch rank 1, rank 64 and stratified draws
+    example-rslora  the same with s(b) = alpha / sqrt(b)
+    example-log     the same with p_B log-uniform (p(b) ~ 1/b)
+    sandwich        every example at ranks 64, 1 and one drawn rank (3x the compute)
+    mixture         one forward of E_b[s(b) B[:, :b] A[:b]] (MatryoshkaLoRA's forward, normalised)
+    qlora-r{r}      min rank = max rank = r: plain LoRA of rank r
+
+Evaluation: answer loss on the test rows at ranks 1, 8, 64 (--ranks to change), and for qlora-r64
+also its truncations to lower ranks, as is and by SVD of each layer's delta (the best rank-b
+approximation in Frobenius norm, scale folded in). Resumable: one result file per finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RECIPES = {
+    "step": dict(),
+    "example": dict(rank_rule="example"),
+    "example-rslora": dict(rank_rule="example", scaling="rslora"),
+    "example-log": dict(rank_rule="example", rank_distribution="log-uniform"),
+    "sandwich": dict(rank_rule="sandwich"),
+    "mixture": dict(rank_rule="mixture"),
+    **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in (1, 2, 4, 8, 16, 32, 64)},
+}
+ADAPTER_KEYS = ("scaling", "max_rank")
+# The old study's runs with the same settings (experiments/rank-study/results/<name>-seed<s>.json).
+OLD_NAMES = {"step": "qdylora", **{f"qlora-r{r}": f"qlora-r{r}" for r in (1, 2, 4, 8, 16, 32, 64)}}
+
+
+def settings_for(task: str, name: str, seed: int, steps: int | None = None):
+    from qdylora import QDyLoRAConfig
+    from qdylora.settings import DataSettings, RunSettings, TrainSettings
+
+    spec = RECIPES[name]
+    adapter = QDyLoRAConfig(max_rank=spec.get("max_rank", 64), alpha=16, dropout=0.05, seed=seed,
+                            scaling=spec.get("scaling", "standard"))
+    rule = {k: v for k, v in spec.items() if k not in ADAPTER_KEYS}
+    if task == "asdiv":  # as experiments/rank_study.py
+        steps = steps or 100
+        train = TrainSettings(max_steps=steps, micro_batch_size=8, grad_accumulation=1, lr=5e-4,
+                              schedule="cosine", warmup_steps=max(1, steps // 20), eval_every=0,
+                              save_every=max(1, steps // 4), eval_ranks=str(adapter.max_rank), **rule)
+        return RunSettings(adapter=adapter, data=DataSettings(), train=train)
+    steps = steps or 150
+    train = TrainSettings(max_steps=steps, micro_batch_size=16, grad_accumulation=1, lr=1e-3,
+                          schedule="cosine", warmup_steps=max(1, steps // 20), eval_every=0,
+                          save_every=max(1, steps // 4), eval_ranks=str(adapter.max_rank), **rule)
+    data = DataSettings(data=str(facts_file()), val_data=str(facts_file()), val_max_examples=64,
+                        prompt_template="{question}", response_template="{answer}", chat_template=False)
+    return RunSettings(adapter=adapter, data=data, train=train)
+
+
+def facts_file() -> Path:
+    """The facts task's rows as a JSONL file (written once; the generator is deterministic)."""
+    from qdylora.embedded import synthetic_facts
+
+    path = ROOT / "recipe-study" / "facts.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_facts()))
+    return path
+
+
+def test_rows(task: str, n: int) -> list[dict]:
+    if task == "asdiv":
+        from qdylora.embedded import asdiv_split
+
+        return asdiv_split("test")[:n]
+    return [json.loads(line) for line in facts_file().read_text().splitlines()][:n]
+
+
+def svd_truncate(model, rank: int) -> None:
+    """Replace each layer's first `rank` components by the best rank-`rank` approximation of its
+    full delta s(R) B A (truncated SVD, scale folded in), so the model at rank `rank` runs it."""
+    import torch
+
+    from qdylora.scaling import scale
+
+    for layer in model.adapter_layers().values():
+        A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()  # (R, in), (out, R)
+        R = A.shape[0]
+        qb, rb = torch.linalg.qr(B)  # B = qb rb; the delta's SVD through the small R x R core
+        qa, ra = torch.linalg.qr(A.T)  # A^T = qa ra
+        u, s, vh = torch.linalg.svd(scale(layer.alpha, R, layer.scaling) * rb @ ra.T)
+        U, V = qb @ u[:, :rank], qa @ vh[:rank].T  # (out, rank), (in, rank)
+        root = s[:rank].sqrt()
+        with torch.no_grad():
+            layer.lora_A[:rank] = (V * root).T.float()
+            layer.lora_B[:, :rank] = (U * root / scale(layer.alpha, rank, layer.scaling)).float()
+
+
+def run_one(task: str, name: str, seed: int, args) -> dict:
+    from qdylora.rundir import latest_checkpoint, read_json
+    from qdylora.sweep import load_run, run_sweep
+    from qdylora.trainer import train
+
+    out = ROOT / "recipe-study" / "runs" / f"{task}-{name}-seed{seed}"
+    settings = settings_for(task, name, seed, args.steps)
+    summary_file = out / "summary.json"
+    if not (summary_file.exists() and read_json(summary_file).get("status") == "done"):
+        resume = (out / "config.json").exists() and latest_checkpoint(out) is not None
+        print(f"[{time.strftime('%H:%M')}] train {task} {name} seed {seed}", flush=True)
+        train(settings, out, resume=resume, overwrite=not resume, progress=args.progress)
+    summary = read_json(summary_file)
+    print(f"[{time.strftime('%H:%M')}] evaluate {task} {name} seed {seed}", flush=True)
+    rows = test_rows(task, args.test_rows)
+    top = settings.adapter.max_rank
+    ranks = [r for r in args.ranks if r <= top] or [top]
+    start = time.perf_counter()
+    model, tokenizer, saved = load_run(out)
+    data = saved.data.with_embedded_default()
+    loss = run_sweep(model, tokenizer, rows, data, [0] + ranks, ["loss"], progress=args.progress).values["loss"]
+    result = {"task": task, "run": name, "seed": seed, "steps": summary["steps"],
+              "train_seconds": summary["seconds"], "test_rows": len(rows),
+              "loss": {str(r): v for r, v in loss.items()}}
+    if name == f"qlora-r{top}" and top > 1:
+        result["svd"] = {}
+        for r in ranks:
+            if r < top:
+                model, tokenizer, saved = load_run(out)
+                svd_truncate(model, r)
+                cut = run_sweep(model, tokenizer, rows, data, [r], ["loss"], progress=args.progress)
+                result["svd"][str(r)] = cut.values["loss"][r]
+    result["eval_seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("asdiv", "facts"), default="asdiv")
+    p.add_argument("--runs", default="example", help="comma-separated recipe names")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--ranks", default="1,8,64", help="ranks evaluated (the base, rank 0, always)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
+    p.add_argument("--test-rows", type=int, default=100)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args()
+    args.ranks = [int(r) for r in args.ranks.split(",")]
+    results = ROOT / "recipe-study" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in args.runs.split(","):
+            path = results / f"{args.task}-{name}-seed{seed}.json"
+            if path.exists():
+                continue
+            result = run_one(args.task, name, seed, args)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(path)
+            print(f"[{time.strftime('%H:%M')}] wrote {path}: {result['loss']} {result.get('svd', '')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
