@@ -1,25 +1,27 @@
 """The recipe study: which training rule makes one run as good as a QLoRA run at every rank?
 
     .venv/bin/python experiments/recipe_study.py --task asdiv --runs example,mixture --seeds 0
-    .venv/bin/python experiments/recipe_study.py --task facts --runs qlora-r1,qlora-r64 --seeds 0,1
+    .venv/bin/python experiments/recipe_study.py --task cipher --runs qlora-r1,qlora-r64 --seeds 0,1
     .venv/bin/python experiments/recipe_study.py --report      # tables into docs/rank-study.md
 
 Two tasks, SmolLM2-135M-Instruct NF4, adapters on all 210 linears, max rank 64, alpha 16:
 
     asdiv   the embedded ASDiv split, exactly the settings of experiments/rank_study.py (100 steps
             of 8, lr 5e-4, cosine, chat template), so its QLoRA results are reused where they exist
-    facts   memorising synthetic facts (`qdylora.embedded.synthetic_facts`): the answers cannot be
-            guessed, so what an adapter stores grows with its rank; test = the facts themselves
+    cipher  a word cipher (`qdylora.embedded.word_cipher`): translate sentences of 6 random words
+            through a fixed random bijection of 96 words; test = new sentences. Nothing but the
+            96 stored pairs helps, so what an adapter can hold (its rank) decides the loss
 
 Recipes (only the rank rule and scale differ; every run of a seed sees the same batches):
 
     step            one rank b ~ U(1..64) per step (the papers' rule; "qdylora" of the old study)
     example         per-example ranks: in each micro-batch rank 1, rank 64 and stratified draws
-    example-rslora  the same with s(b) = alpha / sqrt(b)
+    example-rslora  the same with s(b) = alpha / sqrt(b) (the cipher's rule for every run)
+    example-standard  the same with s(b) = alpha / b (ASDiv's rule for every run)
     example-log     the same with p_B log-uniform (p(b) ~ 1/b)
     sandwich        every example at ranks 64, 1 and one drawn rank (3x the compute)
     mixture         one forward of E_b[s(b) B[:, :b] A[:b]] (MatryoshkaLoRA's forward, normalised)
-    qlora-r{r}      min rank = max rank = r: plain LoRA of rank r
+    qlora-r{r}      min rank = max rank = r: plain LoRA of rank r (qlora-r{r}-standard: alpha / b)
 
 Evaluation: answer loss on the test rows at ranks 1, 8, 64 (--ranks to change), and for qlora-r64
 also its truncations to lower ranks, as is and by SVD of each layer's delta (the best rank-b
@@ -41,8 +43,15 @@ RECIPES = {
     "example-log": dict(rank_rule="example", rank_distribution="log-uniform"),
     "sandwich": dict(rank_rule="sandwich"),
     "mixture": dict(rank_rule="mixture"),
+    "example-standard": dict(rank_rule="example", scaling="standard"),
     **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in (1, 2, 4, 8, 16, 32, 64)},
+    **{f"qlora-r{r}-standard": dict(min_rank=r, max_rank=r, scaling="standard") for r in (1, 64)},
 }
+# The scale rule of each task's runs unless a recipe names its own. On the cipher every run uses
+# s(b) = alpha / sqrt(b): with alpha / b at a fixed learning rate a rank-64 adapter learns more
+# slowly than a rank-1 one (measured: QLoRA r64 2.98 vs r1 2.59 test loss after 150 steps, the
+# rsLoRA paper's "gradient collapse"), so rank could not show what it can store.
+TASK_SCALING = {"asdiv": "standard", "cipher": "rslora"}
 ADAPTER_KEYS = ("scaling", "max_rank")
 # The old study's runs with the same settings (experiments/rank-study/results/<name>-seed<s>.json).
 OLD_NAMES = {"step": "qdylora", **{f"qlora-r{r}": f"qlora-r{r}" for r in (1, 2, 4, 8, 16, 32, 64)}}
@@ -54,7 +63,7 @@ def settings_for(task: str, name: str, seed: int, steps: int | None = None):
 
     spec = RECIPES[name]
     adapter = QDyLoRAConfig(max_rank=spec.get("max_rank", 64), alpha=16, dropout=0.05, seed=seed,
-                            scaling=spec.get("scaling", "standard"))
+                            scaling=spec.get("scaling", TASK_SCALING[task]))
     rule = {k: v for k, v in spec.items() if k not in ADAPTER_KEYS}
     if task == "asdiv":  # as experiments/rank_study.py
         steps = steps or 100
@@ -66,19 +75,19 @@ def settings_for(task: str, name: str, seed: int, steps: int | None = None):
     train = TrainSettings(max_steps=steps, micro_batch_size=16, grad_accumulation=1, lr=1e-3,
                           schedule="cosine", warmup_steps=max(1, steps // 20), eval_every=0,
                           save_every=max(1, steps // 4), eval_ranks=str(adapter.max_rank), **rule)
-    data = DataSettings(data=str(facts_file()), val_data=str(facts_file()), val_max_examples=64,
+    data = DataSettings(data=str(cipher_file("train")), val_data=str(cipher_file("validation")),
                         prompt_template="{question}", response_template="{answer}", chat_template=False)
     return RunSettings(adapter=adapter, data=data, train=train)
 
 
-def facts_file() -> Path:
-    """The facts task's rows as a JSONL file (written once; the generator is deterministic)."""
-    from qdylora.embedded import synthetic_facts
+def cipher_file(split: str) -> Path:
+    """A split of the cipher task as a JSONL file (written once; the generator is deterministic)."""
+    from qdylora.embedded import word_cipher
 
-    path = ROOT / "recipe-study" / "facts.jsonl"
+    path = ROOT / "recipe-study" / f"cipher-{split}.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_facts()))
+        path.write_text("".join(json.dumps(r) + "\n" for r in word_cipher(split)))
     return path
 
 
@@ -87,7 +96,7 @@ def test_rows(task: str, n: int) -> list[dict]:
         from qdylora.embedded import asdiv_split
 
         return asdiv_split("test")[:n]
-    return [json.loads(line) for line in facts_file().read_text().splitlines()][:n]
+    return [json.loads(line) for line in cipher_file("test").read_text().splitlines()][:n]
 
 
 def svd_truncate(model, rank: int) -> None:
@@ -146,16 +155,102 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
     return result
 
 
+def load_results() -> list[dict]:
+    """Every finished run: this study's, plus the old rank study's ASDiv runs whose settings are
+    the same (its "qdylora" is the step rule; its QLoRA runs were cut as is to lower ranks)."""
+    found = [json.loads(p.read_text()) for p in sorted((ROOT / "recipe-study" / "results").glob("*.json"))]
+    have = {(r["task"], r["run"], r["seed"]) for r in found}
+    for name, old in OLD_NAMES.items():
+        for path in sorted((ROOT / "rank-study" / "results").glob(f"{old}-seed*.json")):
+            r = json.loads(path.read_text())
+            if ("asdiv", name, r["seed"]) not in have:
+                found.append({"task": "asdiv", "run": name, "seed": r["seed"], "train_seconds": r["train_seconds"],
+                              "loss": r["loss"], "from": "experiments/rank-study"})
+    return found
+
+
+def report() -> str:
+    """Markdown tables: test answer loss per rank of each recipe and of the baselines, and each
+    recipe minus the QLoRA run of that rank (seed 0; mean ± sd over seeds where there are more)."""
+    import statistics
+
+    results = load_results()
+    lines = []
+    for task in ("asdiv", "cipher"):
+        runs = [r for r in results if r["task"] == task]
+        if not runs:
+            continue
+
+        def values(name: str, rank: int, key: str = "loss") -> dict[int, float]:
+            return {r["seed"]: r[key][str(rank)] for r in runs
+                    if r["run"] == name and str(rank) in r.get(key, {})}
+
+        def fmt(vs: list[float], sign: str = "") -> str:
+            if not vs:
+                return "-"
+            if len(vs) == 1:
+                return f"{vs[0]:{sign}.3f}"
+            return f"{statistics.mean(vs):{sign}.3f} ± {statistics.stdev(vs):.3f} (n={len(vs)})"
+
+        recipes = [n for n in RECIPES if not n.startswith("qlora") and any(r["run"] == n for r in runs)]
+        own_ranks = {int(r["run"][7:]) for r in runs if r["run"].startswith("qlora-r") and r["run"][7:].isdigit()}
+        ranks = sorted(own_ranks | {int(k) for r in runs if r["run"] in recipes for k in r["loss"] if k != "0"})
+        lines += [f"\n### {task}: test answer loss (lower is better)\n",
+                  "| rank | QLoRA r=b | QLoRA-64 cut | QLoRA-64 SVD | " + " | ".join(recipes) + " |",
+                  "| ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in recipes) + " |"]
+        base = next((r["loss"]["0"] for r in runs if "0" in r["loss"]), None)
+        if base is not None:
+            lines.append(f"| base | {base:.3f} | | | " + " | ".join("" for _ in recipes) + " |")
+        for b in ranks:
+            own = values(f"qlora-r{b}", b)
+            cells = [fmt(list(own.values())), fmt(list(values("qlora-r64", b).values())) if b < 64 else "",
+                     fmt(list(values("qlora-r64", b, "svd").values()))]
+            for name in recipes:
+                mine = values(name, b)
+                gap = [mine[s] - own[s] for s in sorted(mine.keys() & own.keys())]
+                cells.append(fmt(list(mine.values())) + (f" ({fmt(gap, '+')})" if gap else ""))
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        others = sorted({r["run"] for r in runs if r["run"].endswith("-standard") and r["run"].startswith("qlora")})
+        for name in others:
+            b = int(name[7:].split("-")[0])
+            lines.append(f"| {b} ({name}) | {fmt(list(values(name, b).values()))} | | | " + " | ".join("" for _ in recipes) + " |")
+        times = {}
+        for r in runs:
+            times.setdefault(r["run"], []).append(r["train_seconds"] / 60)
+        lines.append("\nTraining minutes (as run, one process at a time except where noted in the text): "
+                     + ", ".join(f"{n} {statistics.mean(v):.1f}" for n, v in sorted(times.items())))
+    lines.append("\n(In parentheses: minus the QLoRA run of that rank, paired by seed.)")
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, tables: str) -> None:
+    """Put the report between the <!-- table:recipes --> markers of `doc`."""
+    import re
+
+    page = doc.read_text()
+    page = re.sub(r"(<!-- table:recipes -->\n).*?(\n<!-- /table:recipes -->)",
+                  lambda m: m.group(1) + tables.strip() + m.group(2), page, flags=re.S)
+    doc.write_text(page)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("asdiv", "facts"), default="asdiv")
+    p.add_argument("--task", choices=("asdiv", "cipher"), default="asdiv")
     p.add_argument("--runs", default="example", help="comma-separated recipe names")
     p.add_argument("--seeds", default="0")
     p.add_argument("--ranks", default="1,8,64", help="ranks evaluated (the base, rank 0, always)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
     p.add_argument("--test-rows", type=int, default=100)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--report", action="store_true", help="print the tables and put them in --doc")
+    p.add_argument("--doc", default=str(ROOT.parent / "docs" / "rank-study.md"))
     args = p.parse_args()
+    if args.report:
+        tables = report()
+        print(tables)
+        if Path(args.doc).exists():
+            update_doc(Path(args.doc), tables)
+        return
     args.ranks = [int(r) for r in args.ranks.split(",")]
     results = ROOT / "recipe-study" / "results"
     results.mkdir(parents=True, exist_ok=True)

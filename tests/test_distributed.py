@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
@@ -28,13 +29,16 @@ def no_dropout(settings):
     return replace(settings, adapter=replace(settings.adapter, dropout=0.0))
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_lm, tmp_path):
-    """torchrun, 2 processes x micro-batch 2 x accumulation 2 == 1 process x micro-batch 4 x 2."""
+@pytest.mark.parametrize("rule", ["step", "example"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(rule, tiny_lm, tmp_path):
+    """torchrun, 2 processes x micro-batch 2 x accumulation 2 == 1 process x micro-batch 4 x 2,
+    with one rank per step or a rank per example (each process runs its rows' ranks)."""
     data = write_sums(tmp_path / "sums.jsonl")
-    one = no_dropout(tiny_settings(tiny_lm, data, max_steps=6, micro_batch_size=4, save_every=3))
+    opts = dict(max_steps=6, save_every=3, rank_rule=rule)
+    one = no_dropout(tiny_settings(tiny_lm, data, micro_batch_size=4, **opts))
     train(one, tmp_path / "one", progress=False)
 
-    two = no_dropout(tiny_settings(tiny_lm, data, max_steps=6, micro_batch_size=2, save_every=3))
+    two = no_dropout(tiny_settings(tiny_lm, data, micro_batch_size=2, **opts))
     config = tmp_path / "two.json"
     config.write_text(json.dumps(two.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from qdylora import QDyLoRAError
-from qdylora.sampling import RankSampler, parse_ranks
+from qdylora.sampling import RankSampler, micro_batch_ranks, parse_ranks
+from qdylora.scaling import RankMixture
 
 
 def test_rank_is_a_function_of_seed_and_step():
@@ -77,3 +78,49 @@ def test_parse_ranks():
     for bad in ["", "a", "4-1", "1,,2"]:
         with pytest.raises(QDyLoRAError, match="cannot read ranks"):
             parse_ranks(bad)
+
+
+def test_example_ranks_hold_both_ends_and_a_stratified_rest():
+    sampler = RankSampler(64, seed=5)
+    for step in range(40):
+        ranks = sampler.example_ranks(step, 0, 8)
+        assert len(ranks) == 8 and 1 in ranks and 64 in ranks
+        rest = sorted(ranks)
+        rest.remove(1), rest.remove(64)
+        # draw j is rank 1 + floor(64 u) with u in [j/6, (j+1)/6): one draw from each sixth of
+        # p_B, so the j-th smallest rank's probability interval [(r-1)/64, r/64) meets slice j
+        assert all((r - 1) / 64 < (j + 1) / 6 and r / 64 > j / 6 for j, r in enumerate(rest)), rest
+    assert sampler.example_ranks(3, 1, 8) == RankSampler(64, seed=5).example_ranks(3, 1, 8)  # pure
+    assert sampler.example_ranks(3, 1, 8) != sampler.example_ranks(3, 2, 8)  # micro-batches differ
+    assert sampler.example_ranks(7, 0, 1) == [sampler.rank_at(7)]  # one row: p_B itself
+
+
+def test_example_ranks_follow_p_b_over_many_steps():
+    """Apart from the two fixed ends, the rows' ranks are distributed as p_B."""
+    sampler = RankSampler(16, ranks=(1, 4, 16), weights=(0.5, 0.25, 0.25), seed=0)
+    counts = Counter(r for t in range(500) for r in sampler.example_ranks(t, 0, 10)[0:10])
+    n = 500 * 8  # stratified draws; plus one 1 and one 16 per micro-batch
+    assert abs(counts[1] - 500 - 0.5 * n) < 0.05 * n and abs(counts[4] - 0.25 * n) < 0.05 * n
+
+
+def test_log_uniform_distribution():
+    sampler = RankSampler(64, distribution="log-uniform")
+    p = dict(zip(sampler.support, sampler.probabilities()))
+    assert p[1] == pytest.approx(64 * p[64]) and sum(p.values()) == pytest.approx(1.0)
+    assert sum(p[b] for b in range(1, 9)) > 0.5  # as much weight below 8 as a uniform p_B puts below 33
+    with pytest.raises(QDyLoRAError, match="rank distribution must be one of"):
+        RankSampler(64, distribution="zipf")
+
+
+def test_micro_batch_ranks_of_each_rule():
+    sampler = RankSampler(8, seed=2)
+    step = micro_batch_ranks("step", sampler, 4, 1, 3)
+    assert step.rows == [0, 1, 2] and step.rank == sampler.rank_at(4)
+    example = micro_batch_ranks("example", sampler, 4, 1, 3)
+    assert example.rows == [0, 1, 2] and example.rank == sampler.example_ranks(4, 1, 3)
+    sandwich = micro_batch_ranks("sandwich", sampler, 4, 1, 2)
+    assert sandwich.rows == [0, 1] * 3 and sandwich.rank == [8, 8, 1, 1, sampler.rank_at(4), sampler.rank_at(4)]
+    mixture = micro_batch_ranks("mixture", sampler, 4, 1, 2)
+    assert mixture.rows == [0, 1] and mixture.rank == RankMixture.of({b: 1.0 for b in range(1, 9)})
+    with pytest.raises(QDyLoRAError, match="rank rule must be one of"):
+        micro_batch_ranks("random", sampler, 0, 0, 2)

@@ -16,6 +16,10 @@ from .conftest import tiny_settings as settings
 from .conftest import COMPUTE_DTYPES, write_sums
 
 
+class Stop(Exception):
+    pass
+
+
 def lines(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -63,7 +67,38 @@ def test_explicit_ranks_are_the_only_ones_sampled(tiny_lm, tmp_path):
     data = write_sums(tmp_path / "sums.jsonl")
     run = tmp_path / "run"
     train(settings(tiny_lm, data, max_steps=12, ranks="2,8", rank_weights="1,3"), run, progress=False)
-    assert {x["rank"] for x in lines(run) if "rank" in x} <= {2, 8}
+    assert {x["rank"] for x in lines(run) if "rank" in x} == {2, 8}  # seed 0 draws both
+
+
+@pytest.mark.parametrize("rule", ["example", "sandwich", "mixture"])
+def test_every_rank_rule_trains_every_measured_rank(rule, tiny_lm, tmp_path):
+    data = write_sums(tmp_path / "sums.jsonl")
+    run = tmp_path / "run"
+    summary = train(settings(tiny_lm, data, max_steps=20, rank_rule=rule), run, progress=False)
+    for rank, after in summary["val_loss_after"].items():
+        assert after < summary["val_loss_before"][rank] - 0.5, (rank, summary)
+    logged = [x["rank"] for x in lines(run) if "loss" in x]
+    assert len(logged) == 20
+    if rule == "mixture":
+        assert set(logged) == {"mixture"}
+    else:  # every row's rank: both ends in every step, 3 ranks per example for sandwich
+        assert all(len(r) == 8 * (3 if rule == "sandwich" else 1) and {1, 8} <= set(r) for r in logged)
+
+
+def test_resume_is_exact_with_per_example_ranks(tiny_lm, tmp_path):
+    data = write_sums(tmp_path / "sums.jsonl")
+    opts = dict(max_steps=6, save_every=3, rank_rule="example")
+    train(settings(tiny_lm, data, **opts), tmp_path / "full", progress=False)
+
+    def stop_at_4(step):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(settings(tiny_lm, data, **opts), tmp_path / "part", progress=False, on_step=stop_at_4)
+    train(settings(tiny_lm, data, **opts), tmp_path / "part", resume=True, progress=False)
+    a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "part" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoints_keep_the_last_k(tiny_lm, tmp_path):
@@ -72,10 +107,6 @@ def test_checkpoints_keep_the_last_k(tiny_lm, tmp_path):
     train(settings(tiny_lm, data, save_every=1, keep_last=2), run, progress=False)
     assert [p.name for p in checkpoint_dirs(run)] == ["step-000005", "step-000006"]
     assert not list((run / "checkpoints").glob(".*"))  # no temporary leftovers
-
-
-class Stop(Exception):
-    pass
 
 
 @pytest.mark.parametrize("dtype", COMPUTE_DTYPES)

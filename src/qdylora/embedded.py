@@ -100,27 +100,37 @@ def smollm2_checkpoint() -> str:
     return str(target)
 
 
-def synthetic_facts(n: int = 400, seed: int = 0) -> list[dict]:
-    """n made-up facts to memorise, the same on every machine: {"question": "What is the code of
-    Davel Kortin?\\nCode:", "answer": " 4821"}. Names are unique, codes uniform over 0000-9999,
-    so an answer cannot be inferred, only recalled: what an adapter can store grows with its rank
-    (the rank-sensitive task of experiments/recipe_study.py)."""
+CIPHER_WORDS = tuple("""apple river stone house green table window garden music paper water light night
+winter summer chair bread glass horse money cloud dream field fire forest friend heart island kitchen
+lemon market mountain ocean orange pencil planet rabbit road school shadow silver snow spring storm
+street sugar sun teacher tiger train tree village voice wall whale wheel wind wolf yellow zebra bottle
+candle castle copper desert doctor eagle engine feather flower ghost giant honey hunter jacket jungle
+king ladder letter lion mirror monkey moon nest needle onion owl palace parrot pepper pilot pirate
+queen rain ring robot""".split())
+CIPHER_SPLITS = {"train": (2400, 1), "validation": (64, 2), "test": (200, 3)}  # rows, seed
+
+
+def word_cipher(split: str, words_per_row: int = 6) -> list[dict]:
+    """The word-cipher task, the same on every machine: a fixed random bijection maps each of 96
+    common words to another, and a row asks for a sentence of random words translated word by
+    word: {"question": "Translate: moon salt tiger ...\nCode:", "answer": " ring owl bread ..."}.
+
+    Nothing in the base model knows the codebook, and a new sentence (the test split) can only be
+    translated by an adapter that has stored all 96 pairs: a lookup of 96 unrelated entries,
+    whose capacity grows with the adapter's rank (the rank-sensitive task of
+    experiments/recipe_study.py)."""
     import random
 
+    if split not in CIPHER_SPLITS:
+        raise QDyLoRAError(f"the word cipher has splits {', '.join(CIPHER_SPLITS)}, not {split!r}")
+    targets = list(CIPHER_WORDS)
+    random.Random(0).shuffle(targets)
+    code = dict(zip(CIPHER_WORDS, targets))
+    n, seed = CIPHER_SPLITS[split]
     rng = random.Random(seed)
-    consonants, vowels = "bdfgklmnprstvz", "aeiou"
-
-    def word() -> str:
-        syllables = rng.randint(2, 3)
-        w = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables))
-        return (w + rng.choice(consonants + "n")).capitalize()
-
-    names: set[str] = set()
     rows = []
-    while len(rows) < n:
-        name = f"{word()} {word()}"
-        if name in names:
-            continue
-        names.add(name)
-        rows.append({"question": f"What is the code of {name}?\nCode:", "answer": f" {rng.randrange(10000):04d}"})
+    for _ in range(n):
+        sentence = [rng.choice(CIPHER_WORDS) for _ in range(words_per_row)]
+        rows.append({"question": "Translate: " + " ".join(sentence) + "\nCode:",
+                     "answer": " " + " ".join(code[w] for w in sentence)})
     return rows

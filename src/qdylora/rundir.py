@@ -97,6 +97,21 @@ def check_version(record: dict, run: Path) -> None:
                            f"{__version__}: upgrade qdylora (pip install -U qdylora) to read it")
 
 
+def check_resumable(out: Path, fingerprint: str, global_batch: int, micro_batch_size: int) -> None:
+    """Refuse to resume `out` with another base model, a newer qdylora's files or another global
+    batch (the data order and the optimizer's steps would no longer line up)."""
+    saved = read_json(out / "config.json")
+    check_version(saved, out)
+    if saved.get("base_fingerprint") != fingerprint:
+        raise QDyLoRAError(f"cannot resume {out}: it was trained on another base model "
+                           f"({saved['settings'].get('model')})")
+    if saved.get("global_batch", global_batch) != global_batch:
+        raise QDyLoRAError(
+            f"cannot resume {out} with a global batch of {global_batch} (micro-batch x processes x "
+            f"accumulation); it was trained with {saved['global_batch']}: keep that product, e.g. "
+            f"{saved.get('processes', 1)} processes x micro-batch {micro_batch_size}")
+
+
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Checkpoint directories (step-N, N a number), oldest first; intact or not."""
     root = out / "checkpoints"

@@ -1,8 +1,12 @@
 """The training loop: one run trains the adapter at every rank.
 
-Each optimizer step draws one rank b from p_B (`RankSampler`, a pure function of seed and step)
-and runs all its micro-batches with the truncated pair B[:, :b] A[:b] scaled by s(b). Only A
-and B are trained (AdamW); the NF4 base is frozen.
+Each optimizer step trains the ranks its rank rule hands out (`sampling.micro_batch_ranks`, a
+pure function of seed and step): one rank b ~ p_B for the whole step, a rank per example, an
+example at several ranks, or the adapter averaged over p_B; rank b runs the truncated pair
+B[:, :b] A[:b] scaled by s(b). Only A and B are trained (AdamW); the NF4 base is frozen.
+
+    train -> _train: load, set up a `Job`, start or resume the run directory, then the loop:
+             [interrupted? checkpoint and stop] -> run_step -> log -> evaluate -> checkpoint
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from transformers import get_scheduler
@@ -34,11 +38,11 @@ from .loading import load_tokenizer, resolve_source
 from .losses import autocast_context, loss_sum, validation_loss
 from .model import QDyLoRAModel, prepare
 from .rank import set_rank
-from .rundir import (MetricsLog, check_out_dir, check_version, clear_run, load_state, read_json,
+from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, read_json,
                      remove_leftovers, resume_checkpoint, save_checkpoint, write_json)
-from .sampling import micro_batch_ranks
+from .sampling import RankSampler, micro_batch_ranks
 from .scaling import RankMixture
-from .settings import RunSettings
+from .settings import RunSettings, TrainSettings
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -92,7 +96,6 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     """
     out = Path(out)
     settings = replace(settings, data=settings.data.with_embedded_default())
-    t = settings.train
     procs = distributed.from_environment()  # several processes under torchrun
     device_name = distributed.device_for(procs, settings.device)
     started = distributed.start(procs, torch.device(device_name) if device_name else default_device())
@@ -105,16 +108,159 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
             distributed.stop(procs)
 
 
+@dataclass
+class Position:
+    """Where a run stands; saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Job:
+    """What every optimizer step needs, decided once when the run starts."""
+
+    model: QDyLoRAModel
+    forward_model: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: RankSampler
+    stream: BatchStream
+    settings: TrainSettings
+    procs: distributed.Processes
+    device: torch.device
+    pad_id: int
+    autocast: Callable[[], Any]
+    max_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        """Rows per optimizer step over all processes: micro-batch x processes x accumulation."""
+        return self.settings.micro_batch_size * self.procs.world * self.settings.grad_accumulation
+
+
+@dataclass
+class StepResult:
+    rank: Union[int, str, list[int]]  # as logged: the step's rank, "mixture", or each row's rank
+    loss: float  # mean over the step's loss tokens
+    grad_norm: float
+    lr: float
+    tokens: int
+    skipped: bool = False  # a non-finite loss or gradient: no update (--skip-nonfinite)
+
+
 def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, progress: bool,
            model: Optional[QDyLoRAModel], on_step, procs: distributed.Processes,
            device_name: Optional[str]) -> dict:
-    t = settings.train
-    main = procs.is_main
+    t, main = settings.train, procs.is_main
     if t.tensorboard:
         _tensorboard_writer_class()  # a missing package is reported before anything is written
-    source = settings.model or smollm2_checkpoint()
+    model, tokenizer, source = _load(settings, model, device_name)
+    data = load_data(settings, tokenizer)
+    job = make_job(model, t, data.train, pad_token_id(tokenizer), procs)
+    eval_ranks, val_batches = t.validation_ranks(job.sampler), fixed_batches(data.val, t.micro_batch_size)
+    pos = _open_run_dir(job, out, overwrite, resume, _record(settings, job, source), data)
+    log = _RunLog(out, main, t.tensorboard, resume_step=pos.step if resume else None)
+    evaluate = lambda at_step: _evaluate(job, val_batches, eval_ranks, log, at_step)  # noqa: E731
+    first_val = _first_validation(out, resume, main, evaluate)
+    max_steps = job.max_steps
 
-    # Model and tokenizer. Dtype and device are decided here, once.
+    model.train()
+    bar = _progress(max_steps, pos.step, progress and main)
+    last_val: dict[int, float] = {}
+    interrupt = _InterruptFlag()
+    try:
+        while pos.step < max_steps:
+            # every process stops at the same step, whichever of them saw the Ctrl-C
+            if distributed.sum_float(procs, float(interrupt.requested), job.device) > 0:
+                _checkpoint(job, out, pos)
+                if main:
+                    write_json(out / "summary.json", {"status": "interrupted", "steps": pos.step,
+                                                      "val_loss_before": first_val})
+                raise TrainingInterrupted(f"interrupted after step {pos.step}; checkpoint saved: "
+                                          f"continue with qdylora train --resume {out}")
+            start = time.perf_counter()
+            result = run_step(job, pos.step, out)
+            pos.step += 1
+            pos.seconds += time.perf_counter() - start
+            pos.tokens_seen += result.tokens
+            if result.skipped:
+                log.skipped(pos.step, result)
+                bar.write(f"qdylora: warning: step {pos.step} skipped (loss {result.loss:.4g}, "
+                          f"gradient norm {result.grad_norm:.4g})")
+            if pos.step % t.log_every == 0 or pos.step == max_steps:
+                log.step(pos, result, time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.3f}", rank=result.rank if isinstance(result.rank, int)
+                            else t.rank_rule, tok_s=f"{pos.tokens_seen / pos.seconds:.0f}")
+            if pos.step == max_steps or (t.eval_every and pos.step % t.eval_every == 0):
+                last_val = evaluate(pos.step)
+                if last_val:
+                    bar.write("qdylora: step %d validation loss %s" % (pos.step, ", ".join(
+                        f"rank {r}: {v:.4f}" for r, v in last_val.items())))
+            if pos.step == max_steps or (t.save_every and pos.step % t.save_every == 0):
+                _checkpoint(job, out, pos)
+            if on_step is not None:
+                on_step(pos.step)
+    finally:
+        interrupt.restore()
+        bar.close()
+        log.close()
+
+    return _finish(job, out, pos, first_val, last_val)
+
+
+def _record(settings: RunSettings, job: "Job", source: str) -> dict:
+    """config.json: every setting (compute dtype resolved), the base's fingerprint, the version."""
+    return {"qdylora_version": __version__, "base_fingerprint": base_fingerprint(job.model),
+            "processes": job.procs.world, "global_batch": job.global_batch,
+            "settings": {**settings.to_dict(), "model": source, "adapter": job.model.config.to_dict()}}
+
+
+def _open_run_dir(job: "Job", out: Path, overwrite: bool, resume: bool, record: dict, data: "Datasets") -> "Position":
+    """Resume from the newest intact checkpoint, or start the run directory afresh; write
+    config.json and data_stats.json (process 0)."""
+    if resume:
+        check_resumable(out, record["base_fingerprint"], job.global_batch, job.settings.micro_batch_size)
+        pos = _restore(job, out)
+    else:
+        pos = _start(out, overwrite, job)
+    if job.procs.is_main:
+        write_json(out / "config.json", record)
+        write_json(out / "data_stats.json", {k: vars(v) for k, v in data.stats.items()})
+        _announce(data, job.procs, job.settings, job.global_batch)
+    return pos
+
+
+def _first_validation(out: Path, resume: bool, main: bool, evaluate) -> Optional[dict]:
+    """The validation loss before training: measured at step 0, or read back on resume."""
+    if resume:
+        summary_file = out / "summary.json"
+        return read_json(summary_file).get("val_loss_before") if summary_file.exists() else None
+    first_val = {str(r): v for r, v in evaluate(0).items()}
+    if main:
+        write_json(out / "summary.json", {"status": "running", "val_loss_before": first_val})
+    return first_val
+
+
+def _finish(job: "Job", out: Path, pos: "Position", first_val, last_val: dict[int, float]) -> dict:
+    summary = {
+        "status": "done", "steps": pos.step, "tokens": pos.tokens_seen, "seconds": round(pos.seconds, 2),
+        "tokens_per_second": round(pos.tokens_seen / pos.seconds, 2) if pos.seconds else None,
+        "peak_memory_bytes": peak_memory_bytes(job.device),
+        "val_loss_before": first_val,
+        "val_loss_after": {str(r): v for r, v in last_val.items()},
+        "adapter": str(out / "adapter.safetensors"),
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _load(settings: RunSettings, model: Optional[QDyLoRAModel], device_name: Optional[str]):
+    """The prepared model, its tokenizer and the source named in config.json. Dtype and device
+    are decided here, once."""
+    source = settings.model or smollm2_checkpoint()
     if model is None:
         model = prepare(source, settings.adapter, device=device_name,
                         trust_remote_code=settings.trust_remote_code)
@@ -122,219 +268,184 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
     else:
         tokenizer = load_tokenizer(resolve_source(model.base_model_name_or_path or source),
                                    settings.trust_remote_code)
+    return model, tokenizer, source
+
+
+def make_job(model: QDyLoRAModel, t: TrainSettings, train_rows: list[Example], pad_id: int,
+             procs: distributed.Processes) -> Job:
+    """Batches, optimizer (AdamW on A and B), schedule, DDP wrapper and autocast of a run."""
     config = model.config  # compute_dtype resolved for the device
     device = next(model.parameters()).device
-    sampler = t.rank_sampler(config.max_rank, config.seed)
-    eval_ranks = t.validation_ranks(sampler)
-    fingerprint = base_fingerprint(model)
-
-    data = load_data(settings, tokenizer)
-    pad_id = pad_token_id(tokenizer)
-    # global micro-batches of micro_batch_size x processes rows; each process takes its share
-    stream = BatchStream(data.train, t.micro_batch_size * procs.world, config.seed)
-    max_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.per_epoch / t.grad_accumulation))
-    val_batches = fixed_batches(data.val, t.micro_batch_size)
-
-    params = model.adapter_parameters()
     forward_model = model
     if procs.distributed:  # A and B are initialised alike everywhere (seeded): no initial broadcast
         forward_model = torch.nn.parallel.DistributedDataParallel(model, init_sync=False)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # global micro-batches of micro_batch_size x processes rows; each process takes its share
+    stream = BatchStream(train_rows, t.micro_batch_size * procs.world, config.seed)
+    max_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.per_epoch / t.grad_accumulation))
+    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(SCHEDULES[t.schedule], optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=max_steps)
     use_autocast = t.autocast == "on" or (t.autocast == "auto" and config.compute_dtype != "float32")
-    autocast = lambda: autocast_context(device, config.torch_compute_dtype, use_autocast)  # noqa: E731
     if t.grad_checkpointing:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.model.config.use_cache = False
+    return Job(model, forward_model, optimizer, scheduler, t.rank_sampler(config.max_rank, config.seed),
+               stream, t, procs, device, pad_id,
+               lambda: autocast_context(device, config.torch_compute_dtype, use_autocast), max_steps)
 
-    global_batch = t.micro_batch_size * procs.world * t.grad_accumulation
-    record = {"qdylora_version": __version__, "base_fingerprint": fingerprint,
-              "processes": procs.world, "global_batch": global_batch,
-              "settings": {**settings.to_dict(), "model": source, "adapter": config.to_dict()}}
-    step, tokens_seen, elapsed = 0, 0, 0.0
-    if resume:
-        saved = read_json(out / "config.json")
-        check_version(saved, out)
-        if saved.get("base_fingerprint") != fingerprint:
-            raise QDyLoRAError(f"cannot resume {out}: it was trained on another base model "
-                               f"({saved['settings'].get('model')})")
-        if saved.get("global_batch", global_batch) != global_batch:
-            raise QDyLoRAError(
-                f"cannot resume {out} with a global batch of {global_batch} (micro-batch x processes x "
-                f"accumulation); it was trained with {saved['global_batch']}: keep that product, e.g. "
-                f"{saved.get('processes', 1)} processes x micro-batch {t.micro_batch_size}")
-        if main:
-            remove_leftovers(out)
-            checkpoint = resume_checkpoint(out)  # may set damaged checkpoints aside
-        distributed.barrier(procs)
-        if not main:
-            checkpoint = resume_checkpoint(out)
-        state = load_state(checkpoint)
-        load_adapter(model, checkpoint / "adapter.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["seconds"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        if procs.rank > 0:  # only process 0's generator is saved: the others draw anew
-            torch.manual_seed(config.seed + procs.rank + 1_000_003 * step)
-    else:
-        if overwrite and main:
-            clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        # adapter dropout draws from the global generator; each process its own masks
-        torch.manual_seed(config.seed + procs.rank)
-    if main:
-        write_json(out / "config.json", record)
-        write_json(out / "data_stats.json", {k: vars(v) for k, v in data.stats.items()})
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if main else _NoLog()
-    tensorboard = _tensorboard(out) if t.tensorboard and main else None
-    if main:
-        for name, st in data.stats.items():
-            print(f"qdylora: {name} data: {st}")
-        if procs.distributed:
-            print(f"qdylora: {procs.world} processes; global batch {global_batch} = micro-batch "
-                  f"{t.micro_batch_size} x {procs.world} processes x accumulation {t.grad_accumulation} "
-                  f"(learning rate {t.lr} as given, not rescaled)")
 
-    def evaluate(at_step: int) -> dict[int, float]:
-        if not val_batches or not main:  # process 0 validates; the others wait at the next step
-            return {}
-        losses = validation_loss(model, val_batches, eval_ranks, pad_id, device, autocast)
-        metrics.write({"step": at_step, "val_loss": {str(r): v for r, v in losses.items()}})
-        if tensorboard:
-            for r, v in losses.items():
-                tensorboard.add_scalar(f"val_loss/rank_{r}", v, at_step)
-        return losses
+def _start(out: Path, overwrite: bool, job: Job) -> Position:
+    """A new run: clear what an earlier run wrote (with --overwrite), seed the dropout."""
+    if overwrite and job.procs.is_main:
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # adapter dropout draws from the global generator; each process its own masks
+    torch.manual_seed(job.model.config.seed + job.procs.rank)
+    return Position()
 
-    def checkpoint(at_step: int) -> None:
-        if not main:  # process 0 writes; the others' state is the same
-            return
-        state = {
-            "step": at_step, "tokens_seen": tokens_seen, "seconds": elapsed,
-            "micro_batch_position": at_step * t.grad_accumulation,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }
-        extra = {"step": at_step, "rank_range": [sampler.min_rank, sampler.max_rank]}
-        try:
-            save_checkpoint(out, at_step, lambda p: save_adapter(model, p, extra=extra), state, t.keep_last)
-        except OSError as e:
-            full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            raise QDyLoRAError(
-                f"cannot write the step-{at_step} checkpoint in {out}{full}: {e.strerror or e}; "
-                f"the earlier checkpoints are intact: free space and --resume {out}") from None
 
-    first_val = read_json(out / "summary.json").get("val_loss_before") if resume and (out / "summary.json").exists() else None
-    if not resume:
-        first_val = {str(r): v for r, v in evaluate(0).items()}
-        if main:
-            write_json(out / "summary.json", {"status": "running", "val_loss_before": first_val})
+def _restore(job: Job, out: Path) -> Position:
+    """Load the newest intact checkpoint: adapter, optimizer, scheduler, RNG and position."""
+    procs = job.procs
+    if procs.is_main:
+        remove_leftovers(out)
+        checkpoint = resume_checkpoint(out)  # may set damaged checkpoints aside
+    distributed.barrier(procs)
+    if not procs.is_main:
+        checkpoint = resume_checkpoint(out)
+    state = load_state(checkpoint)
+    load_adapter(job.model, checkpoint / "adapter.safetensors")
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if job.device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], job.device)
+    if procs.rank > 0:  # only process 0's generator is saved: the others draw anew
+        torch.manual_seed(job.model.config.seed + procs.rank + 1_000_003 * state["step"])
+    return Position(state["step"], state["tokens_seen"], state["seconds"])
 
-    model.train()
-    bar = _progress(max_steps, step, progress and main)
-    last_val: dict[int, float] = {}
-    interrupt = _InterruptFlag()
-    try:
-        while step < max_steps:
-            # every process stops at the same step, whichever of them saw the Ctrl-C
-            if distributed.sum_float(procs, float(interrupt.requested), device) > 0:
-                checkpoint(step)
-                if main:
-                    write_json(out / "summary.json", {"status": "interrupted", "steps": step,
-                                                      "val_loss_before": first_val})
-                raise TrainingInterrupted(
-                    f"interrupted after step {step}; checkpoint saved: continue with "
-                    f"qdylora train --resume {out}")
-            start = time.perf_counter()
-            plans, micro = [], []
-            for i in range(t.grad_accumulation):
-                examples = stream.at(step * t.grad_accumulation + i)  # global micro-batch
-                plan = micro_batch_ranks(t.rank_rule, sampler, step, i, len(examples))
-                plans.append(plan)
-                micro.append([examples[j] for j in plan.rows])  # rows, repeated for sandwich
-            rank = _rank_record([p.rank for p in plans])
-            distributed.check_same(procs, _fingerprint(rank), f"the ranks of step {step + 1}", device)
-            n_loss = sum(_loss_tokens(m) for m in micro)  # the whole step's, over every process
-            step_tokens = sum(len(e) for m in micro for e in m)
-            step_loss = 0.0
-            for i, (plan, rows) in enumerate(zip(plans, micro)):
-                ranks = plan.rank if isinstance(plan.rank, list) else [plan.rank] * len(rows)
-                mine, weight = distributed.shard(list(zip(rows, ranks)), procs)  # this process's rows
-                examples = [e for e, _ in mine]
-                set_rank(model, [r for _, r in mine] if isinstance(plan.rank, list) else plan.rank)
-                batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}  # (B, T) each
-                sync = i == len(micro) - 1 or not procs.distributed  # all-reduce once per step
-                with contextlib.nullcontext() if sync else forward_model.no_sync():
-                    with autocast():
-                        total, _ = loss_sum(forward_model, batch)
-                    # mean over the step's loss tokens; DDP averages over processes, so x world
-                    (total * (weight * procs.world / max(n_loss, 1))).backward()
-                step_loss += float(total.detach()) * weight
-            step_loss = distributed.sum_float(procs, step_loss, device)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                         if t.max_grad_norm > 0 else _grad_norm(params))
-            lr = scheduler.get_last_lr()[0]
-            finite = math.isfinite(step_loss) and math.isfinite(float(grad_norm))
-            if not finite and not t.skip_nonfinite:
-                raise QDyLoRAError(
-                    f"step {step + 1} (rank {rank}): the loss is {step_loss:.4g} and the gradient norm "
-                    f"{float(grad_norm):.4g}: lower --lr or check the data; nothing was updated and the "
-                    f"last checkpoint is kept (--resume {out}), or pass --skip-nonfinite to skip such steps")
-            if finite:
-                optimizer.step()
-            else:
-                metrics.write({"step": step + 1, "rank": rank, "skipped": "nonfinite loss or gradient"})
-                bar.write(f"qdylora: warning: step {step + 1} skipped (loss {step_loss:.4g}, "
-                          f"gradient norm {float(grad_norm):.4g})")
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seconds = time.perf_counter() - start
-            elapsed += seconds
-            tokens_seen += step_tokens
-            loss = step_loss / max(n_loss, 1)
-            if step % t.log_every == 0 or step == max_steps:
-                metrics.write({"step": step, "rank": rank, "loss": loss, "lr": lr,
-                               "grad_norm": float(grad_norm), "tokens": step_tokens,
-                               "seconds": round(seconds, 4), "elapsed": round(elapsed, 3)})
-                if tensorboard:
-                    tensorboard.add_scalar("train/loss", loss, step)
-                    if isinstance(rank, int):
-                        tensorboard.add_scalar("train/rank", rank, step)
-                    tensorboard.add_scalar("train/lr", lr, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", rank=rank if isinstance(rank, int) else t.rank_rule,
-                            tok_s=f"{tokens_seen / elapsed:.0f}")
-            if step == max_steps or (t.eval_every and step % t.eval_every == 0):
-                last_val = evaluate(step)
-                if last_val:
-                    bar.write("qdylora: step %d validation loss %s" % (step, ", ".join(
-                        f"rank {r}: {v:.4f}" for r, v in last_val.items())))
-            if step == max_steps or (t.save_every and step % t.save_every == 0):
-                checkpoint(step)
-            if on_step is not None:
-                on_step(step)
-    finally:
-        interrupt.restore()
-        bar.close()
-        metrics.close()
-        if tensorboard:
-            tensorboard.close()
 
-    summary = {
-        "status": "done", "steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 2),
-        "tokens_per_second": round(tokens_seen / elapsed, 2) if elapsed else None,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "val_loss_before": first_val,
-        "val_loss_after": {str(r): v for r, v in last_val.items()},
-        "adapter": str(out / "adapter.safetensors"),
+def run_step(job: Job, step: int, out: Path) -> StepResult:
+    """Optimizer step `step` (0-based): every micro-batch at the ranks its rule hands out,
+    gradients averaged over the step's loss tokens (and processes), clipped, then AdamW."""
+    t, procs, model = job.settings, job.procs, job.model
+    plans, micro = [], []
+    for i in range(t.grad_accumulation):
+        examples = job.stream.at(step * t.grad_accumulation + i)  # the global micro-batch
+        plan = micro_batch_ranks(t.rank_rule, job.sampler, step, i, len(examples))
+        plans.append(plan)
+        micro.append([examples[j] for j in plan.rows])  # rows; an example repeats per rank (sandwich)
+    rank = _rank_record([p.rank for p in plans])
+    distributed.check_same(procs, _fingerprint(rank), f"the ranks of step {step + 1}", job.device)
+    n_loss = sum(_loss_tokens(rows) for rows in micro)  # the whole step's, over every process
+    step_loss = 0.0
+    for i, (plan, rows) in enumerate(zip(plans, micro)):
+        per_row = isinstance(plan.rank, list)
+        mine, weight = distributed.shard(list(zip(rows, plan.rank if per_row else [plan.rank] * len(rows))), procs)
+        set_rank(model, [r for _, r in mine] if per_row else plan.rank)
+        batch = {k: v.to(job.device) for k, v in collate([e for e, _ in mine], job.pad_id).items()}  # (B, T)
+        sync = i == len(micro) - 1 or not procs.distributed  # all-reduce once per step
+        with contextlib.nullcontext() if sync else job.forward_model.no_sync():
+            with job.autocast():
+                total, _ = loss_sum(job.forward_model, batch)
+            # mean over the step's loss tokens; DDP averages over processes, so x world
+            (total * (weight * procs.world / max(n_loss, 1))).backward()
+        step_loss += float(total.detach()) * weight
+    step_loss = distributed.sum_float(procs, step_loss, job.device)
+    params = model.adapter_parameters()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0
+                      else _grad_norm(params))
+    lr = job.scheduler.get_last_lr()[0]
+    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    if finite:
+        job.optimizer.step()
+    elif not t.skip_nonfinite:
+        raise QDyLoRAError(
+            f"step {step + 1} (rank {rank}): the loss is {step_loss:.4g} and the gradient norm "
+            f"{grad_norm:.4g}: lower --lr or check the data; nothing was updated and the "
+            f"last checkpoint is kept (--resume {out}), or pass --skip-nonfinite to skip such steps")
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(len(e) for rows in micro for e in rows)
+    return StepResult(rank, step_loss / max(n_loss, 1), grad_norm, lr, tokens, skipped=not finite)
+
+
+def _evaluate(job: Job, val_batches, eval_ranks: list[int], log: "_RunLog", at_step: int) -> dict[int, float]:
+    """Validation loss at `eval_ranks` (process 0; the others wait at the next step)."""
+    if not val_batches or not job.procs.is_main:
+        return {}
+    losses = validation_loss(job.model, val_batches, eval_ranks, job.pad_id, job.device, job.autocast)
+    log.validation(at_step, losses)
+    return losses
+
+
+def _checkpoint(job: Job, out: Path, pos: Position) -> None:
+    """checkpoints/step-N from process 0 (the others' state is the same), or a clear error."""
+    if not job.procs.is_main:
+        return
+    t = job.settings
+    state = {
+        "step": pos.step, "tokens_seen": pos.tokens_seen, "seconds": pos.seconds,
+        "micro_batch_position": pos.step * t.grad_accumulation,
+        "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(job.device) if job.device.type == "cuda" else None,
     }
-    write_json(out / "summary.json", summary)
-    return summary
+    extra = {"step": pos.step, "rank_range": [job.sampler.min_rank, job.sampler.max_rank]}
+    try:
+        save_checkpoint(out, pos.step, lambda p: save_adapter(job.model, p, extra=extra), state, t.keep_last)
+    except OSError as e:
+        full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise QDyLoRAError(
+            f"cannot write the step-{pos.step} checkpoint in {out}{full}: {e.strerror or e}; "
+            f"the earlier checkpoints are intact: free space and --resume {out}") from None
+
+
+def _announce(data: Datasets, procs: distributed.Processes, t: TrainSettings, global_batch: int) -> None:
+    for name, st in data.stats.items():
+        print(f"qdylora: {name} data: {st}")
+    if procs.distributed:
+        print(f"qdylora: {procs.world} processes; global batch {global_batch} = micro-batch "
+              f"{t.micro_batch_size} x {procs.world} processes x accumulation {t.grad_accumulation} "
+              f"(learning rate {t.lr} as given, not rescaled)")
+
+
+class _RunLog:
+    """metrics.jsonl and TensorBoard, written by process 0 only."""
+
+    def __init__(self, out: Path, main: bool, tensorboard: bool, resume_step: Optional[int]) -> None:
+        self.metrics = MetricsLog(out / "metrics.jsonl", resume_step=resume_step) if main else None
+        self.tensorboard = _tensorboard(out) if tensorboard and main else None
+
+    def step(self, pos: Position, r: StepResult, seconds: float) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.write({"step": pos.step, "rank": r.rank, "loss": r.loss, "lr": r.lr,
+                            "grad_norm": r.grad_norm, "tokens": r.tokens, "seconds": round(seconds, 4),
+                            "elapsed": round(pos.seconds, 3)})
+        if self.tensorboard:
+            self.tensorboard.add_scalar("train/loss", r.loss, pos.step)
+            if isinstance(r.rank, int):
+                self.tensorboard.add_scalar("train/rank", r.rank, pos.step)
+            self.tensorboard.add_scalar("train/lr", r.lr, pos.step)
+
+    def skipped(self, step: int, r: StepResult) -> None:
+        if self.metrics is not None:
+            self.metrics.write({"step": step, "rank": r.rank, "skipped": "nonfinite loss or gradient"})
+
+    def validation(self, step: int, losses: dict[int, float]) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.write({"step": step, "val_loss": {str(r): v for r, v in losses.items()}})
+        if self.tensorboard:
+            for r, v in losses.items():
+                self.tensorboard.add_scalar(f"val_loss/rank_{r}", v, step)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 class TrainingInterrupted(QDyLoRAError):
@@ -384,16 +495,6 @@ def _fingerprint(rank) -> int:
 def _loss_tokens(examples) -> int:
     """Tokens that carry a loss (predicted from a previous token) in a list of examples."""
     return sum(sum(1 for label in e.labels[1:] if label != IGNORE) for e in examples)
-
-
-class _NoLog:
-    """The metrics log of processes other than 0: writes nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _grad_norm(params) -> torch.Tensor:
