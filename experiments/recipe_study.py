@@ -18,6 +18,8 @@ Recipes (only the rank rule and scale differ; every run of a seed sees the same 
     example         per-example ranks: in each micro-batch rank 1, rank 64 and stratified draws
     example-rslora  the same with s(b) = alpha / sqrt(b) (the cipher's rule for every run)
     example-standard  the same with s(b) = alpha / b (ASDiv's rule for every run)
+    example-nested  the same with s(b) = alpha / sqrt(64) at every rank: rank b is the first b
+                    components of the rank-64 adapter, not rescaled (step-nested: the step rule)
     example-log     the same with p_B log-uniform (p(b) ~ 1/b)
     sandwich        every example at ranks 64, 1 and one drawn rank (3x the compute)
     mixture         one forward of E_b[s(b) B[:, :b] A[:b]] (MatryoshkaLoRA's forward, normalised)
@@ -44,6 +46,8 @@ RECIPES = {
     "sandwich": dict(rank_rule="sandwich"),
     "mixture": dict(rank_rule="mixture"),
     "example-standard": dict(rank_rule="example", scaling="standard"),
+    "example-nested": dict(rank_rule="example", scaling="nested"),
+    "step-nested": dict(scaling="nested"),
     **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in (1, 2, 4, 8, 16, 32, 64)},
     **{f"qlora-r{r}-standard": dict(min_rank=r, max_rank=r, scaling="standard") for r in (1, 64)},
 }

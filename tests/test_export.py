@@ -23,7 +23,7 @@ peft = pytest.importorskip("peft")
 def merged_reference(path, model, rank):
     """The full-precision base with s(b) B[:, :b] A[:b] added to each weight in float64."""
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    s = scale(model.config.alpha, rank, model.config.scaling)
+    s = scale(model.config.alpha, rank, model.config.scaling, model.config.max_rank)
     with torch.no_grad():
         for name, layer in model.adapter_layers().items():
             delta = s * layer.lora_B[:, :rank].double() @ layer.lora_A[:rank].double()  # (out, in)
@@ -33,14 +33,16 @@ def merged_reference(path, model, rank):
 
 
 @pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
-@pytest.mark.parametrize("arch, scaling", [("llama", "standard"), ("gpt2", "standard"), ("llama", "rslora")])
+@pytest.mark.parametrize("arch, scaling", [("llama", "standard"), ("gpt2", "standard"), ("llama", "rslora"),
+                                           ("llama", "nested")])
 def test_peft_reproduces_our_logits(arch, scaling, dtype, tiny_dir, tmp_path):
     path = tiny_dir(arch)
     model = adapted_model(path, scaling, compute_dtype=dtype)
     rank = 3
     out = export_peft(model, rank, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == rank and config["lora_alpha"] == 16 and config["use_rslora"] == (scaling == "rslora")
+    alpha = 16 / 8**0.5 * rank if scaling == "nested" else 16  # PEFT's lora_alpha / r is our s(b)
+    assert config["r"] == rank and config["lora_alpha"] == alpha and config["use_rslora"] == (scaling == "rslora")
     x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with qdylora.at_rank(model, rank):

@@ -10,6 +10,7 @@ import torch
 
 from .devices import fast_compute_dtype
 from .errors import QDyLoRAError
+from .scaling import RULES as SCALE_RULES
 from .scaling import scale  # noqa: F401  (re-exported: s(b) lives in scaling.py)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -25,8 +26,8 @@ class QDyLoRAConfig:
     alpha: float = 16.0
     """LoRA alpha. The adapter at rank b is scaled by alpha / b (or alpha / sqrt(b) with rslora)."""
 
-    scaling: Literal["standard", "rslora"] = "standard"
-    """Scale rule s(b): "standard" is alpha / b (DyLoRA, QDyLoRA), "rslora" is alpha / sqrt(b)."""
+    scaling: Literal["standard", "rslora", "nested"] = "standard"
+    """Scale rule s(b): "standard" is alpha / b (DyLoRA, QDyLoRA), "rslora" is alpha / sqrt(b), "nested" is alpha / sqrt(max_rank) at every rank (rank b is the first b components of the full adapter, unscaled)."""
 
     dropout: float = 0.05
     """Dropout on the adapter's input (the frozen base path sees the undropped input)."""
@@ -48,8 +49,8 @@ class QDyLoRAConfig:
             raise QDyLoRAError(f"max_rank must be at least 1, got {self.max_rank}")
         if self.alpha <= 0:
             raise QDyLoRAError(f"alpha must be positive, got {self.alpha}")
-        if self.scaling not in ("standard", "rslora"):
-            raise QDyLoRAError(f"scaling must be 'standard' or 'rslora', got {self.scaling!r}")
+        if self.scaling not in SCALE_RULES:
+            raise QDyLoRAError(f"scaling must be one of {', '.join(SCALE_RULES)}, got {self.scaling!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise QDyLoRAError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.update_mode not in ("full", "frozen"):

@@ -2,7 +2,8 @@
 
 At rank b the adapter is s(b) * B[:, :b] A[:b]; PEFT's LoRA at r = b computes
 lora_alpha / r * lora_B lora_A (or lora_alpha / sqrt(r) with use_rslora), so r = b,
-lora_alpha = alpha and use_rslora = (scaling == "rslora") give exactly our scale.
+lora_alpha = alpha and use_rslora = (scaling == "rslora") give exactly our scale; for the
+"nested" rule (s(b) = alpha / sqrt(R) at every b) lora_alpha = s * b without rslora.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from .files import atomic_dir, refuse_existing
 from .model import QDyLoRAModel
 from .sampling import check_ranks
+from .scaling import scale
 
 PEFT_PREFIX = "base_model.model."
 CONV1D_MODEL_TYPES = {"gpt2", "gpt_bigcode", "imagegpt", "decision_transformer"}
@@ -43,7 +45,7 @@ def peft_config(model: QDyLoRAModel, rank: int, fan_in_fan_out: bool) -> dict:
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": rank,
-        "lora_alpha": c.alpha,
+        "lora_alpha": scale(c.alpha, rank, c.scaling, c.max_rank) * rank if c.scaling == "nested" else c.alpha,
         "use_rslora": c.scaling == "rslora",
         "target_modules": peft_target_modules(model),
         "lora_dropout": c.dropout,

@@ -4,11 +4,12 @@ At active rank b (0 <= b <= R, 0 = adapter off):
 
     y = W~ x + s(b) * B[:, :b] @ A[:b, :] @ dropout(x)
 
-with W~ the dequantized NF4 weight (out x in), A (R x in), B (out x R), s(b) = alpha / b or
-alpha / sqrt(b). The rank is an int for the whole batch (one rank per training step), a tensor
-of shape [batch] so one batch mixes ranks (training with per-example ranks, the rank sweep,
-side-by-side generation), or a `RankMixture`: the adapter averaged over a distribution of ranks
-(a deterministic training forward).
+with W~ the dequantized NF4 weight (out x in), A (R x in), B (out x R), s(b) = alpha / b,
+alpha / sqrt(b), or alpha / sqrt(R) at every b ("nested"; `scaling.py`). The rank is an int for
+the whole batch (one rank per training step), a tensor of shape [batch] so one batch mixes
+ranks (training with per-example ranks, the rank sweep, side-by-side generation), or a
+`RankMixture`: the adapter averaged over a distribution of ranks (a deterministic training
+forward).
 """
 
 from __future__ import annotations
@@ -77,17 +78,18 @@ class QDyLoRALinear(nn.Module):
         rank, frozen = self.rank, self.update_mode == "frozen"
         if isinstance(rank, int):
             trained = torch.arange(rank, device=x.device) == rank - 1 if frozen else None  # (b,)
-            return rank, scale(self.alpha, rank, self.scaling), trained
+            return rank, scale(self.alpha, rank, self.scaling, self.max_rank), trained
         if isinstance(rank, RankMixture):
             if frozen:
                 raise QDyLoRAError("a rank mixture trains every component: use update mode 'full'")
-            return rank.max_rank, rank.component_weights(self.alpha, self.scaling).to(x.device, x.dtype), None
+            weights = rank.component_weights(self.alpha, self.scaling, self.max_rank)
+            return rank.max_rank, weights.to(x.device, x.dtype), None
         # Per-example ranks: all R components run; row i weighs its first b_i by s(b_i), the rest 0.
         ranks = _per_row(rank.to(x.device), x)  # (rows,)
         view = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.max_rank,)  # broadcasts over tokens
         components = torch.arange(self.max_rank, device=x.device)  # (R,)
         on = components[None, :] < ranks[:, None]  # (rows, R)
-        c = (scales(self.alpha, ranks, self.scaling)[:, None] * on).to(x.dtype).view(view)
+        c = (scales(self.alpha, ranks, self.scaling, self.max_rank)[:, None] * on).to(x.dtype).view(view)
         trained = (components[None, :] == ranks[:, None] - 1).view(view) if frozen else None
         return self.max_rank, c, trained
 

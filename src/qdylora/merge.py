@@ -46,7 +46,7 @@ def merge(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, tokenizer=No
     hf = model.model
     target_dtype = DTYPES[dtype]
     conv1d = getattr(hf.config, "model_type", "") in CONV1D_MODEL_TYPES
-    s = scale(model.config.alpha, rank, model.config.scaling)
+    s = scale(model.config.alpha, rank, model.config.scaling, model.config.max_rank)
     with torch.no_grad():
         for path, module in list(hf.named_modules()):
             if isinstance(module, QDyLoRALinear):

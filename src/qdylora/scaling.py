@@ -1,6 +1,12 @@
 """s(b), the scale of the adapter at rank b: the one home of the formula, for one rank, for a
 tensor of per-example ranks, and for a mixture of ranks (the component weights of a training
-forward that averages the adapter over p_B)."""
+forward that averages the adapter over p_B).
+
+    standard  s(b) = alpha / b         (LoRA, DyLoRA, QDyLoRA)
+    rslora    s(b) = alpha / sqrt(b)   (rsLoRA)
+    nested    s(b) = alpha / sqrt(R)   for every b: rank b is exactly the first b components of
+                                       the rank-R adapter, nothing rescaled when it is cut
+"""
 
 from __future__ import annotations
 
@@ -8,20 +14,25 @@ from dataclasses import dataclass
 
 import torch
 
-RULES = ("standard", "rslora")
+RULES = ("standard", "rslora", "nested")
 
 
-def scale(alpha: float, rank: int, rule: str) -> float:
-    """s(b): alpha / b ("standard") or alpha / sqrt(b) ("rslora"); 0 for rank 0 (adapter off)."""
+def scale(alpha: float, rank: int, rule: str, max_rank: int) -> float:
+    """s(b) under `rule` for an adapter of `max_rank` components; 0 for rank 0 (adapter off)."""
     if rank == 0:
         return 0.0
+    if rule == "nested":
+        return alpha / max_rank**0.5
     return alpha / rank if rule == "standard" else alpha / rank**0.5
 
 
-def scales(alpha: float, ranks: torch.Tensor, rule: str) -> torch.Tensor:
+def scales(alpha: float, ranks: torch.Tensor, rule: str, max_rank: int) -> torch.Tensor:
     """s(b_i) for a tensor of ranks, float32 of the same shape; 0 where the rank is 0."""
     r = ranks.to(torch.float32)
-    s = alpha / (r if rule == "standard" else r.sqrt())
+    if rule == "nested":
+        s = torch.full_like(r, alpha / max_rank**0.5)
+    else:
+        s = alpha / (r if rule == "standard" else r.sqrt())
     return torch.where(ranks > 0, s, torch.zeros_like(s))
 
 
@@ -46,9 +57,9 @@ class RankMixture:
     def max_rank(self) -> int:
         return self.probabilities[-1][0]
 
-    def component_weights(self, alpha: float, rule: str) -> torch.Tensor:
-        """c, float64 of shape (max_rank,)."""
+    def component_weights(self, alpha: float, rule: str, adapter_rank: int) -> torch.Tensor:
+        """c, float64 of shape (max_rank,), for an adapter of `adapter_rank` components."""
         c = torch.zeros(self.max_rank, dtype=torch.float64)
         for b, p in self.probabilities:
-            c[:b] += p * scale(alpha, b, rule)
+            c[:b] += p * scale(alpha, b, rule, adapter_rank)
         return c
