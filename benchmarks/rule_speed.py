@@ -23,7 +23,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 
-RULES = {"qlora-r64": dict(min_rank=64), "step": dict(), "example": dict(rank_rule="example"),
+RULES = {"qlora-r64": dict(min_rank=64), "step": dict(rank_rule="step"), "example": dict(rank_rule="example"),
          "sandwich": dict(rank_rule="sandwich"), "mixture": dict(rank_rule="mixture")}
 
 

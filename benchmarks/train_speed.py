@@ -14,7 +14,7 @@ interleaved A B C ... A B C ... for `--rounds` rounds:
   reference-grouped  the same stack on qdylora's length-grouped batches
   peft-dense         PEFT LoRA on the unquantized base (the reference's cost of quantization)
   qdylora-r64        qdylora at its max rank 64
-  qdylora-sampled    qdylora with a rank drawn from 1..64 per step (what training does)
+  qdylora-sampled    qdylora with a rank drawn from 1..64 per step (the step rule; benchmarks/rule_speed.py times every rule)
   qdylora-dense      qdylora's layers on the unquantized base (our cost of quantization)
 
 Each child runs the same examples (`--steps` x batch, drawn from the training split with a fixed

@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 RECIPES = {
-    "step": dict(),
+    "step": dict(rank_rule="step"),
     "example": dict(rank_rule="example"),
     "example-rslora": dict(rank_rule="example", scaling="rslora"),
     "example-log": dict(rank_rule="example", rank_distribution="log-uniform"),
@@ -47,7 +47,7 @@ RECIPES = {
     "mixture": dict(rank_rule="mixture"),
     "example-standard": dict(rank_rule="example", scaling="standard"),
     "example-nested": dict(rank_rule="example", scaling="nested"),
-    "step-nested": dict(scaling="nested"),
+    "step-nested": dict(rank_rule="step", scaling="nested"),
     **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in (1, 2, 4, 8, 16, 32, 64)},
     **{f"qlora-r{r}-standard": dict(min_rank=r, max_rank=r, scaling="standard") for r in (1, 64)},
 }
@@ -232,8 +232,8 @@ def update_doc(doc: Path, tables: str) -> None:
     import re
 
     page = doc.read_text()
-    page = re.sub(r"(<!-- table:recipes -->\n).*?(\n<!-- /table:recipes -->)",
-                  lambda m: m.group(1) + tables.strip() + m.group(2), page, flags=re.S)
+    page = re.sub(r"(<!-- table:recipes -->\n)(?:.*?\n)?(<!-- /table:recipes -->)",
+                  lambda m: m.group(1) + tables.strip() + "\n" + m.group(2), page, flags=re.S)
     doc.write_text(page)
 
 

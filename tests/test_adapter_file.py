@@ -49,7 +49,7 @@ def test_another_base_is_refused(tmp_path):
 
 def test_another_rank_rule_is_refused(tmp_path):
     path = tmp_path / "adapter.safetensors"
-    qdylora.save_adapter(trained(), path)
+    qdylora.save_adapter(trained(scaling="standard"), path)
     with pytest.raises(QDyLoRAError, match="scaling='standard'"):
         qdylora.load_adapter(trained(scaling="rslora"), path)
 

@@ -272,6 +272,6 @@ def test_per_example_training_gradient_equals_separate_runs(arch, tiny_dir):
 
     together = grads(slice(None), ranks)
     apart = [sum(g) for g in zip(*(grads(slice(i, i + 1), b) for i, b in enumerate(ranks)))]
-    for got, want in zip(together, apart):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for got, want in zip(together, apart):  # float32 sums in another order
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert max(g.abs().max() for g in together) > 1e-3  # not a no-op

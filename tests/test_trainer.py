@@ -27,7 +27,7 @@ def lines(run):
 def test_training_lowers_validation_loss_at_every_measured_rank(tiny_lm, tmp_path):
     data = write_sums(tmp_path / "sums.jsonl")
     run = tmp_path / "run"
-    summary = train(settings(tiny_lm, data, max_steps=30, eval_every=15), run, progress=False)
+    summary = train(settings(tiny_lm, data, max_steps=30, eval_every=15, rank_rule="step"), run, progress=False)
     before, after = summary["val_loss_before"], summary["val_loss_after"]
     assert sorted(after, key=int) == ["1", "2", "8"]  # smallest, middle power of two, largest
     assert len(set(before.values())) == 1  # B = 0: every rank is the base model
@@ -66,7 +66,8 @@ def test_min_rank_equal_to_max_rank_is_plain_qlora(tiny_lm, tmp_path):
 def test_explicit_ranks_are_the_only_ones_sampled(tiny_lm, tmp_path):
     data = write_sums(tmp_path / "sums.jsonl")
     run = tmp_path / "run"
-    train(settings(tiny_lm, data, max_steps=12, ranks="2,8", rank_weights="1,3"), run, progress=False)
+    train(settings(tiny_lm, data, max_steps=12, ranks="2,8", rank_weights="1,3", rank_rule="step"), run,
+          progress=False)
     assert {x["rank"] for x in lines(run) if "rank" in x} == {2, 8}  # seed 0 draws both
 
 

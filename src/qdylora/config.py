@@ -26,8 +26,8 @@ class QDyLoRAConfig:
     alpha: float = 16.0
     """LoRA alpha. The adapter at rank b is scaled by alpha / b (or alpha / sqrt(b) with rslora)."""
 
-    scaling: Literal["standard", "rslora", "nested"] = "standard"
-    """Scale rule s(b): "standard" is alpha / b (DyLoRA, QDyLoRA), "rslora" is alpha / sqrt(b), "nested" is alpha / sqrt(max_rank) at every rank (rank b is the first b components of the full adapter, unscaled)."""
+    scaling: Literal["standard", "rslora", "nested"] = "rslora"
+    """Scale rule s(b): "rslora" is alpha / sqrt(b) (the default: with alpha / b high ranks learn more slowly at one learning rate, docs/rank-study.md), "standard" is alpha / b (LoRA, DyLoRA, QDyLoRA), "nested" is alpha / sqrt(max_rank) at every rank (rank b is the first b components of the full adapter, unscaled)."""
 
     dropout: float = 0.05
     """Dropout on the adapter's input (the frozen base path sees the undropped input)."""

@@ -128,8 +128,8 @@ class TrainSettings:
     max_grad_norm: float = 0.3
     """Gradients are clipped to this global norm (QLoRA's 0.3); 0 = no clipping."""
 
-    rank_rule: Literal["step", "example", "sandwich", "mixture"] = "step"
-    """How ranks are trained: step (one rank b ~ p_B per optimizer step, the papers' rule), example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, one forward), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B)."""
+    rank_rule: Literal["step", "example", "sandwich", "mixture"] = "example"
+    """How ranks are trained: example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, in one forward; the default, docs/rank-study.md), step (one rank b ~ p_B per optimizer step, the papers' rule), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B)."""
 
     rank_distribution: Literal["uniform", "log-uniform"] = "uniform"
     """p_B over [min_rank, max_rank]: uniform, or log-uniform (p(b) proportional to 1/b: as much weight on 1-8 as on 8-64)."""

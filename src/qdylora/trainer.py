@@ -336,7 +336,8 @@ def run_step(job: Job, step: int, out: Path) -> StepResult:
         plans.append(plan)
         micro.append([examples[j] for j in plan.rows])  # rows; an example repeats per rank (sandwich)
     rank = _rank_record([p.rank for p in plans])
-    distributed.check_same(procs, _fingerprint(rank), f"the ranks of step {step + 1}", job.device)
+    what = f"the rank of step {step + 1}" if isinstance(rank, int) else f"the ranks of step {step + 1}"
+    distributed.check_same(procs, _fingerprint(rank), what, job.device)
     n_loss = sum(_loss_tokens(rows) for rows in micro)  # the whole step's, over every process
     step_loss = 0.0
     for i, (plan, rows) in enumerate(zip(plans, micro)):
@@ -361,7 +362,7 @@ def run_step(job: Job, step: int, out: Path) -> StepResult:
         job.optimizer.step()
     elif not t.skip_nonfinite:
         raise QDyLoRAError(
-            f"step {step + 1} (rank {rank}): the loss is {step_loss:.4g} and the gradient norm "
+            f"step {step + 1} ({'rank' if isinstance(rank, int) else 'ranks'} {rank}): the loss is {step_loss:.4g} and the gradient norm "
             f"{grad_norm:.4g}: lower --lr or check the data; nothing was updated and the "
             f"last checkpoint is kept (--resume {out}), or pass --skip-nonfinite to skip such steps")
     job.scheduler.step()
@@ -475,12 +476,12 @@ class _InterruptFlag:
 
 
 def _rank_record(ranks: list) -> Union[int, str, list[int]]:
-    """The ranks of a step as logged: one int (step rule), "mixture", or every row's rank."""
-    if all(isinstance(r, int) for r in ranks) and len(set(ranks)) == 1:
-        return ranks[0]
+    """The ranks of a step as logged: one int (one rank for every row), "mixture", or every
+    row's rank."""
     if any(isinstance(r, RankMixture) for r in ranks):
         return "mixture"
-    return [b for r in ranks for b in (r if isinstance(r, list) else [r])]
+    rows = [b for r in ranks for b in (r if isinstance(r, list) else [r])]
+    return rows[0] if len(set(rows)) == 1 else rows
 
 
 def _fingerprint(rank) -> int:
