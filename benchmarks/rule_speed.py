@@ -38,6 +38,7 @@ def main() -> None:
 
     from qdylora import QDyLoRAConfig, RunSettings, TrainSettings
     from qdylora.batching import pad_token_id
+    from qdylora.distributed import Processes
     from qdylora.embedded import smollm2_checkpoint
     from qdylora.loading import load_tokenizer, resolve_source
     from qdylora.model import prepare
@@ -51,7 +52,7 @@ def main() -> None:
     model = prepare(source, settings.adapter)
     tokenizer = load_tokenizer(resolve_source(source))
     data = load_data(settings, tokenizer)
-    procs = __import__("qdylora.distributed", fromlist=["Processes"]).Processes()
+    procs = Processes()  # one process
     times: dict[str, list[float]] = {name: [] for name in RULES}
     jobs = {}
     for name, spec in RULES.items():
