@@ -75,7 +75,6 @@ class RankSampler:
         probs = torch.tensor(self.probabilities(), dtype=torch.float64)
         return self.support[int(torch.multinomial(probs, 1, generator=g))]
 
-
     def example_ranks(self, step: int, micro: int, n: int) -> list[int]:
         """Ranks of the n rows of micro-batch `micro` of step `step` (per-example rule): the
         smallest and the largest rank of the support, and n - 2 draws stratified over p_B (one
