@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import queue as queue_module
 import socket
 import subprocess
 import sys
@@ -64,10 +66,16 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(rule, tiny_l
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
+WORKER_LIMIT_S = 240  # the run takes ~15 s alone on 2 cores
+
+
 def _worker(rank: int, port: int, tiny_lm: str, data: str, out: str, ranks: list[str], queue) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # a hang (a collective one process never reaches) prints every thread's stack and exits,
+    # instead of blocking for the process group's 60-minute timeout
+    faulthandler.dump_traceback_later(WORKER_LIMIT_S, exit=True)
     settings = tiny_settings(tiny_lm, data, max_steps=2, micro_batch_size=2, ranks=ranks[rank])
     try:
         train(settings, out, progress=False)
@@ -80,13 +88,26 @@ def test_a_rank_mismatch_between_processes_is_caught(tiny_lm, tmp_path):
     data = write_sums(tmp_path / "sums.jsonl")
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, tiny_lm, data, str(tmp_path / "run"), ["2", "4"], queue))
-             for r in (0, 1)]
+    # daemonic: never left behind for pytest's exit to wait on, whatever happens here
+    procs = [ctx.Process(target=_worker, args=(r, port, tiny_lm, data, str(tmp_path / "run"), ["2", "4"], queue),
+                         daemon=True) for r in (0, 1)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results: dict[int, str] = {}
+    try:
+        while len(results) < len(procs):
+            try:
+                rank, message = queue.get(timeout=WORKER_LIMIT_S + 30)
+            except queue_module.Empty:
+                pytest.fail(f"a process did not report within {WORKER_LIMIT_S + 30} s (its stack is in the "
+                            f"captured stderr); reports so far: {results}, exit codes: {[p.exitcode for p in procs]}")
+            results[rank] = message
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
     for rank in (0, 1):
         assert "the processes disagree on the rank of step 1 (process 0: 2, process 1: 4)" in results[rank], results
     assert not (tmp_path / "run" / "checkpoints").exists()
