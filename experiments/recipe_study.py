@@ -23,11 +23,14 @@ Recipes (only the rank rule and scale differ; every run of a seed sees the same 
     example-log     the same with p_B log-uniform (p(b) ~ 1/b)
     sandwich        every example at ranks 64, 1 and one drawn rank (3x the compute)
     mixture         one forward of E_b[s(b) B[:, :b] A[:b]] (MatryoshkaLoRA's forward, normalised)
+    full-svd        every example at rank 64 (a QLoRA-64 run), saved ordered by SVD (--order svd):
+                    rank b is the best rank-b approximation of each layer's delta
+    example-svd     the example rule, saved ordered by SVD
     qlora-r{r}      min rank = max rank = r: plain LoRA of rank r (qlora-r{r}-standard: alpha / b)
 
-Evaluation: answer loss on the test rows at ranks 1, 8, 64 (--ranks to change), and for qlora-r64
-also its truncations to lower ranks, as is and by SVD of each layer's delta (the best rank-b
-approximation in Frobenius norm, scale folded in). Resumable: one result file per finished run.
+Evaluation: answer loss on the test rows at ranks 1, 8, 64 (--ranks to change), and for every run
+with several ranks not saved in SVD order also the same adapter ordered by SVD (qdylora.ordering;
+for qlora-r64 that is "QLoRA-64 cut by SVD"). Resumable: one result file per finished run.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ RECIPES = {
     "example-standard": dict(rank_rule="example", scaling="standard"),
     "example-nested": dict(rank_rule="example", scaling="nested"),
     "step-nested": dict(rank_rule="step", scaling="nested"),
+    "full-svd": dict(rank_rule="full", order="svd"),
+    "example-svd": dict(rank_rule="example", order="svd"),
     **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in (1, 2, 4, 8, 16, 32, 64)},
     **{f"qlora-r{r}-standard": dict(min_rank=r, max_rank=r, scaling="standard") for r in (1, 64)},
 }
@@ -103,27 +108,8 @@ def test_rows(task: str, n: int) -> list[dict]:
     return [json.loads(line) for line in cipher_file("test").read_text().splitlines()][:n]
 
 
-def svd_truncate(model, rank: int) -> None:
-    """Replace each layer's first `rank` components by the best rank-`rank` approximation of its
-    full delta s(R) B A (truncated SVD, scale folded in), so the model at rank `rank` runs it."""
-    import torch
-
-    from qdylora.scaling import scale
-
-    for layer in model.adapter_layers().values():
-        A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()  # (R, in), (out, R)
-        R = A.shape[0]
-        qb, rb = torch.linalg.qr(B)  # B = qb rb; the delta's SVD through the small R x R core
-        qa, ra = torch.linalg.qr(A.T)  # A^T = qa ra
-        u, s, vh = torch.linalg.svd(scale(layer.alpha, R, layer.scaling) * rb @ ra.T)
-        U, V = qb @ u[:, :rank], qa @ vh[:rank].T  # (out, rank), (in, rank)
-        root = s[:rank].sqrt()
-        with torch.no_grad():
-            layer.lora_A[:rank] = (V * root).T.float()
-            layer.lora_B[:, :rank] = (U * root / scale(layer.alpha, rank, layer.scaling)).float()
-
-
 def run_one(task: str, name: str, seed: int, args) -> dict:
+    from qdylora.ordering import order_by_svd
     from qdylora.rundir import latest_checkpoint, read_json
     from qdylora.sweep import load_run, run_sweep
     from qdylora.trainer import train
@@ -147,14 +133,11 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
     result = {"task": task, "run": name, "seed": seed, "steps": summary["steps"],
               "train_seconds": summary["seconds"], "test_rows": len(rows),
               "loss": {str(r): v for r, v in loss.items()}}
-    if name == f"qlora-r{top}" and top > 1:
-        result["svd"] = {}
-        for r in ranks:
-            if r < top:
-                model, tokenizer, saved = load_run(out)
-                svd_truncate(model, r)
-                cut = run_sweep(model, tokenizer, rows, data, [r], ["loss"], progress=args.progress)
-                result["svd"][str(r)] = cut.values["loss"][r]
+    if top > 1 and saved.train.order != "svd":
+        # every rank of the same run ordered by SVD (qdylora.ordering, as --order svd saves it)
+        order_by_svd(model)
+        cut = run_sweep(model, tokenizer, rows, data, ranks, ["loss"], progress=args.progress)
+        result["svd"] = {str(r): v for r, v in cut.values["loss"].items()}
     result["eval_seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -197,27 +180,35 @@ def report() -> str:
             return f"{statistics.mean(vs):{sign}.3f} ± {statistics.stdev(vs):.3f} (n={len(vs)})"
 
         recipes = [n for n in RECIPES if not n.startswith("qlora") and any(r["run"] == n for r in runs)]
+        ordered = [n for n in recipes if any(r["run"] == n and r.get("svd") for r in runs)]  # also cut by SVD
         own_ranks = {int(r["run"][7:]) for r in runs if r["run"].startswith("qlora-r") and r["run"][7:].isdigit()}
         ranks = sorted(own_ranks | {int(k) for r in runs if r["run"] in recipes for k in r["loss"] if k != "0"})
         lines += [f"\n### {task}: test answer loss (lower is better)\n",
-                  "| rank | QLoRA r=b | QLoRA-64 cut | QLoRA-64 SVD | " + " | ".join(recipes) + " |",
-                  "| ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in recipes) + " |"]
+                  "| rank | QLoRA r=b | QLoRA-64 cut | QLoRA-64 SVD | " + " | ".join(recipes)
+                  + "".join(f" | {n} + SVD" for n in ordered) + " |",
+                  "| ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in recipes + ordered) + " |"]
         base = next((r["loss"]["0"] for r in runs if "0" in r["loss"]), None)
         if base is not None:
-            lines.append(f"| base | {base:.3f} | | | " + " | ".join("" for _ in recipes) + " |")
+            lines.append(f"| base | {base:.3f} | | | " + " | ".join("" for _ in recipes + ordered) + " |")
         for b in ranks:
-            own = values(f"qlora-r{b}", b)
+            own, svd = values(f"qlora-r{b}", b), values("qlora-r64", b, "svd")
+            # full-svd trains exactly a QLoRA-64 run: its rank 64 is one, its ranks its SVD cuts
+            for seed, v in values("full-svd", b).items():
+                svd.setdefault(seed, v)
+                if b == 64:
+                    own.setdefault(seed, v)
             cells = [fmt(list(own.values())), fmt(list(values("qlora-r64", b).values())) if b < 64 else "",
-                     fmt(list(values("qlora-r64", b, "svd").values()))]
-            for name in recipes:
-                mine = values(name, b)
+                     fmt(list(svd.values()))]
+            for name, key in [(n, "loss") for n in recipes] + [(n, "svd") for n in ordered]:
+                mine = values(name, b, key)
                 gap = [mine[s] - own[s] for s in sorted(mine.keys() & own.keys())]
                 cells.append(fmt(list(mine.values())) + (f" ({fmt(gap, '+')})" if gap else ""))
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         others = sorted({r["run"] for r in runs if r["run"].endswith("-standard") and r["run"].startswith("qlora")})
         for name in others:
             b = int(name[7:].split("-")[0])
-            lines.append(f"| {b} ({name}) | {fmt(list(values(name, b).values()))} | | | " + " | ".join("" for _ in recipes) + " |")
+            lines.append(f"| {b} ({name}) | {fmt(list(values(name, b).values()))} | | | "
+                         + " | ".join("" for _ in recipes + ordered) + " |")
         times = {}
         for r in runs:
             times.setdefault(r["run"], []).append(r["train_seconds"] / 60)

@@ -102,6 +102,47 @@ def test_resume_is_exact_with_per_example_ranks(tiny_lm, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_full_rank_training_with_svd_order_saves_every_rank_as_the_best_cut(tiny_lm, tmp_path):
+    """--rank-rule full --order svd: checkpoints hold the trained factors (rslora), the run's
+    adapter is their SVD ordering (nested); the full delta is the same, each rank b is the best
+    rank-b approximation of it, the run loads and sweeps as any other, and resume is exact."""
+    from qdylora.adapter_file import read_adapter_metadata
+    from qdylora.ordering import order_by_svd
+    from qdylora.sweep import load_run
+    from .conftest import adapted_model
+
+    data = write_sums(tmp_path / "sums.jsonl")
+    opts = dict(max_steps=6, save_every=3, rank_rule="full", order="svd", eval_ranks="1,8")
+    summary = train(settings(tiny_lm, data, **opts), tmp_path / "full", progress=False)
+    run = tmp_path / "full"
+    assert {x["rank"] for x in lines(run) if "loss" in x} == {8}
+    last = checkpoint_dirs(run)[-1] / "adapter.safetensors"
+    assert read_adapter_metadata(last)["config"].scaling == "rslora"
+    assert read_adapter_metadata(run / "adapter.safetensors")["config"].scaling == "nested"
+
+    trained = adapted_model(tiny_lm, scaling="rslora")  # the checkpoint's factors, ordered here
+    trained.load_adapter_state_dict(load_file(last))
+    order_by_svd(trained)
+    saved = load_file(run / "adapter.safetensors")
+    for name, tensor in trained.adapter_state_dict().items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-6)
+
+    model, _, loaded = load_run(run)  # prepared with the file's scale rule
+    assert loaded.adapter.scaling == "nested" and model.config.scaling == "nested"
+    for rank in ("1", "8"):  # validation ran on the ordered adapter and training helped it
+        assert summary["val_loss_after"][rank] < summary["val_loss_before"][rank] - 0.3, summary
+
+    def stop_at_4(step):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(settings(tiny_lm, data, **opts), tmp_path / "part", progress=False, on_step=stop_at_4)
+    train(settings(tiny_lm, data, **opts), tmp_path / "part", resume=True, progress=False)
+    resumed = load_file(tmp_path / "part" / "adapter.safetensors")
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+
+
 def test_checkpoints_keep_the_last_k(tiny_lm, tmp_path):
     data = write_sums(tmp_path / "sums.jsonl")
     run = tmp_path / "run"

@@ -14,7 +14,7 @@ import torch
 from .errors import QDyLoRAError
 from .scaling import RankMixture
 
-RULES = ("step", "example", "sandwich", "mixture")
+RULES = ("step", "example", "sandwich", "mixture", "full")
 DISTRIBUTIONS = ("uniform", "log-uniform")
 
 
@@ -112,6 +112,7 @@ def micro_batch_ranks(rule: str, sampler: RankSampler, step: int, micro: int, n:
     example   each example its own rank: the smallest, the largest and n - 2 stratified draws
     sandwich  every example at the largest, the smallest and one drawn rank (3x the rows)
     mixture   the adapter averaged over p_B, E_b[s(b) B[:, :b] A[:b]], in one forward
+    full      every example at the largest rank (plain LoRA; lower ranks by SVD ordering)
     """
     everyone = list(range(n))
     if rule == "step":
@@ -124,6 +125,8 @@ def micro_batch_ranks(rule: str, sampler: RankSampler, step: int, micro: int, n:
         return MicroBatchRanks(everyone * len(ranks), [r for r in ranks for _ in everyone])
     if rule == "mixture":
         return MicroBatchRanks(everyone, sampler.mixture())
+    if rule == "full":
+        return MicroBatchRanks(everyone, sampler.support[-1])
     raise QDyLoRAError(f"rank rule must be one of {', '.join(RULES)}, got {rule!r}")
 
 

@@ -11,6 +11,8 @@ from .data import FORMATS, RowFormat, detect_format, read_rows, split_rows
 from .errors import QDyLoRAError
 from .sampling import RULES, RankSampler, check_ranks, parse_ranks
 
+ORDERS = ("svd", "none")  # TrainSettings.order; svd is qdylora.ordering
+
 
 @dataclass
 class DataSettings:
@@ -128,8 +130,11 @@ class TrainSettings:
     max_grad_norm: float = 0.3
     """Gradients are clipped to this global norm (QLoRA's 0.3); 0 = no clipping."""
 
-    rank_rule: Literal["step", "example", "sandwich", "mixture"] = "example"
-    """How ranks are trained: example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, in one forward; the default, docs/rank-study.md), step (one rank b ~ p_B per optimizer step, the papers' rule), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B)."""
+    rank_rule: Literal["step", "example", "sandwich", "mixture", "full"] = "example"
+    """How ranks are trained: example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, in one forward; docs/rank-study.md), step (one rank b ~ p_B per optimizer step, the papers' rule), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B), full (every example at the largest rank: plain LoRA, whose lower ranks come from --order svd)."""
+
+    order: Literal["svd", "none"] = "none"
+    """How the saved adapter's components are ordered: svd (each layer's delta rewritten through its SVD, so rank b is the best rank-b approximation of the trained adapter and is used unscaled: scale rule "nested"; validation runs on it too; checkpoints keep the trained factors), none (as trained)."""
 
     rank_distribution: Literal["uniform", "log-uniform"] = "uniform"
     """p_B over [min_rank, max_rank]: uniform, or log-uniform (p(b) proportional to 1/b: as much weight on 1-8 as on 8-64)."""
@@ -182,6 +187,8 @@ class TrainSettings:
                 raise QDyLoRAError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.rank_rule not in RULES:
             raise QDyLoRAError(f"rank_rule must be one of {', '.join(RULES)}, got {self.rank_rule!r}")
+        if self.order not in ORDERS:
+            raise QDyLoRAError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise QDyLoRAError(f"{name} must not be negative, got {getattr(self, name)}")

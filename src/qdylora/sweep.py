@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .adapter_file import load_adapter
+from .adapter_file import load_adapter, read_adapter_metadata
 from .answers import is_correct
 from .batching import fixed_batches, pad_token_id
 from .data import EMBEDDED_PREFIX, generation_prompts, read_rows, tokenize
@@ -100,7 +100,11 @@ def load_run_settings(run_dir: str | Path, trust_remote_code: bool = False) -> t
     except (KeyError, TypeError):
         raise QDyLoRAError(f"{run / 'config.json'} is not a qdylora run config") from None
     check_version(record, run)
-    return replace(settings, trust_remote_code=trust_remote_code), run / "adapter.safetensors"
+    adapter = run / "adapter.safetensors"
+    # the adapter file's scale rule wins: an SVD-ordered adapter (--order svd) is "nested"
+    scaling = read_adapter_metadata(adapter)["config"].scaling
+    settings = replace(settings, adapter=replace(settings.adapter, scaling=scaling))
+    return replace(settings, trust_remote_code=trust_remote_code), adapter
 
 
 def load_run(run_dir: str | Path, device: Optional[str] = None,

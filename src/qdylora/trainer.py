@@ -37,6 +37,7 @@ from .errors import QDyLoRAError
 from .loading import load_tokenizer, resolve_source
 from .losses import autocast_context, loss_sum, validation_loss
 from .model import QDyLoRAModel, prepare
+from .ordering import svd_ordered
 from .rank import set_rank
 from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, read_json,
                      remove_leftovers, resume_checkpoint, save_checkpoint, write_json)
@@ -375,9 +376,16 @@ def _evaluate(job: Job, val_batches, eval_ranks: list[int], log: "_RunLog", at_s
     """Validation loss at `eval_ranks` (process 0; the others wait at the next step)."""
     if not val_batches or not job.procs.is_main:
         return {}
-    losses = validation_loss(job.model, val_batches, eval_ranks, job.pad_id, job.device, job.autocast)
+    with _as_saved(job):  # the ranks as the saved adapter will have them
+        losses = validation_loss(job.model, val_batches, eval_ranks, job.pad_id, job.device, job.autocast)
     log.validation(at_step, losses)
     return losses
+
+
+def _as_saved(job: Job):
+    """The model as RUN/adapter.safetensors holds it within the block: SVD-ordered with
+    --order svd (then restored exactly), else as trained."""
+    return svd_ordered(job.model) if job.settings.order == "svd" else contextlib.nullcontext()
 
 
 def _checkpoint(job: Job, out: Path, pos: Position) -> None:
@@ -395,6 +403,9 @@ def _checkpoint(job: Job, out: Path, pos: Position) -> None:
     extra = {"step": pos.step, "rank_range": [job.sampler.min_rank, job.sampler.max_rank]}
     try:
         save_checkpoint(out, pos.step, lambda p: save_adapter(job.model, p, extra=extra), state, t.keep_last)
+        if t.order == "svd":  # RUN/adapter.safetensors is the ordered adapter; checkpoints keep the trained one
+            with _as_saved(job):
+                save_adapter(job.model, out / "adapter.safetensors", extra=extra)
     except OSError as e:
         full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise QDyLoRAError(
