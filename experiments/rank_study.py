@@ -56,7 +56,8 @@ def settings_for(name: str, seed: int, args):
                             update_mode=spec.get("update_mode", "full"))
     train = TrainSettings(max_steps=args.steps, micro_batch_size=8, grad_accumulation=1, lr=args.lr,
                           schedule="cosine", warmup_steps=max(1, args.steps // 20), eval_every=0,
-                          save_every=max(1, args.steps // 4), min_rank=spec.get("min_rank", 1), rank_rule="step",
+                          save_every=max(1, args.steps // 4), min_rank=spec.get("min_rank", 1),
+                          rank_rule="step", order="none",
                           ranks=spec.get("ranks"), eval_ranks=str(max_rank))
     return RunSettings(adapter=adapter, data=DataSettings(), train=train)
 

@@ -23,7 +23,7 @@ Recipes (only the rank rule and scale differ; every run of a seed sees the same 
     example-log     the same with p_B log-uniform (p(b) ~ 1/b)
     sandwich        every example at ranks 64, 1 and one drawn rank (3x the compute)
     mixture         one forward of E_b[s(b) B[:, :b] A[:b]] (MatryoshkaLoRA's forward, normalised)
-    full-svd        every example at rank 64 (a QLoRA-64 run), saved ordered by SVD (--order svd):
+    full-svd        every example at rank 64 (a QLoRA-64 run, alpha / sqrt(64)), saved ordered by SVD:
                     rank b is the best rank-b approximation of each layer's delta
     example-svd     the example rule, saved ordered by SVD
     qlora-r{r}      min rank = max rank = r: plain LoRA of rank r (qlora-r{r}-standard: alpha / b)
@@ -51,8 +51,8 @@ RECIPES = {
     "example-standard": dict(rank_rule="example", scaling="standard"),
     "example-nested": dict(rank_rule="example", scaling="nested"),
     "step-nested": dict(rank_rule="step", scaling="nested"),
-    "full-svd": dict(rank_rule="full", order="svd"),
-    "example-svd": dict(rank_rule="example", order="svd"),
+    "full-svd": dict(rank_rule="full", order="svd", scaling="rslora"),  # the defaults of qdylora train
+    "example-svd": dict(rank_rule="example", order="svd", scaling="rslora"),
     **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in (1, 2, 4, 8, 16, 32, 64)},
     **{f"qlora-r{r}-standard": dict(min_rank=r, max_rank=r, scaling="standard") for r in (1, 64)},
 }
@@ -73,7 +73,9 @@ def settings_for(task: str, name: str, seed: int, steps: int | None = None):
     spec = RECIPES[name]
     adapter = QDyLoRAConfig(max_rank=spec.get("max_rank", 64), alpha=16, dropout=0.05, seed=seed,
                             scaling=spec.get("scaling", TASK_SCALING[task]))
-    rule = {k: v for k, v in spec.items() if k not in ADAPTER_KEYS}
+    # every recipe names its rule; saved as trained unless it says --order svd (the study's
+    # results before the SVD recipes were run that way, and "QLoRA-64 cut" needs it)
+    rule = {"rank_rule": "full", "order": "none", **{k: v for k, v in spec.items() if k not in ADAPTER_KEYS}}
     if task == "asdiv":  # as experiments/rank_study.py
         steps = steps or 100
         train = TrainSettings(max_steps=steps, micro_batch_size=8, grad_accumulation=1, lr=5e-4,
@@ -192,8 +194,10 @@ def report() -> str:
             lines.append(f"| base | {base:.3f} | | | " + " | ".join("" for _ in recipes + ordered) + " |")
         for b in ranks:
             own, svd = values(f"qlora-r{b}", b), values("qlora-r64", b, "svd")
-            # full-svd trains exactly a QLoRA-64 run: its rank 64 is one, its ranks its SVD cuts
-            for seed, v in values("full-svd", b).items():
+            # full-svd trains exactly the task's QLoRA-64 run when the scale rules agree (cipher):
+            # its rank 64 is then one, and its ranks are its SVD cuts
+            same = TASK_SCALING[task] == RECIPES["full-svd"]["scaling"]
+            for seed, v in (values("full-svd", b) if same else {}).items():
                 svd.setdefault(seed, v)
                 if b == 64:
                     own.setdefault(seed, v)

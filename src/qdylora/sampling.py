@@ -14,7 +14,7 @@ import torch
 from .errors import QDyLoRAError
 from .scaling import RankMixture
 
-RULES = ("step", "example", "sandwich", "mixture", "full")
+RULES = ("full", "step", "example", "sandwich", "mixture")
 DISTRIBUTIONS = ("uniform", "log-uniform")
 
 

@@ -130,11 +130,11 @@ class TrainSettings:
     max_grad_norm: float = 0.3
     """Gradients are clipped to this global norm (QLoRA's 0.3); 0 = no clipping."""
 
-    rank_rule: Literal["step", "example", "sandwich", "mixture", "full"] = "example"
-    """How ranks are trained: example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, in one forward; docs/rank-study.md), step (one rank b ~ p_B per optimizer step, the papers' rule), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B), full (every example at the largest rank: plain LoRA, whose lower ranks come from --order svd)."""
+    rank_rule: Literal["full", "step", "example", "sandwich", "mixture"] = "full"
+    """How ranks are trained: full (every example at the largest rank, plain LoRA; the lower ranks come from --order svd: the default, best in docs/rank-study.md), step (one rank b ~ p_B per optimizer step, the DyLoRA / QDyLoRA papers' rule), example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, in one forward), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B)."""
 
-    order: Literal["svd", "none"] = "none"
-    """How the saved adapter's components are ordered: svd (each layer's delta rewritten through its SVD, so rank b is the best rank-b approximation of the trained adapter and is used unscaled: scale rule "nested"; validation runs on it too; checkpoints keep the trained factors), none (as trained)."""
+    order: Literal["svd", "none"] = "svd"
+    """How the saved adapter's components are ordered: svd (the default: each layer's delta rewritten through its SVD, so rank b is the best rank-b approximation of the trained adapter, used unscaled: scale rule "nested"; validation runs on it too; checkpoints keep the trained factors), none (as trained: rank b is the trained B[:, :b] A[:b] at s(b); the papers' meaning)."""
 
     rank_distribution: Literal["uniform", "log-uniform"] = "uniform"
     """p_B over [min_rank, max_rank]: uniform, or log-uniform (p(b) proportional to 1/b: as much weight on 1-8 as on 8-64)."""
