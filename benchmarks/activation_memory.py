@@ -24,10 +24,10 @@ import train_speed as ts  # noqa: E402
 def saved_bytes(name: str, batch_size: int) -> tuple[int, int, list]:
     from transformers import AutoTokenizer
 
-    from qdylora.batching import collate, pad_token_id
-    from qdylora.embedded import smollm2_checkpoint
-    from qdylora.losses import loss_sum
-    from qdylora.rank import set_rank
+    from qdylora.core.rank import set_rank
+    from qdylora.data.batching import collate, pad_token_id
+    from qdylora.data.embedded import smollm2_checkpoint
+    from qdylora.training.losses import loss_sum
 
     path = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(path)

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qdylora.lora_function import LoRADelta, dropout_mask
+from qdylora.core.lora_function import LoRADelta, dropout_mask
 
 P = 0.05
 

@@ -20,11 +20,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import qdylora
-from qdylora.batching import pad_token_id
-from qdylora.data import generation_prompts, read_rows
-from qdylora.generation import left_pad
-from qdylora.loading import bnb_config
-from qdylora.quantize import guard_cpu_repacking
+from qdylora.core.loading import bnb_config
+from qdylora.core.quantize import guard_cpu_repacking
+from qdylora.data.batching import pad_token_id
+from qdylora.data.rows import generation_prompts, read_rows, row_format
+from qdylora.evaluation.generation import left_pad
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     model, tok, s = qdylora.load_run(args.run)
     model.eval()
     rows = read_rows(s.data.val_data or s.data.data)[: args.prompts]
-    prompts, _ = generation_prompts(rows, tok, s.data.row_format(rows[0].keys(), "data"))
+    prompts, _ = generation_prompts(rows, tok, row_format(s.data, rows[0].keys(), "data"))
     ids, mask = left_pad(prompts, pad_token_id(tok))
     dtype = model.config.torch_compute_dtype
     with torch.no_grad():

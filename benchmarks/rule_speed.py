@@ -40,14 +40,14 @@ def main() -> None:
     import torch
 
     from qdylora import QDyLoRAConfig, RunSettings, TrainSettings
-    from qdylora.batching import pad_token_id
-    from qdylora.distributed import Processes
-    from qdylora.embedded import smollm2_checkpoint
-    from qdylora.loading import load_tokenizer, resolve_source
-    from qdylora.model import prepare
-    from qdylora.ordering import svd_ordered
-    from qdylora.settings import DataSettings
-    from qdylora.trainer import load_data, make_job, run_step
+    from qdylora.core.loading import load_tokenizer, resolve_source
+    from qdylora.core.model import prepare
+    from qdylora.core.ordering import svd_ordered
+    from qdylora.data.batching import pad_token_id
+    from qdylora.data.embedded import smollm2_checkpoint
+    from qdylora.training.distributed import Processes
+    from qdylora.training.settings import DataSettings
+    from qdylora.training.trainer import load_data, make_job, run_step
 
     source = smollm2_checkpoint()
     settings = RunSettings(adapter=QDyLoRAConfig(max_rank=64, alpha=16, dropout=0.05),

@@ -21,11 +21,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 
-from qdylora.batching import fixed_batches, pad_token_id
-from qdylora.data import generation_prompts, read_rows, tokenize
-from qdylora.generation import generate_at_ranks
-from qdylora.losses import losses_at_ranks
-from qdylora.sweep import default_ranks, load_run
+from qdylora.data.batching import fixed_batches, pad_token_id
+from qdylora.data.rows import generation_prompts, read_rows, row_format, tokenize
+from qdylora.evaluation.generation import generate_at_ranks
+from qdylora.evaluation.sweep import default_ranks
+from qdylora.training.losses import losses_at_ranks
+from qdylora.training.rundir import load_run
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     ranks = [r for r in default_ranks(model.config.max_rank) if r > 0]  # 7 ranks for R = 64
     rows = read_rows(args.data)[: args.examples]
     d = s.data
-    rf = d.row_format(rows[0].keys(), args.data)
+    rf = row_format(d, rows[0].keys(), args.data)
     examples, _ = tokenize(rows, tok, rf, max_source_length=d.max_source_length,
                            max_target_length=d.max_target_length)
     batches = fixed_batches(examples, args.batch_size)

@@ -67,15 +67,15 @@ def _examples(tokenizer, n: int, seed: int = 0):
     """`n` ASDiv training examples, as the embedded default renders them."""
     import torch
 
-    from qdylora.data import tokenize
-    from qdylora.embedded import asdiv_split
-    from qdylora.settings import DataSettings
+    from qdylora.data.embedded import asdiv_split
+    from qdylora.data.rows import row_format, tokenize
+    from qdylora.training.settings import DataSettings
 
     d = DataSettings().with_embedded_default()
     rows = asdiv_split("train")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:n]
     picked = [rows[i] for i in order]
-    rf = d.row_format(picked[0].keys(), d.data)
+    rf = row_format(d, picked[0].keys(), d.data)
     examples, _ = tokenize(picked, tokenizer, rf, max_source_length=d.max_source_length,
                            max_target_length=d.max_target_length)
     return examples
@@ -83,7 +83,7 @@ def _examples(tokenizer, n: int, seed: int = 0):
 
 def _batches(examples, batch_size: int, grouped: bool):
     """Length-grouped (qdylora's order) or random batches of the same examples."""
-    from qdylora.batching import epoch_order
+    from qdylora.data.batching import epoch_order
 
     order = epoch_order([len(e) for e in examples], batch_size, seed=0, epoch=0, group_by_length=grouped)
     return [[examples[i] for i in b] for b in order]
@@ -94,7 +94,7 @@ def _peft_model(path, quantized, dtype):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from qdylora.loading import bnb_config
+    from qdylora.core.loading import bnb_config
 
     kwargs = {"quantization_config": bnb_config(dtype)} if quantized else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cpu"}, **kwargs)
@@ -108,8 +108,8 @@ def _peft_model(path, quantized, dtype):
 
 def _qdylora_model(path, quantized, dtype_name):
     import qdylora
-    from qdylora.layer import QDyLoRALinear
-    from qdylora.targets import block_linears
+    from qdylora.core.layer import QDyLoRALinear
+    from qdylora.core.targets import block_linears
 
     config = qdylora.QDyLoRAConfig(max_rank=RANK, alpha=ALPHA, dropout=DROPOUT, compute_dtype=dtype_name)
     if quantized:
@@ -134,13 +134,13 @@ def child(name: str, steps: int, batch_size: int, dtype_name: str, count_flops: 
     import torch
     from transformers import AutoTokenizer
 
-    from qdylora.batching import collate, pad_token_id
-    from qdylora.data import IGNORE
-    from qdylora.devices import fast_compute_dtype
-    from qdylora.embedded import smollm2_checkpoint
-    from qdylora.losses import autocast_context, loss_sum
-    from qdylora.rank import set_rank
-    from qdylora.sampling import RankSampler
+    from qdylora.core.devices import fast_compute_dtype
+    from qdylora.core.rank import set_rank
+    from qdylora.data.batching import collate, pad_token_id
+    from qdylora.data.embedded import smollm2_checkpoint
+    from qdylora.data.rows import IGNORE
+    from qdylora.training.losses import autocast_context, loss_sum
+    from qdylora.training.sampling import RankSampler
 
     stack, quantized, grouped = COMPETITORS[name]
     dtype = fast_compute_dtype(torch.device("cpu")) if dtype_name == "auto" else getattr(torch, dtype_name)

@@ -48,7 +48,7 @@ SEEDED = ["qdylora", "qlora-r1", "qlora-r8", "qlora-r64"]  # the runs repeated o
 
 def settings_for(name: str, seed: int, args):
     from qdylora import QDyLoRAConfig
-    from qdylora.settings import DataSettings, RunSettings, TrainSettings
+    from qdylora.training.settings import DataSettings, RunSettings, TrainSettings
 
     spec = RUNS[name]
     max_rank = spec.get("max_rank", 64)
@@ -82,10 +82,11 @@ def em_ranks(name: str) -> list[int]:
 
 
 def run_one(name: str, seed: int, args) -> dict:
-    from qdylora.embedded import asdiv_split
-    from qdylora.rundir import latest_checkpoint, read_json
-    from qdylora.sweep import load_run, run_sweep
-    from qdylora.trainer import train
+    from qdylora.data.embedded import asdiv_split
+    from qdylora.evaluation.sweep import run_sweep
+    from qdylora.training.rundir import latest_checkpoint, read_json
+    from qdylora.training.rundir import load_run
+    from qdylora.training.trainer import train
 
     out = Path(args.out) / "runs" / f"{name}-seed{seed}"
     settings = settings_for(name, seed, args)

@@ -8,7 +8,7 @@ Two tasks, SmolLM2-135M-Instruct NF4, adapters on all 210 linears, max rank 64, 
 
     asdiv   the embedded ASDiv split, exactly the settings of experiments/rank_study.py (100 steps
             of 8, lr 5e-4, cosine, chat template), so its QLoRA results are reused where they exist
-    cipher  a word cipher (`qdylora.embedded.word_cipher`): translate sentences of 6 random words
+    cipher  a word cipher (`qdylora.data.embedded.word_cipher`): translate sentences of 6 random words
             through a fixed random bijection of 96 words; test = new sentences. Nothing but the
             96 stored pairs helps, so what an adapter can hold (its rank) decides the loss
 
@@ -29,7 +29,7 @@ Recipes (only the rank rule and scale differ; every run of a seed sees the same 
     qlora-r{r}      min rank = max rank = r: plain LoRA of rank r (qlora-r{r}-standard: alpha / b)
 
 Evaluation: answer loss on the test rows at ranks 1, 8, 64 (--ranks to change), and for every run
-with several ranks not saved in SVD order also the same adapter ordered by SVD (qdylora.ordering;
+with several ranks not saved in SVD order also the same adapter ordered by SVD (qdylora.core.ordering;
 for qlora-r64 that is "QLoRA-64 cut by SVD"). Resumable: one result file per finished run.
 """
 
@@ -68,7 +68,7 @@ OLD_NAMES = {"step": "qdylora", **{f"qlora-r{r}": f"qlora-r{r}" for r in (1, 2, 
 
 def settings_for(task: str, name: str, seed: int, steps: int | None = None):
     from qdylora import QDyLoRAConfig
-    from qdylora.settings import DataSettings, RunSettings, TrainSettings
+    from qdylora.training.settings import DataSettings, RunSettings, TrainSettings
 
     spec = RECIPES[name]
     adapter = QDyLoRAConfig(max_rank=spec.get("max_rank", 64), alpha=16, dropout=0.05, seed=seed,
@@ -93,7 +93,7 @@ def settings_for(task: str, name: str, seed: int, steps: int | None = None):
 
 def cipher_file(split: str) -> Path:
     """A split of the cipher task as a JSONL file (written once; the generator is deterministic)."""
-    from qdylora.embedded import word_cipher
+    from qdylora.data.embedded import word_cipher
 
     path = ROOT / "recipe-study" / f"cipher-{split}.jsonl"
     if not path.exists():
@@ -104,17 +104,18 @@ def cipher_file(split: str) -> Path:
 
 def test_rows(task: str, n: int) -> list[dict]:
     if task == "asdiv":
-        from qdylora.embedded import asdiv_split
+        from qdylora.data.embedded import asdiv_split
 
         return asdiv_split("test")[:n]
     return [json.loads(line) for line in cipher_file("test").read_text().splitlines()][:n]
 
 
 def run_one(task: str, name: str, seed: int, args) -> dict:
-    from qdylora.ordering import order_by_svd
-    from qdylora.rundir import latest_checkpoint, read_json
-    from qdylora.sweep import load_run, run_sweep
-    from qdylora.trainer import train
+    from qdylora.core.ordering import order_by_svd
+    from qdylora.evaluation.sweep import run_sweep
+    from qdylora.training.rundir import latest_checkpoint, read_json
+    from qdylora.training.rundir import load_run
+    from qdylora.training.trainer import train
 
     out = ROOT / "recipe-study" / "runs" / f"{task}-{name}-seed{seed}"
     settings = settings_for(task, name, seed, args.steps)
@@ -136,7 +137,7 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
               "train_seconds": summary["seconds"], "test_rows": len(rows),
               "loss": {str(r): v for r, v in loss.items()}}
     if top > 1 and saved.train.order != "svd":
-        # every rank of the same run ordered by SVD (qdylora.ordering, as --order svd saves it)
+        # every rank of the same run ordered by SVD (qdylora.core.ordering, as --order svd saves it)
         order_by_svd(model)
         cut = run_sweep(model, tokenizer, rows, data, ranks, ["loss"], progress=args.progress)
         result["svd"] = {str(r): v for r, v in cut.values["loss"].items()}

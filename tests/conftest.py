@@ -18,9 +18,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from qdylora.config import QDyLoRAConfig
-from qdylora.devices import CPU_BF16_ENV, fast_compute_dtype
-from qdylora.settings import DataSettings, RunSettings, TrainSettings
+from qdylora.core.config import QDyLoRAConfig
+from qdylora.core.devices import CPU_BF16_ENV, fast_compute_dtype
+from qdylora.training.settings import DataSettings, RunSettings, TrainSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -173,7 +173,7 @@ def tiny_settings(model, data, compute_dtype="float32", **train) -> RunSettings:
 def trained_run(tiny_lm, tmp_path_factory):
     """A finished 20-step run of the tiny Llama on sums (max_rank 8), shared by the tests that
     read runs (sweep, export, merge, generate). Tests must not write into it."""
-    from qdylora.trainer import train
+    from qdylora.training.trainer import train
 
     root = tmp_path_factory.mktemp("trained")
     data = write_sums(root / "sums.jsonl", n=40)
@@ -201,8 +201,8 @@ def transformers_4bit(path, dtype: torch.dtype):
     bitsandbytes' AVX512-BF16 CPU repacking turned off as in our layers, so both run the same
     kernels (the repacked eval path computes with bf16 block scales: 0.03 apart on an
     AVX512-BF16 CPU even in float32)."""
-    from qdylora.loading import bnb_config
-    from qdylora.quantize import guard_cpu_repacking
+    from qdylora.core.loading import bnb_config
+    from qdylora.core.quantize import guard_cpu_repacking
     import bitsandbytes as bnb
 
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(dtype), dtype=dtype)

@@ -57,3 +57,16 @@ def test_unknown_flag_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["info", "--bogus"])
     assert e.value.code == 2
+
+
+def test_library_messages_show_on_stderr_only_while_a_command_runs(capsys):
+    from qdylora.console import log, shown_on_console
+
+    before = (list(log.handlers), log.level, log.propagate)
+    with shown_on_console():
+        log.info("read 3 rows")
+        log.warning("checkpoint x is damaged")
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["qdylora: read 3 rows", "qdylora: warning: checkpoint x is damaged"]
+    assert captured.out == ""  # stdout is the command's own output
+    assert (list(log.handlers), log.level, log.propagate) == before

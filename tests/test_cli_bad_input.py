@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from qdylora.cli import main
-from qdylora.sweep import load_run_settings
+from qdylora.training.rundir import load_run_settings
 
 from .conftest import write_sums
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import qdylora
 from qdylora.cli import main
-from qdylora.generation import answer
-from qdylora.sweep import load_run
+from qdylora.evaluation.generation import answer
+from qdylora.training.rundir import load_run
 
 from .conftest import VOCAB
 

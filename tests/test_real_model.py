@@ -8,7 +8,7 @@ import torch
 
 import qdylora
 from qdylora import QDyLoRAConfig
-from qdylora.embedded import smollm2_gguf
+from qdylora.data.embedded import smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,12 @@ def test_answers_a_question_and_trains(smollm2):
 
 
 def test_training_on_asdiv_lowers_the_validation_loss(smollm2, tmp_path):
-    """A few real steps of `qdylora.trainer.train` on ASDiv rows with the chat template."""
+    """A few real steps of `qdylora.training.trainer.train` on ASDiv rows with the chat template."""
     import json
 
-    from qdylora.embedded import asdiv_jsonl
-    from qdylora.settings import DataSettings, RunSettings, TrainSettings
-    from qdylora.trainer import train
+    from qdylora.data.embedded import asdiv_jsonl
+    from qdylora.training.settings import DataSettings, RunSettings, TrainSettings
+    from qdylora.training.trainer import train
 
     model, _ = smollm2
     rows = open(asdiv_jsonl()).read().splitlines()[:80]

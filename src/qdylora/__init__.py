@@ -7,25 +7,27 @@
         ...
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata, save_adapter
-from .config import QDyLoRAConfig
+from .core.config import QDyLoRAConfig
+from .core.layer import QDyLoRALinear
+from .core.loading import load_tokenizer, resolve_source
+from .core.memory import MemoryReport, memory_report
+from .core.model import QDyLoRAModel, prepare
+from .core.rank import adapter_layers, at_rank, get_rank, set_rank, set_update_mode
 from .errors import QDyLoRAError
-from .layer import QDyLoRALinear
-from .loading import load_tokenizer, resolve_source
-from .memory import MemoryReport, memory_report
-from .model import QDyLoRAModel, prepare
-from .rank import adapter_layers, at_rank, get_rank, set_rank, set_update_mode
-from .export import export_peft
-from .generation import answer, generate_at_ranks
-from .merge import merge
-from .sampling import RankSampler
-from .settings import DataSettings, RunSettings, TrainSettings
-from .sweep import SweepResult, load_run, run_sweep
-from .trainer import train
+from .evaluation.generation import answer, generate_at_ranks
+from .evaluation.sweep import SweepResult, run_sweep
+from .export.merge import merge
+from .export.peft import export_peft
+from .training.adapter_file import base_fingerprint, load_adapter, read_adapter_metadata, save_adapter
+from .training.rundir import load_run
+from .training.sampling import RankSampler
+from .training.settings import DataSettings, RunSettings, TrainSettings
+from .training.trainer import train
 
 __all__ = [
+    "__version__",
     "DataSettings",
     "RunSettings",
     "SweepResult",

@@ -12,10 +12,11 @@ from typing import Optional
 import tyro
 
 from .commands import COMMANDS, Train
-from .config import QDyLoRAConfig
+from .console import shown_on_console
+from .core.config import QDyLoRAConfig
 from .errors import QDyLoRAError
-from .settings import DataSettings, RunSettings, TrainSettings
-from .trainer import TrainingInterrupted
+from .training.settings import DataSettings, RunSettings, TrainSettings
+from .training.trainer import TrainingInterrupted
 
 
 GROUPS = {"adapter": QDyLoRAConfig, "data": DataSettings, "train": TrainSettings}
@@ -87,13 +88,15 @@ def _train_defaults(argv: list[str]) -> Train:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the `qdylora` console script."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = "--debug" in argv  # until the command is parsed (reading a --config may fail first)
     try:
         if argv and argv[0] == "train":
             command = tyro.cli(Train, prog="qdylora train", args=argv[1:], default=_train_defaults(argv[1:]))
         else:
             command = tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="qdylora", args=argv)
-        command.run()
+        debug = command.debug
+        with shown_on_console():
+            command.run()
     except TrainingInterrupted as e:  # Ctrl-C: a checkpoint was written
         print(f"qdylora: {e}", file=sys.stderr)
         return 130

@@ -12,11 +12,11 @@ from typing import Annotated, Literal, Optional
 
 import tyro
 
-from .config import QDyLoRAConfig
+from .core.config import QDyLoRAConfig
 from .errors import QDyLoRAError
 from .files import refuse_existing
-from .sampling import check_ranks, parse_ranks
-from .settings import DataSettings, RunSettings, TrainSettings
+from .training.sampling import check_ranks, parse_ranks
+from .training.settings import DataSettings, RunSettings, TrainSettings
 
 Flat = tyro.conf.arg(name="")  # a settings group whose fields become top-level flags
 
@@ -40,9 +40,9 @@ class Info:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .embedded import smollm2_checkpoint
-        from .memory import memory_report
-        from .model import prepare
+        from .data.embedded import smollm2_checkpoint
+        from .core.memory import memory_report
+        from .core.model import prepare
 
         source = self.model or smollm2_checkpoint()
         start = time.perf_counter()
@@ -94,7 +94,7 @@ class Train:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .trainer import train
+        from .training.trainer import train
 
         if self.resume and self.out and Path(self.out) != Path(self.resume):
             raise QDyLoRAError("--out and --resume name different directories: give only --resume")
@@ -172,7 +172,8 @@ class Sweep:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .sweep import SWEEP_FILES, default_ranks, eval_rows, load_run, run_sweep, table, write_outputs
+        from .evaluation.sweep import SWEEP_FILES, default_ranks, eval_rows, run_sweep, table, write_outputs
+        from .training.rundir import load_run
 
         out = Path(self.out or self.run_dir)
         existing = [n for n in SWEEP_FILES.values() if (out / n).exists()]
@@ -226,10 +227,10 @@ class Export:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .adapter_file import load_adapter
-        from .export import export_peft
-        from .model import prepare
-        from .sweep import load_run_settings
+        from .training.adapter_file import load_adapter
+        from .export.peft import export_peft
+        from .core.model import prepare
+        from .training.rundir import load_run_settings
 
         if (self.rank is None) == (self.ranks is None):
             raise QDyLoRAError("give exactly one of --rank 8 or --ranks 1,2,4,8")
@@ -278,8 +279,8 @@ class Merge:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .merge import REQUANTIZE_NOTE, merge
-        from .sweep import load_run, load_run_settings
+        from .export.merge import REQUANTIZE_NOTE, merge
+        from .training.rundir import load_run, load_run_settings
 
         settings, _ = load_run_settings(self.run_dir, self.trust_remote_code)
         check_ranks([self.rank], settings.adapter.max_rank)  # before the model is loaded
@@ -329,9 +330,9 @@ class Generate:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .generation import answer
-        from .rundir import read_json
-        from .sweep import load_run, load_run_settings
+        from .evaluation.generation import answer
+        from .training.rundir import read_json
+        from .training.rundir import load_run, load_run_settings
 
         settings, _ = load_run_settings(self.run_dir, self.trust_remote_code)
         R = settings.adapter.max_rank
@@ -387,13 +388,13 @@ class Demo:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .data import read_rows
-        from .embedded import smollm2_checkpoint
-        from .export import export_peft
-        from .loading import load_tokenizer, resolve_source
-        from .model import prepare
-        from .sweep import run_sweep, table, write_outputs
-        from .trainer import train
+        from .data.rows import read_rows
+        from .data.embedded import smollm2_checkpoint
+        from .export.peft import export_peft
+        from .core.loading import load_tokenizer, resolve_source
+        from .core.model import prepare
+        from .evaluation.sweep import run_sweep, table, write_outputs
+        from .training.trainer import train
 
         start = time.perf_counter()
         out = Path(self.out)

@@ -1,0 +1,39 @@
+"""The library's messages: one logger, "qdylora", and how the command line shows it.
+
+Library code never prints: it logs what a run reads and how it is set up (info) and what it
+worked around (warning). `qdylora ...` shows those records as "qdylora: ..." lines on stderr
+while the command runs (stdout keeps the command's own output: tables, JSON); a program that
+imports qdylora configures logging as it likes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterator
+
+log = logging.getLogger("qdylora")
+
+
+class _Console(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        # sys.stderr looked up now, not when the handler was made: redirections and pytest's
+        # capture replace it
+        print(f"qdylora: {kind}{record.getMessage()}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def shown_on_console() -> Iterator[None]:
+    """Inside the block, the logger's info and warnings go to stderr; as before after it."""
+    handler, level, propagate = _Console(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate

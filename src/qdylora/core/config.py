@@ -1,0 +1,95 @@
+"""`QDyLoRAConfig`: how a causal LM is turned into a QDyLoRA model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+
+from ..errors import QDyLoRAError
+from .devices import fast_compute_dtype
+from .scaling import RULES as SCALE_RULES
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class QDyLoRAConfig:
+    """Adapter and quantization settings, fixed when the model is prepared."""
+
+    max_rank: int = 64
+    """Largest LoRA rank R. A is (R x in_features), B is (out_features x R); every rank 1..R is usable."""
+
+    alpha: float = 16.0
+    """LoRA alpha. The adapter at rank b is scaled by alpha / b (or alpha / sqrt(b) with rslora)."""
+
+    scaling: Literal["standard", "rslora", "nested"] = "rslora"
+    """Scale rule s(b): "rslora" is alpha / sqrt(b) (the default: with alpha / b high ranks learn more slowly at one learning rate, docs/rank-study.md), "standard" is alpha / b (LoRA, DyLoRA, QDyLoRA), "nested" is alpha / sqrt(max_rank) at every rank (rank b is the first b components of the full adapter, unscaled)."""
+
+    dropout: float = 0.05
+    """Dropout on the adapter's input (the frozen base path sees the undropped input)."""
+
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Linear layers that get an adapter: "all-linear" (every linear in the transformer blocks, not the output head) or module names matched as the last components of the path, e.g. ["q_proj", "v_proj"] or ["self_attn.q_proj"]."""
+
+    update_mode: Literal["full", "frozen"] = "full"
+    """"full": every entry of A[:b], B[:, :b] is trained (QDyLoRA). "frozen": only row b-1 of A and column b-1 of B are trained, the earlier ones are used but detached (DyLoRA's rule)."""
+
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of the matrix products (NF4 base and adapter) and of the unquantized weights when the model is loaded from a path. "auto": bfloat16 where the device multiplies it fast (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else float32. Adapter parameters are always stored in float32."""
+
+    seed: int = 0
+    """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero) and, when training, for the validation split, data order, rank sampling and dropout."""
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise QDyLoRAError(f"max_rank must be at least 1, got {self.max_rank}")
+        if self.alpha <= 0:
+            raise QDyLoRAError(f"alpha must be positive, got {self.alpha}")
+        if self.scaling not in SCALE_RULES:
+            raise QDyLoRAError(f"scaling must be one of {', '.join(SCALE_RULES)}, got {self.scaling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise QDyLoRAError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.update_mode not in ("full", "frozen"):
+            raise QDyLoRAError(f"update_mode must be 'full' or 'frozen', got {self.update_mode!r}")
+        if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
+            raise QDyLoRAError(
+                f"compute_dtype must be auto or one of {', '.join(DTYPES)}, got {self.compute_dtype!r}"
+            )
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            # A single module name is accepted as a one-element list, as PEFT users write it.
+            self.target_modules = [self.target_modules]
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise QDyLoRAError("target_modules is empty: use 'all-linear' or name the modules")
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        """The compute dtype; "auto" must be resolved first (`resolved_for`)."""
+        if self.compute_dtype == "auto":
+            raise QDyLoRAError("compute_dtype 'auto' is resolved when the model is prepared")
+        return DTYPES[self.compute_dtype]
+
+    def resolved_for(self, device: Union[str, torch.device]) -> "QDyLoRAConfig":
+        """A copy whose compute_dtype "auto" is replaced by the fast dtype of `device`."""
+        if self.compute_dtype != "auto":
+            return self
+        name = {v: k for k, v in DTYPES.items()}[fast_compute_dtype(device)]
+        return dataclasses.replace(self, compute_dtype=name)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "QDyLoRAConfig") -> "QDyLoRAConfig":
+        return from_dict(cls, d, where)
+
+
+def from_dict(cls, values: dict, where: str):
+    """Build the dataclass `cls` from a dict, naming unknown keys (a config file, a saved run)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise QDyLoRAError(f"{where}: unknown settings {', '.join(unknown)}")
+    return cls(**values)

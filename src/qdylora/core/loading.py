@@ -1,0 +1,146 @@
+"""Loading a causal LM with its linear layers in NF4: local directory, hub id or GGUF file.
+
+From safetensors the weights are quantized while they load (transformers' BitsAndBytesConfig
+path, shard by shard), so the full-precision model is never in memory at once. A GGUF file is
+dequantized by transformers and then quantized to NF4 layer by layer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from ..errors import QDyLoRAError
+from .quantize import QUANT_TYPE
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `path` (a local directory or a hub id) and an optional GGUF file."""
+
+    path: str
+    gguf_file: Optional[str] = None
+    is_local: bool = True
+
+
+def resolve_source(source: str, gguf_file: Optional[str] = None) -> ModelSource:
+    """Turn what a user typed into a `ModelSource`, with a clear error for a bad local path.
+
+    A path to a .gguf file, or a directory without config.json holding exactly one .gguf file,
+    selects that GGUF file.
+    """
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise QDyLoRAError(f"GGUF file {gguf_file!r} not found in {path}")
+            return ModelSource(str(path), gguf_file)
+        if (path / "config.json").is_file():
+            return ModelSource(str(path))
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0])
+        if ggufs:
+            raise QDyLoRAError(
+                f"{path} holds several GGUF files ({', '.join(ggufs)}): pass the file's path instead"
+            )
+        raise QDyLoRAError(
+            f"{path} is not a model directory (no config.json and no .gguf file): "
+            "point --model at a Hugging Face model directory, a .gguf file or a hub id"
+        )
+    if path.exists():
+        raise QDyLoRAError(f"{path} is not a model directory or a .gguf file")
+    looks_local = str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
+    if looks_local:
+        raise QDyLoRAError(f"model path {source} does not exist")
+    return ModelSource(str(source), gguf_file, is_local=False)
+
+
+def bnb_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's storage: NF4, blocksize 64, double quantization of the absmax."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=QUANT_TYPE,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_causal_lm(
+    src: ModelSource,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """The model with its block linears already NF4 (safetensors), or in `compute_dtype` (GGUF).
+
+    Weights are read from safetensors or GGUF only, never from pickle files.
+    """
+    kwargs = dict(dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    try:
+        if src.gguf_file is not None:
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path, gguf_file=src.gguf_file, device_map={"": device}, **kwargs
+            )
+            forget_quantizer(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                src.path,
+                quantization_config=bnb_config(compute_dtype),
+                device_map={"": device},
+                use_safetensors=True,
+                **kwargs,
+            )
+    except (OSError, ValueError, KeyError) as e:
+        raise QDyLoRAError(f"cannot load a causal LM from {src.path}: {_explain(e, src)}") from e
+    return model
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    """The model's tokenizer (from the GGUF file when the model is one)."""
+    try:
+        return AutoTokenizer.from_pretrained(
+            src.path, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise QDyLoRAError(f"cannot load a tokenizer from {src.path}: {_first_line(e)}") from e
+
+
+def forget_quantizer(model: nn.Module) -> None:
+    """Drop transformers' record of how the model was quantized, once its weights are plain
+    (a GGUF model loads dequantized; a merged model is dequantized), so `save_pretrained` and
+    `.to(dtype)` treat it as the plain model it is."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+
+
+def _explain(e: BaseException, src: ModelSource) -> str:
+    text = _first_line(e)
+    if "Unrecognized configuration class" in text:
+        return ("it is not a decoder-only causal LM (qdylora fine-tunes models such as Llama, "
+                "Mistral, Qwen2, GPT-2, OPT, Falcon)")
+    if "no file named model.safetensors" in text:
+        return (f"{text} (qdylora reads weights from safetensors only; re-save the model with "
+                "save_pretrained(..., safe_serialization=True))")
+    if not src.is_local:
+        return f"{text} (a hub id needs network access, or give a local copy's path)"
+    return text
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+

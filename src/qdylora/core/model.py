@@ -1,0 +1,149 @@
+"""`prepare`: a Hugging Face causal LM -> `QDyLoRAModel` (NF4 base + dynamic-rank adapters)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from ..errors import QDyLoRAError
+from .config import QDyLoRAConfig
+from .devices import default_device
+from .layer import QDyLoRALinear
+from .loading import load_causal_lm, resolve_source
+from .quantize import QUANT_TYPE, guard_cpu_repacking, quantize_linear
+from .rank import adapter_layers
+from .targets import block_linears, find_targets, replace_module
+
+
+class QDyLoRAModel(nn.Module):
+    """A causal LM whose targeted linears are `QDyLoRALinear` layers.
+
+    Calls go to the wrapped model (`forward`, `generate`); the active rank is chosen with
+    `qdylora.set_rank` / `qdylora.at_rank`. Only the adapters' A and B require grad.
+    """
+
+    def __init__(self, model: nn.Module, config: QDyLoRAConfig, base_model_name_or_path: str) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.base_model_name_or_path = base_model_name_or_path
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def adapter_layers(self) -> dict[str, QDyLoRALinear]:
+        """Module path (inside the wrapped model) -> adapter layer."""
+        return adapter_layers(self.model)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters: every A and B, in model order."""
+        return [p for layer in self.adapter_layers().values() for p in (layer.lora_A, layer.lora_B)]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """{"<path>.lora_A": (R, in), "<path>.lora_B": (out, R)} at full max_rank, detached."""
+        out = {}
+        for name, layer in self.adapter_layers().items():
+            out[f"{name}.lora_A"] = layer.lora_A.detach()
+            out[f"{name}.lora_B"] = layer.lora_B.detach()
+        return out
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy A and B in from `adapter_state_dict()`'s format; every key must match exactly."""
+        expected = self.adapter_state_dict()
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise QDyLoRAError(
+                f"adapter does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise QDyLoRAError(
+                    f"adapter tensor {key} has shape {tuple(value.shape)}, "
+                    f"this model needs {tuple(expected[key].shape)}"
+                )
+        with torch.no_grad():
+            for name, layer in self.adapter_layers().items():
+                layer.lora_A.copy_(state[f"{name}.lora_A"])
+                layer.lora_B.copy_(state[f"{name}.lora_B"])
+
+
+def prepare(
+    model: Union[str, os.PathLike, nn.Module],
+    config: Optional[QDyLoRAConfig] = None,
+    *,
+    device: Union[str, torch.device, None] = None,
+    gguf_file: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> QDyLoRAModel:
+    """Turn a causal LM into a QDyLoRA model.
+
+    `model` is a loaded transformers model, a local directory (safetensors), a .gguf file or a
+    hub id. Every linear layer of the transformer blocks is stored frozen in NF4 with double
+    quantization (QLoRA's convention, also for layers without an adapter); the targeted ones
+    get a trainable A, B pair. Embeddings, norms and the output head stay unquantized and frozen.
+    `device` applies when loading from a path (default: CUDA if available, else CPU); a loaded
+    model stays where it is.
+    """
+    config = config or QDyLoRAConfig()
+    if isinstance(model, nn.Module):
+        if adapter_layers(model) or isinstance(model, QDyLoRAModel):
+            raise QDyLoRAError("this model is already prepared with QDyLoRA adapters")
+        config = config.resolved_for(next(model.parameters()).device)
+        hf, name = model, getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    else:
+        src = resolve_source(str(model), gguf_file)
+        target_device = torch.device(device) if device is not None else default_device()
+        config = config.resolved_for(target_device)
+        hf = load_causal_lm(src, config.torch_compute_dtype, target_device, trust_remote_code)
+        name = str(model)
+    dtype = config.torch_compute_dtype
+
+    targets = set(find_targets(hf, config.target_modules))  # validates before any change
+    for path, layer in block_linears(hf).items():
+        replace_module(hf, path, _as_nf4(path, layer, dtype))
+    for p in hf.parameters():
+        p.requires_grad_(False)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    for path, layer in block_linears(hf).items():  # model order, so A draws are reproducible
+        if path in targets:
+            adapter = QDyLoRALinear(
+                layer,
+                max_rank=config.max_rank,
+                alpha=config.alpha,
+                scaling=config.scaling,
+                dropout=config.dropout,
+                update_mode=config.update_mode,
+                compute_dtype=dtype,
+                generator=generator,
+            )
+            replace_module(hf, path, adapter)
+    return QDyLoRAModel(hf, config, name)
+
+
+def _as_nf4(path: str, layer: nn.Module, compute_dtype: torch.dtype) -> bnb.nn.Linear4bit:
+    """The layer stored in NF4 (quantized here unless bitsandbytes already did it)."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = layer.weight.quant_state
+        if state is None or state.quant_type != QUANT_TYPE or not state.nested:
+            raise QDyLoRAError(
+                f"{path} is 4-bit but not NF4 with double quantization: load the model in full "
+                "precision and let qdylora quantize it"
+            )
+        layer.compute_dtype = compute_dtype
+        layer.compute_type_is_set = True
+        guard_cpu_repacking(layer)
+        return layer
+    if not layer.weight.is_floating_point() or isinstance(layer, bnb.nn.Linear8bitLt):
+        raise QDyLoRAError(
+            f"{path} is a {type(layer).__name__} with {layer.weight.dtype} weights: load the model "
+            "in full precision and let qdylora quantize it"
+        )
+    return quantize_linear(layer, compute_dtype)

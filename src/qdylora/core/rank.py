@@ -1,0 +1,118 @@
+"""Choosing the active rank of every adapter in a model: one rank, or one per example."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import QDyLoRAError
+from .layer import QDyLoRALinear, Rank
+from .scaling import RankMixture
+
+RankLike = Union[int, Sequence[int], torch.Tensor, RankMixture]
+
+
+def adapter_layers(model: nn.Module) -> dict[str, QDyLoRALinear]:
+    """Module path -> adapter layer, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QDyLoRALinear)}
+
+
+def max_rank(model: nn.Module) -> int:
+    layers = list(adapter_layers(model).values())
+    if not layers:
+        raise QDyLoRAError("this model has no QDyLoRA adapters: call qdylora.prepare on it first")
+    return layers[0].max_rank
+
+
+def _validate(model: nn.Module, rank: RankLike) -> Rank:
+    top = max_rank(model)
+    if isinstance(rank, bool):
+        raise QDyLoRAError(f"rank must be an integer, got {rank!r}")
+    if isinstance(rank, int):
+        if not 0 <= rank <= top:
+            raise QDyLoRAError(f"rank {rank} is out of range: use 1..{top} (or 0 for the base model)")
+        return rank
+    if isinstance(rank, RankMixture):
+        if not rank.probabilities or rank.probabilities[0][0] < 1 or rank.max_rank > top:
+            raise QDyLoRAError(f"a rank mixture needs ranks in 1..{top}, got {rank.probabilities}")
+        return rank
+    ranks = torch.as_tensor(rank)
+    if ranks.dim() != 1 or ranks.is_floating_point() or ranks.is_complex():
+        raise QDyLoRAError("per-example ranks must be a 1-D integer tensor of shape [batch]")
+    bad = ranks[(ranks < 0) | (ranks > top)]
+    if bad.numel():
+        raise QDyLoRAError(f"rank {int(bad[0])} is out of range: use 1..{top} (or 0 for the base model)")
+    return ranks.to(torch.long)
+
+
+def set_rank(model: nn.Module, rank: RankLike) -> None:
+    """Set the active rank of every adapter.
+
+    `rank` is an int in 0..max_rank for the whole batch (0 = adapter off, the base model), a
+    sequence / tensor of shape [batch] giving each example its own rank, or a `RankMixture`
+    (the adapter averaged over a distribution of ranks, for training).
+    """
+    value = _validate(model, rank)
+    for layer in adapter_layers(model).values():
+        layer.rank = value
+
+
+def get_rank(model: nn.Module) -> Rank:
+    """The active rank (int or per-example tensor)."""
+    layers = list(adapter_layers(model).values())
+    if not layers:
+        raise QDyLoRAError("this model has no QDyLoRA adapters: call qdylora.prepare on it first")
+    return layers[0].rank
+
+
+@contextmanager
+def at_rank(model: nn.Module, rank: RankLike) -> Iterator[None]:
+    """`with at_rank(model, 8): ...` runs the block at rank 8 and restores the previous rank."""
+    previous = get_rank(model)
+    set_rank(model, rank)
+    try:
+        yield
+    finally:
+        for layer in adapter_layers(model).values():
+            layer.rank = previous
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The block runs in eval mode; the model's training mode and rank are put back after it
+    (an evaluation inside training, or a sweep on a model someone else holds)."""
+    was_training, previous = model.training, get_rank(model)
+    model.eval()
+    try:
+        yield
+    finally:
+        for layer in adapter_layers(model).values():
+            layer.rank = previous
+        model.train(was_training)
+
+
+def set_update_mode(model: nn.Module, mode: str) -> None:
+    """"full" (QDyLoRA: all of A[:b], B[:, :b] train) or "frozen" (DyLoRA: only component b-1)."""
+    if mode not in ("full", "frozen"):
+        raise QDyLoRAError(f"update mode must be 'full' or 'frozen', got {mode!r}")
+    for layer in adapter_layers(model).values():
+        layer.update_mode = mode
+
+
+def replicate_for_ranks(model: nn.Module, ranks: Sequence[int], *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Prepare `model` to run every rank in `ranks` over the (n, ...) tensors of one batch.
+
+    One rank: the model runs at that shared rank and the tensors come back as they are. Several:
+    the tensors are repeated rank-major, (k * n, ...), and rows j*n..(j+1)*n-1 run at ranks[j]
+    (per-example ranks), so all ranks share each forward pass.
+    """
+    ranks = list(ranks)
+    if len(ranks) == 1:
+        set_rank(model, ranks[0])
+        return batch
+    n = batch[0].shape[0]
+    set_rank(model, torch.tensor(ranks, device=batch[0].device).repeat_interleave(n))
+    return tuple(t.repeat(len(ranks), *([1] * (t.dim() - 1))) for t in batch)

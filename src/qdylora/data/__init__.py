@@ -1,0 +1,1 @@
+"""Rows to examples: reading and tokenizing rows, batching, the embedded model and data."""

@@ -1,0 +1,403 @@
+"""Training data: rows from a file or a hub dataset -> tokenized examples with loss masks.
+
+A row becomes a list of text segments, each marked trainable (the response, assistant turns)
+or not (the prompt). Segments are tokenized one by one, so the mask falls on token boundaries
+exactly; labels are -100 where the loss is off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+
+import torch
+
+from ..errors import QDyLoRAError
+
+if TYPE_CHECKING:  # the settings live with training; reading them here needs no import
+    from ..training.settings import DataSettings
+
+IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
+FORMATS = ("auto", "alpaca", "input-output", "chat", "text", "template")
+EMBEDDED_PREFIX = "asdiv:"  # the embedded default data, split by embedded.asdiv_split
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# Stanford Alpaca's prompts, as QLoRA uses them.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
+                  "assistant": "assistant"}
+
+
+@dataclass
+class Example:
+    """One tokenized training example."""
+
+    input_ids: list[int]
+    labels: list[int]  # same length; IGNORE where there is no loss
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataStats:
+    """What tokenization did to a dataset; reported, never silent."""
+
+    rows: int = 0
+    examples: int = 0
+    truncated_prompt: int = 0
+    truncated_response: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    loss_tokens: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def __str__(self) -> str:
+        dropped = sum(self.dropped.values())
+        why = ", ".join(f"{n} {r}" for r, n in sorted(self.dropped.items()))
+        return (
+            f"{self.examples} of {self.rows} rows kept ({self.tokens} tokens, {self.loss_tokens} "
+            f"with loss); truncated: {self.truncated_prompt} prompts, {self.truncated_response} "
+            f"responses; dropped: {dropped}" + (f" ({why})" if why else "")
+        )
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """How a row becomes text: its format and, for "template", the two templates; with
+    `chat_template`, prompt/response rows are rendered as a user and an assistant turn."""
+
+    format: str
+    prompt_template: Optional[str] = None
+    response_template: Optional[str] = None
+    chat_template: bool = False
+
+    @property
+    def is_chat(self) -> bool:
+        return self.format == "chat" or (self.chat_template and self.format != "text")
+
+
+def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local JSON/JSONL/CSV/Parquet file (or a directory of them), of a dataset on the
+    Hugging Face hub for users who are online (read with the `datasets` library), or of the
+    embedded ASDiv ("asdiv:train", "asdiv:validation", "asdiv:test")."""
+    import datasets
+
+    if source.startswith(EMBEDDED_PREFIX):
+        from .embedded import asdiv_split
+
+        return asdiv_split(source[len(EMBEDDED_PREFIX):])
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise QDyLoRAError(
+                f"data file {source} has an unsupported type {path.suffix or '(none)'}: "
+                f"use one of {', '.join(FILE_BUILDERS)}"
+            )
+        args, kwargs = (builder,), dict(data_files=str(path), split="train")
+    elif path.is_dir():
+        args, kwargs = (str(path),), dict(split=split)
+    elif source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
+        raise QDyLoRAError(f"data file {source} does not exist")
+    else:
+        args, kwargs = (source,), dict(split=split)
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # only while we read: the caller's setting is put back
+    try:
+        return [dict(row) for row in datasets.load_dataset(*args, **kwargs)]  # decoding happens here too
+    except Exception as e:  # datasets raises many types (DatasetGenerationError, ConnectionError..)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = _first_bad_line(path) if path.is_file() else None
+        raise QDyLoRAError(f"cannot read data from {source}: {found or first}") from e
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _first_bad_line(path: Path) -> Optional[str]:
+    """What is wrong in a text data file `datasets` could not read, with the line number: bytes
+    that are not UTF-8, or (JSON Lines) the first line that is not a JSON object."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return f"line {line} is not UTF-8 text (byte {e.start}): save the file as UTF-8"
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        return None
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return None  # one valid JSON document: datasets' complaint is about its shape
+        except ValueError:
+            pass  # maybe JSON Lines in a .json file: look line by line
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            return f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+        if not isinstance(obj, dict):
+            return f"line {number} is a JSON {type(obj).__name__}, not an object with fields"
+    return None
+
+
+def detect_format(columns: Iterable[str], source: str) -> str:
+    """The data format implied by a dataset's fields."""
+    cols = set(columns)
+    if cols & {"messages", "conversations"}:
+        return "chat"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"input", "output"} <= cols:
+        return "input-output"
+    if "text" in cols:
+        return "text"
+    raise QDyLoRAError(
+        f"cannot tell the format of {source} from its fields ({', '.join(sorted(cols)) or 'none'}): "
+        "name it with --format, or map fields with --prompt-template '{field} ...' "
+        "--response-template '{field}'"
+    )
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template such as "{passage} {question}" uses."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as e:
+        raise QDyLoRAError(f"bad template {template!r}: {e}") from None
+
+
+def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] | list[dict]:
+    """A row as [(prompt, False), (response, True)], [(text, True)] for "text", or a list of
+    {role, content} messages for "chat"."""
+
+    def need(*names: str) -> list[str]:
+        missing = [n for n in names if row.get(n) is None]
+        if missing:
+            raise QDyLoRAError(
+                f"row {index} has no {', '.join(missing)} (its fields with values: "
+                f"{', '.join(sorted(k for k, v in row.items() if v is not None)) or 'none'})"
+            )
+        return [str(row[n]) for n in names]
+
+    fmt, prompt_template, response_template = rf.format, rf.prompt_template, rf.response_template
+    if fmt == "alpaca":
+        instruction, output = need("instruction", "output")
+        extra = str(row.get("input") or "")
+        prompt = (ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT).format(
+            instruction=instruction, input=extra
+        )
+        return [(prompt, False), (output, True)]
+    if fmt == "input-output":
+        source, target = need("input", "output")
+        return [(source, False), (target, True)]
+    if fmt == "template":
+        need(*template_fields(prompt_template), *template_fields(response_template))
+        values = {k: ("" if v is None else v) for k, v in row.items()}
+        return [(prompt_template.format_map(values), False), (response_template.format_map(values), True)]
+    if fmt == "text":
+        return [(need("text")[0], True)]
+    if fmt == "chat":
+        key = "conversations" if row.get("conversations") is not None else "messages"
+        messages = need(key) and row[key]
+        if not isinstance(messages, list):
+            raise QDyLoRAError(f"row {index}: {key} must be a list of messages")
+        out = []
+        for m in messages:
+            if not isinstance(m, dict):
+                raise QDyLoRAError(f"row {index}: each message must be an object with role and content")
+            role = m.get("role", SHAREGPT_ROLES.get(m.get("from", ""), None))
+            content = m.get("content", m.get("value"))
+            if role is None or content is None:
+                raise QDyLoRAError(
+                    f"row {index}: a message has no role/content (its fields: {', '.join(sorted(m))})"
+                )
+            out.append({"role": SHAREGPT_ROLES.get(role, role), "content": content})
+        return out
+    raise QDyLoRAError(f"unknown data format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise QDyLoRAError(
+            "the tokenizer has no chat template: use a chat model, or drop --chat-template "
+            "on prompt/response data"
+        )
+
+
+def chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[str, bool]]:
+    """Render a conversation with the tokenizer's chat template; assistant turns are trainable.
+
+    The template is rendered prefix by prefix (up to each assistant turn with the generation
+    prompt, then through that turn), so each assistant reply is exactly the text the template
+    adds for it.
+    """
+    require_chat_template(tokenizer)
+
+    def render(msgs: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise QDyLoRAError(
+                f"row {index}: the tokenizer's chat template does not render this conversation "
+                "turn by turn, so assistant turns cannot be masked: use --train-on-prompt"
+            )
+        segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
+        done = full
+    return segments
+
+
+def tokenize(
+    rows: Sequence[dict],
+    tokenizer,
+    rf: RowFormat,
+    *,
+    max_source_length: int = 512,
+    max_target_length: int = 256,
+    train_on_prompt: bool = False,
+    row_numbers: Optional[Sequence[int]] = None,
+) -> tuple[list[Example], DataStats]:
+    """Tokenize rows into examples.
+
+    Prompt/response rows: the prompt is cut to `max_source_length` tokens and the response
+    (with EOS) to `max_target_length`. Chat and text rows are cut at their sum. Rows left
+    with no token under loss are dropped and counted. `row_numbers` are the rows' numbers in
+    their file, for error messages (default: 0, 1, 2, ...).
+    """
+    stats = DataStats(rows=len(rows))
+    examples = []
+    eos = tokenizer.eos_token_id
+    for offset, row in enumerate(rows):
+        index = row_numbers[offset] if row_numbers is not None else offset
+        parts = segments_of(row, index, rf)
+        fmt, is_chat = rf.format, rf.is_chat
+        if is_chat:
+            if fmt != "chat":
+                (prompt, _), (response, _) = parts
+                parts = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            parts = chat_segments(tokenizer, parts, index)
+            if not parts:
+                stats.drop("without an assistant turn")
+                continue
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (text, trainable) in enumerate(parts):
+            seg = tokenizer(text, add_special_tokens=(k == 0 and not is_chat))["input_ids"]
+            if trainable and not is_chat and eos is not None and (not seg or seg[-1] != eos):
+                seg = seg + [eos]  # the model learns to stop
+            if not is_chat and fmt != "text":
+                limit = max_target_length if trainable else max_source_length
+                if len(seg) > limit:
+                    seg = seg[:limit]
+                    if trainable:
+                        stats.truncated_response += 1
+                    else:
+                        stats.truncated_prompt += 1
+            ids += seg
+            labels += seg if (trainable or train_on_prompt) else [IGNORE] * len(seg)
+        if (is_chat or fmt == "text") and len(ids) > max_source_length + max_target_length:
+            ids, labels = ids[: max_source_length + max_target_length], labels[: max_source_length + max_target_length]
+            stats.truncated_response += 1
+        if not ids or all(label == IGNORE for label in labels[1:]):
+            stats.drop("with no response tokens left" if ids else "empty")
+            continue
+        examples.append(Example(ids, labels))
+        stats.tokens += len(ids)
+        stats.loss_tokens += sum(label != IGNORE for label in labels[1:])
+    stats.examples = len(examples)
+    return examples, stats
+
+
+def split_rows(rows: list[dict], fraction: float, max_examples: int, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation indices: a seeded permutation, the first
+    round(fraction * n) (at most `max_examples`, 0 = no cap) go to validation."""
+    n = len(rows)
+    n_val = int(round(fraction * n))
+    if max_examples > 0:
+        n_val = min(n_val, max_examples)
+    if fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def prompt_ids(tokenizer, messages: list[dict], chat: bool) -> list[int]:
+    """The token ids a model sees before it answers: the conversation rendered by the chat
+    template with its generation prompt, or (chat=False) the last message as plain text with
+    the tokenizer's own special tokens, as training tokenizes prompts."""
+    if chat:
+        require_chat_template(tokenizer)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"]
+
+
+def generation_prompts(
+    rows: Sequence[dict],
+    tokenizer,
+    rf: RowFormat,
+    *,
+    max_source_length: int = 512,
+) -> tuple[list[list[int]], list[str]]:
+    """Prompt token ids (what the model sees before it answers, as in training) and reference
+    answers, for scoring generations. Long prompts keep their last `max_source_length` tokens,
+    so the question and the generation prompt survive."""
+    if rf.format == "text":
+        raise QDyLoRAError("exact_match needs prompt/response or chat data, not the text format")
+    prompts, references = [], []
+    for index, row in enumerate(rows):
+        parts = segments_of(row, index, rf)
+        if rf.format == "chat":
+            last = max((i for i, m in enumerate(parts) if m["role"] == "assistant"), default=None)
+            if last is None:
+                raise QDyLoRAError(f"row {index} has no assistant turn to compare with")
+            messages, reference = parts[:last], parts[last]["content"]
+        else:
+            (prompt, _), (reference, _) = parts
+            messages = [{"role": "user", "content": prompt}]
+        ids = prompt_ids(tokenizer, messages, chat=rf.is_chat)
+        prompts.append(ids[-max_source_length:])
+        references.append(str(reference))
+    return prompts, references
+
+
+def run_rows(d: "DataSettings", seed: int) -> tuple[list[dict], list[int], list[dict], list[int]]:
+    """(training rows, indices trained on, validation source rows, indices used) of a run's data
+    settings: the first --val-max-examples rows of --val-data, or a seeded held-out part of the
+    training rows. Training and the sweep both take the run's validation rows from here; indices
+    are the rows' own numbers in their file, for error messages."""
+    rows = read_rows(d.data, d.split)
+    if d.val_data is None:
+        train_idx, val_idx = split_rows(rows, d.val_fraction, d.val_max_examples, seed)
+        return rows, train_idx, rows, val_idx
+    val = read_rows(d.val_data, d.split)
+    n_val = min(len(val), d.val_max_examples) if d.val_max_examples > 0 else len(val)
+    return rows, list(range(len(rows))), val, list(range(n_val))
+
+
+def row_format(d: "DataSettings", columns, source: str) -> RowFormat:
+    """The RowFormat of a run's data settings for rows with these fields (detected when "auto")."""
+    fmt = d.format if d.format != "auto" else detect_format(columns, source)
+    return RowFormat(fmt, d.prompt_template, d.response_template, d.chat_template)

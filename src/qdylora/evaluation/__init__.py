@@ -1,0 +1,1 @@
+"""Evaluation at several ranks: the sweep, generation and answer scoring."""

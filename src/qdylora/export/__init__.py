@@ -1,0 +1,1 @@
+"""Shipping one rank: the PEFT LoRA export and the merge into the base."""

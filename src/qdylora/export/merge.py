@@ -1,0 +1,84 @@
+"""Merge one rank of the adapter into the dequantized base and save a plain model directory.
+
+W_merged = dequantize(NF4 W) + s(b) * B[:, :b] A[:b]  for every adapted layer; the other NF4
+layers are dequantized as they are. Layers are replaced one at a time, so peak memory stays near
+the size of the merged model plus the 4-bit one, not twice the merged size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..core.config import DTYPES
+from ..core.layer import QDyLoRALinear
+from ..core.loading import forget_quantizer
+from ..core.model import QDyLoRAModel
+from ..core.quantize import dequantized_weight
+from ..core.scaling import scale
+from ..core.targets import replace_module, uses_conv1d
+from ..errors import QDyLoRAError
+from ..files import atomic_dir, refuse_existing
+from ..training.sampling import check_ranks
+
+REQUANTIZE_NOTE = (
+    "note: the merged weights are the dequantized NF4 base plus the adapter; quantizing this "
+    "model to 4 bits again adds a second rounding error, so prefer the adapter on the NF4 base "
+    "when you serve in 4 bits"
+)
+
+
+def merge(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, tokenizer=None,
+          dtype: str = "bfloat16", overwrite: bool = False) -> Path:
+    """Write a Hugging Face model directory (safetensors, config, generation config, tokenizer)
+    whose weights are the base merged with the adapter at `rank`. `model` is consumed: its
+    layers are replaced by plain ones as they are merged."""
+    check_ranks([rank], model.config.max_rank)
+    if dtype not in DTYPES:
+        raise QDyLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    refuse_existing(out, overwrite)
+    hf = model.model
+    target_dtype = DTYPES[dtype]
+    conv1d = uses_conv1d(hf)
+    s = scale(model.config.alpha, rank, model.config.scaling, model.config.max_rank)
+    with torch.no_grad():
+        for path, module in list(hf.named_modules()):
+            if isinstance(module, QDyLoRALinear):
+                base = module.base
+                W = dequantized_weight(base)  # (out, in) float32
+                W += s * (module.lora_B[:, :rank].float() @ module.lora_A[:rank].float())
+            elif isinstance(module, bnb.nn.Linear4bit) and not path.endswith(".base"):
+                base, W = module, dequantized_weight(module)
+            else:
+                continue
+            replace_module(hf, path, _plain_linear(W, base.bias, target_dtype, conv1d))
+    forget_quantizer(hf)
+    hf.to(target_dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _plain_linear(W: torch.Tensor, bias, dtype: torch.dtype, conv1d: bool) -> nn.Module:
+    """nn.Linear holding W (out, in), or GPT-2's Conv1D holding W.T (in, out)."""
+    out_features, in_features = W.shape
+    if conv1d:
+        layer = Conv1D(out_features, in_features)
+        layer.weight = nn.Parameter(W.t().contiguous().to(dtype), requires_grad=False)
+        layer.bias = nn.Parameter((bias.detach() if bias is not None else torch.zeros(out_features)).to(dtype),
+                                  requires_grad=False)
+        return layer.to(W.device)
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(W.to(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return layer

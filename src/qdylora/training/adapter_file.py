@@ -1,0 +1,96 @@
+"""The adapter on disk: one safetensors file with every A and B at max_rank, and metadata
+(config, rank rule, base fingerprint) so a file can refuse a model it was not trained on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .._version import __version__
+from ..core.config import QDyLoRAConfig
+from ..core.model import QDyLoRAModel
+from ..errors import QDyLoRAError
+from ..files import atomic_write
+
+FORMAT = "qdylora-adapter-1"
+
+
+def base_fingerprint(model: QDyLoRAModel) -> str:
+    """A short hash of the frozen base: architecture, every base tensor's name, shape and dtype,
+    and sampled bytes of its data (start and middle), so a different checkpoint differs."""
+    h = hashlib.sha256(type(model.model).__name__.encode())
+    state = model.model.state_dict()
+    for name in sorted(state):
+        if ".lora_A" in name or ".lora_B" in name:
+            continue
+        t = state[name].detach().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        flat = t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
+        mid = flat.numel() // 2
+        for chunk in (flat[:4096], flat[mid : mid + 4096]):
+            h.update(chunk.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], extra: dict | None = None) -> None:
+    """Write the full max_rank adapter atomically. `extra` (JSON-able) joins the metadata."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "qdylora_version": __version__,
+        "config": json.dumps(model.config.to_dict()),
+        "base_model_name_or_path": model.base_model_name_or_path,
+        "base_fingerprint": base_fingerprint(model),
+        "extra": json.dumps(extra or {}),
+    }
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def read_adapter_metadata(path: Union[str, os.PathLike]) -> dict:
+    """The metadata of an adapter file, with "config" and "extra" decoded."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise QDyLoRAError(f"adapter file {path} does not exist") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QDyLoRAError(f"adapter file {path} is damaged or not a safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise QDyLoRAError(f"{path} is not a qdylora adapter (format {meta.get('format')!r})")
+    meta["config"] = QDyLoRAConfig.from_dict(json.loads(meta["config"]))
+    meta["extra"] = json.loads(meta.get("extra", "{}"))
+    return meta
+
+
+def load_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], check_base: bool = True) -> dict:
+    """Load A and B into `model` (prepared with the same config); returns the metadata.
+
+    Refuses a file trained on another base model unless `check_base` is False.
+    """
+    meta = read_adapter_metadata(path)
+    saved, ours = meta["config"], model.config
+    for field in ("max_rank", "alpha", "scaling"):  # what changes the adapter's meaning
+        if getattr(saved, field) != getattr(ours, field):
+            raise QDyLoRAError(
+                f"adapter {path} has {field}={getattr(saved, field)!r} but the model was prepared "
+                f"with {field}={getattr(ours, field)!r}: prepare it with the adapter's config"
+            )
+    if check_base and meta["base_fingerprint"] != base_fingerprint(model):
+        raise QDyLoRAError(
+            f"adapter {path} was trained on another base model ({meta['base_model_name_or_path']}); "
+            "load it on that model"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QDyLoRAError(f"adapter file {path} is damaged ({e})") from None
+    model.load_adapter_state_dict(state)
+    return meta

@@ -1,0 +1,237 @@
+"""Typed settings of a training run. The `qdylora train` flags are generated from these fields
+(and their one-line docstrings); a run directory's config.json holds them all."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, Optional
+
+from ..core.config import QDyLoRAConfig, from_dict
+from ..data.rows import FORMATS
+from ..errors import QDyLoRAError
+from .sampling import RULES, RankSampler, check_ranks, parse_ranks
+
+ORDERS = ("svd", "none")  # TrainSettings.order; svd is qdylora.core.ordering
+
+
+@dataclass
+class DataSettings:
+    """Where the training data comes from and how it becomes tokens."""
+
+    data: Optional[str] = None
+    """Training data: a .json/.jsonl/.csv/.parquet file, a directory of them, a Hugging Face dataset name (online), or asdiv:train (default: the embedded ASDiv with its validation split and a chat prompt)."""
+
+    format: Literal["auto", "alpaca", "input-output", "chat", "text", "template"] = "auto"
+    """Row format: alpaca (instruction/input/output), input-output, chat (messages), text (loss on all tokens), template (see --prompt-template); auto detects it from the fields."""
+
+    prompt_template: Optional[str] = None
+    """Prompt made from a row's fields, e.g. "{passage} {question}" (implies --format template)."""
+
+    response_template: Optional[str] = None
+    """Response made from a row's fields, e.g. "{answer}" (with --prompt-template)."""
+
+    chat_template: bool = False
+    """Render prompt/response rows as a user turn and an assistant turn with the tokenizer's chat template (for instruct models)."""
+
+    split: str = "train"
+    """Split to read from a hub dataset or a dataset directory."""
+
+    val_data: Optional[str] = None
+    """Separate validation data (same format); default: hold out --val-fraction of the training rows."""
+
+    val_fraction: float = 0.05
+    """Fraction of the training rows held out for validation (a seeded permutation) when --val-data is not given."""
+
+    val_max_examples: int = 200
+    """At most this many validation rows: the cap on the held-out rows (the rest stay in training), or the first rows of --val-data; 0 = no cap."""
+
+    max_source_length: int = 512
+    """Prompt tokens kept (longer prompts are cut and counted); chat and text rows are cut at the sum of both lengths."""
+
+    max_target_length: int = 256
+    """Response tokens kept, EOS included (longer responses are cut and counted)."""
+
+    train_on_prompt: bool = False
+    """Put the loss on prompt tokens too (default: response / assistant tokens only)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise QDyLoRAError(f"unknown data format {self.format!r}: use one of {', '.join(FORMATS)}")
+        if self.prompt_template is not None and self.format == "auto":
+            self.format = "template"
+        if self.format == "template" and not (self.prompt_template and self.response_template):
+            raise QDyLoRAError(
+                "format 'template' needs --prompt-template and --response-template, "
+                "e.g. --prompt-template '{question}' --response-template '{answer}'"
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise QDyLoRAError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_source_length < 1 or self.max_target_length < 1:
+            raise QDyLoRAError("max_source_length and max_target_length must be at least 1")
+
+    def with_embedded_default(self) -> "DataSettings":
+        """Without --data: the embedded ASDiv train split, validated on its validation split, as
+        "{passage} {question}" -> "{answer}" rendered with the chat template."""
+        if self.data is not None:
+            return self
+        return replace(
+            self, data="asdiv:train", val_data=self.val_data or "asdiv:validation", format="template",
+            prompt_template=self.prompt_template or "{passage} {question}",
+            response_template=self.response_template or "{answer}", chat_template=True,
+        )
+
+
+@dataclass
+class TrainSettings:
+    """The optimisation: steps, batches, learning rate, rank sampling, evaluation, checkpoints."""
+
+    max_steps: Optional[int] = None
+    """Optimizer steps (default: --epochs passes over the training examples)."""
+
+    epochs: float = 1.0
+    """Passes over the training data when --max-steps is not given."""
+
+    micro_batch_size: int = 4
+    """Examples per forward/backward pass."""
+
+    grad_accumulation: int = 4
+    """Micro-batches per optimizer step (one rank for all of them)."""
+
+    lr: float = 2e-4
+    """Peak learning rate of AdamW (QLoRA's 2e-4)."""
+
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup (QLoRA: constant)."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to --lr."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay on A and B."""
+
+    max_grad_norm: float = 0.3
+    """Gradients are clipped to this global norm (QLoRA's 0.3); 0 = no clipping."""
+
+    rank_rule: Literal["full", "step", "example", "sandwich", "mixture"] = "full"
+    """How ranks are trained: full (every example at the largest rank, plain LoRA; the lower ranks come from --order svd: the default, best in docs/rank-study.md), step (one rank b ~ p_B per optimizer step, the DyLoRA / QDyLoRA papers' rule), example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, in one forward), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B)."""
+
+    order: Literal["svd", "none"] = "svd"
+    """How the saved adapter's components are ordered: svd (the default: each layer's delta rewritten through its SVD, so rank b is the best rank-b approximation of the trained adapter, used unscaled: scale rule "nested"; validation runs on it too; checkpoints keep the trained factors), none (as trained: rank b is the trained B[:, :b] A[:b] at s(b); the papers' meaning)."""
+
+    rank_distribution: Literal["uniform", "log-uniform"] = "uniform"
+    """p_B over [min_rank, max_rank]: uniform, or log-uniform (p(b) proportional to 1/b: as much weight on 1-8 as on 8-64)."""
+
+    min_rank: int = 1
+    """Smallest rank sampled; rank b is drawn uniformly from [min_rank, max_rank] each step. min_rank == max_rank is plain QLoRA at that rank."""
+
+    ranks: Optional[str] = None
+    """Explicit ranks to sample instead, e.g. "1,2,4,8,16,32,64" or "1-8,16"."""
+
+    rank_weights: Optional[str] = None
+    """Sampling weights for --ranks, comma separated (default: equal)."""
+
+    eval_every: int = 100
+    """Validation loss every this many steps (also before the first and after the last); 0 = only before and after."""
+
+    eval_ranks: Optional[str] = None
+    """Ranks the validation loss is measured at (default: smallest, a middle power of two, largest)."""
+
+    save_every: int = 100
+    """Checkpoint every this many steps (and at the end); 0 = only at the end."""
+
+    keep_last: int = 2
+    """Checkpoints kept in RUN/checkpoints (older ones are removed)."""
+
+    log_every: int = 1
+    """Write a metrics line every this many steps."""
+
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    autocast: Literal["auto", "on", "off"] = "auto"
+    """Autocast the rest of the model to the compute dtype (auto: on unless the compute dtype is float32)."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard events to RUN/tensorboard (needs the tensorboard package)."""
+
+    skip_nonfinite: bool = False
+    """Skip (and log) an optimizer step whose loss or gradient norm is NaN or infinite; default: stop with an error at that step, keeping the last checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise QDyLoRAError(f"max_steps must be positive, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise QDyLoRAError(f"epochs must be positive, got {self.epochs}")
+        if self.lr <= 0:
+            raise QDyLoRAError(f"learning rate must be positive, got {self.lr}")
+        for name in ("micro_batch_size", "grad_accumulation", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise QDyLoRAError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.rank_rule not in RULES:
+            raise QDyLoRAError(f"rank_rule must be one of {', '.join(RULES)}, got {self.rank_rule!r}")
+        if self.order not in ORDERS:
+            raise QDyLoRAError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise QDyLoRAError(f"{name} must not be negative, got {getattr(self, name)}")
+
+    def rank_sampler(self, max_rank: int, seed: int) -> RankSampler:
+        """p_B for a model whose adapters have `max_rank` components."""
+        if self.ranks is not None:
+            ranks = tuple(parse_ranks(self.ranks))
+            weights = None
+            if self.rank_weights is not None:
+                try:
+                    weights = tuple(float(w) for w in self.rank_weights.split(","))
+                except ValueError:
+                    raise QDyLoRAError(f"rank_weights must be numbers, got {self.rank_weights!r}") from None
+            return RankSampler(max_rank, min_rank=min(ranks), ranks=ranks, weights=weights, seed=seed,
+                               distribution=self.rank_distribution)
+        if self.rank_weights is not None:
+            raise QDyLoRAError("rank_weights needs --ranks")
+        return RankSampler(max_rank, min_rank=self.min_rank, seed=seed, distribution=self.rank_distribution)
+
+    def validation_ranks(self, sampler: RankSampler) -> list[int]:
+        """Ranks for the periodic validation loss (each checked against max_rank)."""
+        if self.eval_ranks is not None:
+            ranks = parse_ranks(self.eval_ranks)
+            check_ranks(ranks, sampler.max_rank, what="eval_ranks entry")
+            return ranks
+        support = sampler.support
+        lo, hi = support[0], support[-1]
+        middle = 1 << round((lo * hi) ** 0.5).bit_length() - 1  # power of two near the geometric mean
+        middle = min(max(middle, lo), hi)
+        return sorted({lo, middle, hi})
+
+
+@dataclass
+class RunSettings:
+    """Everything a training run depends on; saved as RUN/config.json."""
+
+    model: Optional[str] = None
+    """Base model (directory, .gguf file or hub id); None = the embedded SmolLM2-135M-Instruct."""
+
+    device: Optional[str] = None
+    """cpu, cuda, cuda:1 (default: cuda if available, else cpu)."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint (only for models you trust)."""
+
+    adapter: QDyLoRAConfig = field(default_factory=QDyLoRAConfig)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["adapter"] = self.adapter.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "settings") -> "RunSettings":
+        """From `to_dict()`'s nested form; unknown keys are errors."""
+        d = dict(d)
+        groups = {"adapter": QDyLoRAConfig, "data": DataSettings, "train": TrainSettings}
+        for key, group in groups.items():
+            if key in d:
+                d[key] = from_dict(group, d[key], f"{where} [{key}]")
+        return from_dict(cls, d, where)

@@ -1,0 +1,198 @@
+"""Reading rows, detecting formats, tokenizing with loss masks, counting truncation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qdylora.data.rows import IGNORE, RowFormat, detect_format, read_rows, split_rows, tokenize
+from qdylora.errors import QDyLoRAError
+
+from ..conftest import char_tokenizer
+
+ROWS = [{"question": "1+2=", "answer": "3"}, {"question": "4+4=", "answer": "8"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def loss_text(tok, example) -> str:
+    """The text of the tokens under loss."""
+    return tok.decode([i for i, label in zip(example.input_ids, example.labels) if label != IGNORE])
+
+
+@pytest.mark.parametrize("ext", ["json", "jsonl", "csv", "parquet"])
+def test_read_rows_from_every_file_type(ext, tmp_path):
+    import pandas as pd
+
+    path = tmp_path / f"rows.{ext}"
+    frame = pd.DataFrame(ROWS)
+    {"json": lambda: path.write_text(json.dumps(ROWS)),
+     "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     "csv": lambda: frame.to_csv(path, index=False),
+     "parquet": lambda: frame.to_parquet(path)}[ext]()
+    rows = read_rows(str(path))
+    assert [(r["question"], str(r["answer"])) for r in rows] == [(r["question"], r["answer"]) for r in ROWS]
+
+
+def test_read_rows_errors(tmp_path):
+    with pytest.raises(QDyLoRAError, match="does not exist"):
+        read_rows(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "rows.txt").write_text("hello")
+    with pytest.raises(QDyLoRAError, match="unsupported type .txt"):
+        read_rows(str(tmp_path / "rows.txt"))
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(QDyLoRAError, match="cannot read data"):
+        read_rows(str(tmp_path / "bad.jsonl"))
+
+
+@pytest.mark.parametrize("columns, fmt", [
+    (["instruction", "input", "output"], "alpaca"),
+    (["instruction", "output"], "alpaca"),
+    (["input", "output"], "input-output"),
+    (["messages"], "chat"),
+    (["conversations"], "chat"),
+    (["text", "meta"], "text"),
+])
+def test_detect_format(columns, fmt):
+    assert detect_format(columns, "d") == fmt
+
+
+def test_detect_format_names_the_fields():
+    with pytest.raises(QDyLoRAError, match=r"\(answer, question\).*--prompt-template"):
+        detect_format(["question", "answer"], "d")
+
+
+def test_template_masks_the_prompt_and_appends_eos(tok):
+    examples, stats = tokenize(ROWS, tok, RowFormat("template", "Q: {question}", "{answer}"))
+    assert [tok.decode(e.input_ids) for e in examples] == ["Q: 1+2=3</s>", "Q: 4+4=8</s>"]
+    assert [loss_text(tok, e) for e in examples] == ["3</s>", "8</s>"]
+    assert (stats.examples, stats.rows, stats.loss_tokens) == (2, 2, 4)
+
+
+def test_train_on_prompt_puts_loss_everywhere(tok):
+    (e,), _ = tokenize(ROWS[:1], tok, RowFormat("template", "{question}", "{answer}"), train_on_prompt=True)
+    assert e.labels == e.input_ids
+
+
+def test_alpaca_and_input_output(tok):
+    (a,), _ = tokenize([{"instruction": "Add", "input": "1 2", "output": "3"}], tok, RowFormat("alpaca"))
+    assert "### Instruction:\nAdd" in tok.decode(a.input_ids) and "### Input:\n1 2" in tok.decode(a.input_ids)
+    assert loss_text(tok, a) == "3</s>"
+    (a,), _ = tokenize([{"instruction": "Add", "output": "3"}], tok, RowFormat("alpaca"))
+    assert "### Input" not in tok.decode(a.input_ids)
+    (b,), _ = tokenize([{"input": "x=", "output": "y"}], tok, RowFormat("input-output"))
+    assert tok.decode(b.input_ids) == "x=y</s>" and loss_text(tok, b) == "y</s>"
+
+
+def test_text_format_trains_on_everything(tok):
+    (e,), _ = tokenize([{"text": "hello"}], tok, RowFormat("text"))
+    assert loss_text(tok, e) == "hello</s>"
+
+
+def test_chat_masks_only_assistant_turns(tok):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2?"},
+                {"role": "assistant", "content": "two"}]
+    (e,), _ = tokenize([{"messages": messages}], tok, RowFormat("chat"))
+    assert tok.decode(e.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    assert loss_text(tok, e) == "yo</s>\ntwo</s>\n"
+
+
+def test_sharegpt_roles_are_mapped(tok):
+    conv = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    (e,), _ = tokenize([{"conversations": conv}], tok, RowFormat("chat"))
+    assert loss_text(tok, e) == "yo</s>\n"
+
+
+def test_chat_template_on_prompt_response_rows(tok):
+    (e,), _ = tokenize(ROWS[:1], tok, RowFormat("template", "{question}", "{answer}", chat_template=True))
+    assert tok.decode(e.input_ids) == "<|user|>\n1+2=</s>\n<|assistant|>\n3</s>\n"
+    assert loss_text(tok, e) == "3</s>\n"
+
+
+def test_truncation_is_counted(tok):
+    rows = [{"input": "a" * 10, "output": "b" * 10}, {"input": "a", "output": "b"}]
+    examples, stats = tokenize(rows, tok, RowFormat("input-output"), max_source_length=4, max_target_length=3)
+    assert tok.decode(examples[0].input_ids) == "aaaabbb"  # EOS cut with the response
+    assert (stats.truncated_prompt, stats.truncated_response) == (1, 1)
+    assert "truncated: 1 prompts, 1 responses" in str(stats)
+
+
+def test_examples_without_loss_tokens_are_dropped_and_counted(tok):
+    rows = [{"messages": [{"role": "user", "content": "x" * 30}, {"role": "assistant", "content": "y"}]},
+            {"messages": [{"role": "user", "content": "only a question"}]}]
+    examples, stats = tokenize(rows, tok, RowFormat("chat"), max_source_length=10, max_target_length=5)
+    assert examples == []
+    assert stats.dropped == {"with no response tokens left": 1, "without an assistant turn": 1}
+    assert "dropped: 2" in str(stats)
+
+
+def test_missing_field_names_row_and_fields(tok):
+    rows = [{"question": "1+1=", "answer": "2"}, {"question": "2+2="}]
+    with pytest.raises(QDyLoRAError, match=r"row 1 has no answer \(its fields with values: question\)"):
+        tokenize(rows, tok, RowFormat("template", "{question}", "{answer}"))
+    with pytest.raises(QDyLoRAError, match="row 0 has no output"):
+        tokenize([{"input": "x"}], tok, RowFormat("input-output"))
+
+
+def test_chat_needs_a_chat_template(tok):
+    bare = char_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(QDyLoRAError, match="no chat template"):
+        tokenize(ROWS, bare, RowFormat("template", "{question}", "{answer}", chat_template=True))
+
+
+def test_split_is_deterministic_disjoint_and_capped():
+    rows = [{"i": i} for i in range(100)]
+    train, val = split_rows(rows, 0.1, 0, seed=3)
+    assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == list(range(100))
+    assert split_rows(rows, 0.1, 0, seed=3) == (train, val)
+    assert split_rows(rows, 0.1, 0, seed=4)[1] != val
+    assert len(split_rows(rows, 0.5, 7, seed=3)[1]) == 7
+    assert split_rows(rows, 0.0, 0, seed=3)[1] == []
+
+
+def test_embedded_asdiv_splits_are_fixed_and_disjoint():
+    from qdylora.data.embedded import asdiv_split
+
+    splits = {name: read_rows(f"asdiv:{name}") for name in ("train", "validation", "test")}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 1905, "validation": 100, "test": 300}
+    keys = {k: {(r["passage"], r["question"]) for r in v} for k, v in splits.items()}
+    assert not keys["train"] & keys["test"] and not keys["validation"] & keys["test"]
+    assert asdiv_split("test") == splits["test"]  # the same rows on every call
+    with pytest.raises(QDyLoRAError, match="splits train, validation and test"):
+        read_rows("asdiv:dev")
+
+
+def test_embedded_default_data_settings():
+    from qdylora.training.settings import DataSettings
+
+    d = DataSettings().with_embedded_default()
+    assert (d.data, d.val_data, d.format, d.chat_template) == ("asdiv:train", "asdiv:validation", "template", True)
+    assert d.prompt_template == "{passage} {question}" and d.response_template == "{answer}"
+    mine = DataSettings(data="x.jsonl")
+    assert mine.with_embedded_default() is mine
+
+
+def test_malformed_json_line_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n\n{"question": "2+2=", answer\n')
+    with pytest.raises(QDyLoRAError, match=r"line 3 is not valid JSON"):
+        read_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "list.jsonl").write_text('{"a": "1"}\n[1, 2]\n')
+    with pytest.raises(QDyLoRAError, match=r"line 2 is a JSON list, not an object"):
+        read_rows(str(tmp_path / "list.jsonl"))
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_non_utf8_text_is_named(tmp_path, ext):
+    good = '{"question": "1+1=", "answer": "2"}\n' if ext == "jsonl" else "question,answer\n1+1=,2\n"
+    bad = '{"question": "caf\xe9", "answer": "2"}\n' if ext == "jsonl" else "caf\xe9,2\n"
+    path = tmp_path / f"latin1.{ext}"
+    path.write_bytes(good.encode() + bad.encode("latin-1"))
+    line = 2 if ext == "jsonl" else 3  # the CSV has a header line
+    with pytest.raises(QDyLoRAError, match=rf"line {line} is not UTF-8 text"):
+        read_rows(str(path))

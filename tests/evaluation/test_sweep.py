@@ -1,0 +1,128 @@
+"""The rank sweep: rank-batched evaluation equals one rank at a time; outputs and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qdylora.cli import main
+from qdylora.core.rank import at_rank
+from qdylora.data.batching import fixed_batches
+from qdylora.data.rows import RowFormat, generation_prompts, tokenize
+from qdylora.errors import QDyLoRAError
+from qdylora.evaluation.generation import generate_at_ranks
+from qdylora.evaluation.sweep import default_ranks, recommend, run_sweep
+from qdylora.training.losses import losses_at_ranks
+from qdylora.training.rundir import load_run
+
+RANKS = [0, 1, 2, 4, 8]
+SUMS = RowFormat("template", "{question}", "{answer}")
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    model, tok, run_settings = load_run(trained_run)
+    return trained_run, model, tok, run_settings
+
+
+def test_default_ranks():
+    assert default_ranks(64) == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert default_ranks(12) == [0, 1, 2, 4, 8, 12]
+
+
+def test_recommend_smallest_within_tolerance():
+    loss = {0: 3.0, 1: 2.0, 2: 1.5, 4: 1.01, 8: 1.0}
+    assert recommend(loss, higher_is_better=False, tolerance=0.01, relative=True) == 4
+    assert recommend(loss, higher_is_better=False, tolerance=0.6, relative=True) == 2
+    acc = {0: 10.0, 1: 40.0, 2: 59.6, 4: 60.0, 8: 58.0}
+    assert recommend(acc, higher_is_better=True, tolerance=0.5, relative=False) == 2
+    assert recommend(acc, higher_is_better=True, tolerance=0.1, relative=False) == 4
+
+
+def test_rank_batched_loss_equals_one_rank_at_a_time(trained):
+    run, model, tok, s = trained
+    rows = [json.loads(x) for x in open(s.data.data).read().splitlines()[:12]]
+    examples, _ = tokenize(rows, tok, SUMS)
+    batches = fixed_batches(examples, 4)
+    model.eval()
+    batched = losses_at_ranks(model, batches, RANKS, tok.pad_token_id, torch.device("cpu"))
+    one_by_one = losses_at_ranks(model, batches, RANKS, tok.pad_token_id, torch.device("cpu"), rank_batch=1)
+    two = losses_at_ranks(model, batches, RANKS, tok.pad_token_id, torch.device("cpu"), rank_batch=2)
+    for r in RANKS:
+        assert batched[r][1] == one_by_one[r][1] == two[r][1]
+        assert batched[r][0] == pytest.approx(one_by_one[r][0], rel=1e-5)
+        assert two[r][0] == pytest.approx(one_by_one[r][0], rel=1e-5)
+    assert len({round(v[0], 3) for v in batched.values()}) == len(RANKS)  # the ranks differ
+
+
+def test_rank_batched_generation_equals_one_rank_at_a_time(trained):
+    run, model, tok, s = trained
+    rows = [json.loads(x) for x in open(s.data.data).read().splitlines()[:6]]
+    prompts, refs = generation_prompts(rows, tok, SUMS)
+    model.eval()
+    batched = generate_at_ranks(model, tok, prompts, RANKS, batch_size=4, max_new_tokens=4)
+    sequential = generate_at_ranks(model, tok, prompts, RANKS, batch_size=4, max_new_tokens=4, rank_batch=1)
+    assert batched == sequential
+    with at_rank(model, 8):
+        alone = generate_at_ranks(model, tok, prompts[:1], [8], batch_size=1, max_new_tokens=4)
+    assert alone[8][0] == batched[8][0]  # padding and batching do not change the answer
+    assert batched[0] != batched[8]  # the adapter changes the generations
+
+
+def test_run_sweep_reports_every_rank(trained):
+    run, model, tok, s = trained
+    rows = [json.loads(x) for x in open(s.data.data).read().splitlines()[:8]]
+    result = run_sweep(model, tok, rows, s.data, [1, 4, 8], progress=False, max_new_tokens=3)
+    assert result.ranks == [0, 1, 4, 8]
+    assert set(result.values) == {"loss", "perplexity", "exact_match"}
+    assert result.values["loss"][8] < result.values["loss"][0]
+    assert result.recommended["loss"] in (1, 4, 8)
+    with at_rank(model, 0):  # rank 0 is the base model
+        base = losses_at_ranks(model, fixed_batches(tokenize(rows, tok, SUMS)[0], 8), [0], tok.pad_token_id, torch.device("cpu"))
+    assert result.values["loss"][0] == pytest.approx(base[0][0] / base[0][1], rel=1e-5)
+    with pytest.raises(QDyLoRAError, match="outside 1..8"):
+        run_sweep(model, tok, rows, s.data, [1, 16], progress=False)
+    with pytest.raises(QDyLoRAError, match="unknown metric"):
+        run_sweep(model, tok, rows, s.data, [1], metrics=["bleu"], progress=False)
+
+
+def test_cli_sweep_writes_table_json_csv_png(trained, capsys, tmp_path):
+    run = trained[0]
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(run), "--ranks", "1,2,8", "--max-new-tokens", "3", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "base" in printed and "recommended rank by loss" in printed
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["ranks"] == [0, 1, 2, 8] and set(saved["values"]["loss"]) == {"0", "1", "2", "8"}
+    assert (out / "sweep.csv").read_text().splitlines()[0] == "rank,loss,perplexity,exact_match"
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(argv) == 2  # an earlier sweep is not overwritten silently
+    assert "use --overwrite" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_cli_sweep_bad_input(trained, tmp_path, capsys, tiny_dir):
+    run = trained[0]
+    cases = [
+        (["sweep", str(run), "--ranks", "1,99", "--out", str(tmp_path / "a")], "outside 1..8"),
+        (["sweep", str(tmp_path), "--out", str(tmp_path / "b")], "not a qdylora run directory"),
+        (["sweep", str(run), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "c")], "does not exist"),
+    ]
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    (empty_run / "config.json").write_text((run / "config.json").read_text())
+    cases.append((["sweep", str(empty_run)], "has no adapter.safetensors"))
+    other = tmp_path / "other_base"
+    other.mkdir()
+    (other / "config.json").write_text((run / "config.json").read_text().replace(
+        json.loads((run / "config.json").read_text())["settings"]["model"], tiny_dir("mistral")))
+    (other / "adapter.safetensors").write_bytes((run / "adapter.safetensors").read_bytes())
+    cases.append((["sweep", str(other)], "another base model"))
+    for argv, message in cases:
+        assert main(argv + ["--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("qdylora: error:")]
+        assert len(lines) == 1 and message in lines[0], (argv, err)

@@ -1,0 +1,45 @@
+"""Merging one rank into the dequantized base gives a plain model with the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import qdylora
+from qdylora.errors import QDyLoRAError
+from qdylora.export.merge import merge
+
+from ..conftest import COMPUTE_DTYPES, LOGIT_TOL, VOCAB, adapted_model, char_tokenizer
+
+
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
+def test_merged_model_matches_the_adapter_at_that_rank(arch, dtype, tiny_dir, tmp_path):
+    """Merged in the compute dtype, the plain model reproduces the adapter model's logits."""
+    model = adapted_model(tiny_dir(arch), compute_dtype=dtype)
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), qdylora.at_rank(model, 5):
+        ours = model(input_ids=x).logits
+    with torch.no_grad(), qdylora.at_rank(model, 0):
+        base = model(input_ids=x).logits
+    assert (ours - base).abs().max() > 1e-2  # not a no-op
+    out = merge(model, 5, tmp_path / "merged", tokenizer=char_tokenizer(), dtype=dtype)
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    assert (out / "tokenizer.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
+    assert not hasattr(loaded.config, "quantization_config")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits.float(), ours.float(), **LOGIT_TOL[dtype])
+
+
+def test_merge_refuses_bad_rank_dtype_and_existing_dir(tiny_dir, tmp_path):
+    model = adapted_model(tiny_dir("llama"))
+    with pytest.raises(QDyLoRAError, match="outside 1..8"):
+        merge(model, 9, tmp_path / "m")
+    with pytest.raises(QDyLoRAError, match="dtype must be"):
+        merge(model, 2, tmp_path / "m", dtype="int8")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(QDyLoRAError, match="already exists"):
+        merge(model, 2, tmp_path / "m")
+    assert not list(tmp_path.glob(".m.tmp"))

@@ -1,0 +1,74 @@
+"""Export to PEFT: PEFT itself loads the adapter and reproduces our logits at that rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+import qdylora
+from qdylora.core.scaling import scale
+from qdylora.errors import QDyLoRAError
+from qdylora.export.peft import export_peft
+
+from ..conftest import COMPUTE_DTYPES, LOGIT_TOL, VOCAB, adapted_model, transformers_4bit
+
+peft = pytest.importorskip("peft")
+
+
+def merged_reference(path, model, rank):
+    """The full-precision base with s(b) B[:, :b] A[:b] added to each weight in float64."""
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    s = scale(model.config.alpha, rank, model.config.scaling, model.config.max_rank)
+    with torch.no_grad():
+        for name, layer in model.adapter_layers().items():
+            delta = s * layer.lora_B[:, :rank].double() @ layer.lora_A[:rank].double()  # (out, in)
+            target = ref.get_submodule(name)
+            target.weight += delta.t() if isinstance(target, Conv1D) else delta
+    return ref
+
+
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
+@pytest.mark.parametrize("arch, scaling", [("llama", "standard"), ("gpt2", "standard"), ("llama", "rslora"),
+                                           ("llama", "nested")])
+def test_peft_reproduces_our_logits(arch, scaling, dtype, tiny_dir, tmp_path):
+    path = tiny_dir(arch)
+    model = adapted_model(path, scaling, compute_dtype=dtype)
+    rank = 3
+    out = export_peft(model, rank, tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    alpha = 16 / 8**0.5 * rank if scaling == "nested" else 16  # PEFT's lora_alpha / r is our s(b)
+    assert config["r"] == rank and config["lora_alpha"] == alpha and config["use_rslora"] == (scaling == "rslora")
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with qdylora.at_rank(model, rank):
+            ours = model(input_ids=x).logits
+        with qdylora.at_rank(model, 0):
+            assert (model(input_ids=x).logits - ours).abs().max() > 1e-2  # the adapter is not a no-op
+
+        # 4-bit: PEFT on transformers' own NF4 model (the same quantization as ours), in our dtype.
+        peft4 = peft.PeftModel.from_pretrained(transformers_4bit(path, getattr(torch, dtype)), out).eval()
+        torch.testing.assert_close(peft4(input_ids=x).logits.float(), ours.float(), **LOGIT_TOL[dtype])
+
+        # Full precision: PEFT on the unquantized base equals the float64 merged reference.
+        basefp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        pefffp = peft.PeftModel.from_pretrained(basefp, out).eval()
+        ref = merged_reference(path, model, rank)(input_ids=x).logits
+        torch.testing.assert_close(pefffp(input_ids=x).logits.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_bad_rank_and_existing_dir(tiny_dir, tmp_path):
+    model = adapted_model(tiny_dir("llama"))
+    with pytest.raises(QDyLoRAError, match="outside 1..8"):
+        export_peft(model, 9, tmp_path / "a")
+    with pytest.raises(QDyLoRAError, match="outside 1..8"):
+        export_peft(model, 0, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(QDyLoRAError, match="already exists"):
+        export_peft(model, 2, tmp_path / "b")
+    export_peft(model, 2, tmp_path / "b", overwrite=True)
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,87 @@
+"""The adapter file: exact round trip, metadata, refusing the wrong base, damaged files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qdylora
+from qdylora import QDyLoRAConfig, QDyLoRAError
+
+from ..conftest import VOCAB, tiny_model
+
+CFG = dict(max_rank=8, compute_dtype="float32", dropout=0.0)
+
+
+def trained(seed=0, **cfg):
+    model = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(**{**CFG, **cfg}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.adapter_layers().values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+    return model.eval()
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = trained()
+    path = tmp_path / "adapter.safetensors"
+    qdylora.save_adapter(model, path, extra={"step": 7})
+    other = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(**{**CFG, "seed": 9}))
+    meta = qdylora.load_adapter(other, path)
+    for k, v in model.adapter_state_dict().items():
+        assert torch.equal(v, other.adapter_state_dict()[k])
+    assert meta["extra"] == {"step": 7} and meta["config"].max_rank == 8
+    assert meta["base_fingerprint"] == qdylora.base_fingerprint(model)
+    x = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad(), qdylora.at_rank(model, 3), qdylora.at_rank(other.eval(), 3):
+        assert torch.equal(model(input_ids=x).logits, other(input_ids=x).logits)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary files left
+
+
+def test_another_base_is_refused(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    qdylora.save_adapter(trained(), path)
+    other_base = qdylora.prepare(tiny_model("llama", seed=1), QDyLoRAConfig(**CFG))
+    assert qdylora.base_fingerprint(other_base) != qdylora.base_fingerprint(trained())
+    with pytest.raises(QDyLoRAError, match="another base model"):
+        qdylora.load_adapter(other_base, path)
+
+
+def test_another_rank_rule_is_refused(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    qdylora.save_adapter(trained(scaling="standard"), path)
+    with pytest.raises(QDyLoRAError, match="scaling='standard'"):
+        qdylora.load_adapter(trained(scaling="rslora"), path)
+
+
+def test_damaged_files(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    qdylora.save_adapter(trained(), path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(QDyLoRAError, match="damaged"):
+        qdylora.load_adapter(trained(), cut)
+    with pytest.raises(QDyLoRAError, match="does not exist"):
+        qdylora.read_adapter_metadata(tmp_path / "missing.safetensors")
+    other = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, other)
+    with pytest.raises(QDyLoRAError, match="not a qdylora adapter"):
+        qdylora.read_adapter_metadata(other)
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "adapter.safetensors"
+    qdylora.save_adapter(trained(seed=0), path)
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("qdylora.training.adapter_file.save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        qdylora.save_adapter(trained(seed=1), path)
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]

@@ -1,0 +1,241 @@
+"""Faults during training: kill -9, damaged checkpoints, NaN loss, a full disk, Ctrl-C.
+
+Each ends with the run directory readable and, where the run can go on, `--resume` finishing
+with the adapter an uninterrupted run gives (bit-equal).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qdylora.errors import QDyLoRAError
+from qdylora.training.rundir import checkpoint_dirs, checkpoint_problem
+from qdylora.training.trainer import TrainingInterrupted, train
+
+from ..conftest import tiny_settings as settings
+from ..conftest import write_sums
+
+OPTS = dict(max_steps=6, save_every=1, keep_last=3)
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    x, y = load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors")
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm, tmp_path_factory):
+    """An uninterrupted run of OPTS, and its data file."""
+    root = tmp_path_factory.mktemp("faults")
+    data = write_sums(root / "sums.jsonl")
+    run = root / "reference"
+    train(settings(tiny_lm, data, **OPTS), run, progress=False)
+    return run, data
+
+
+def crash_after_step_5(step: int) -> None:
+    """on_step hook: a crash after step 5, whose checkpoint (save_every 1) is the newest."""
+    if step == 5:
+        raise KeyboardInterrupt
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "flip":
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("name, how", [("adapter.safetensors", "flip"), ("adapter.safetensors", "truncate"),
+                                       ("state.pt", "truncate"), ("state.pt", "delete")])
+def test_resume_falls_back_from_a_damaged_checkpoint(reference, tiny_lm, tmp_path, caplog, name, how):
+    ref, data = reference
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=crash_after_step_5)
+    newest = checkpoint_dirs(run)[-1]
+    assert newest.name == "step-000005" and checkpoint_problem(newest) is None
+    damage(newest / name, how)
+    assert checkpoint_problem(newest) is not None
+    with caplog.at_level("WARNING", logger="qdylora"):
+        train(settings(tiny_lm, data, **OPTS), run, resume=True, progress=False)
+    assert "step-000005 is damaged" in caplog.text  # the library logs it; the CLI shows it on stderr
+    assert (run / "checkpoints" / "step-000005.damaged").is_dir()  # kept, out of the way
+    assert_same_adapter(ref, run)
+
+
+def test_resume_without_any_intact_checkpoint_is_an_error(reference, tiny_lm, tmp_path):
+    _, data = reference
+    run = tmp_path / "run"
+    train(settings(tiny_lm, data, max_steps=2, save_every=1), run, progress=False)
+    for checkpoint in checkpoint_dirs(run):
+        damage(checkpoint / "adapter.safetensors", "flip")
+    with pytest.raises(QDyLoRAError, match="none of its 2 checkpoints is intact"):
+        train(settings(tiny_lm, data, max_steps=4, save_every=1), run, resume=True, progress=False)
+
+
+def nan_at_step(monkeypatch, bad_step: int, accumulation: int = 2) -> None:
+    """Make the loss NaN in every micro-batch of optimizer step `bad_step` (1-based)."""
+    import qdylora.training.trainer as trainer
+
+    real, calls = trainer.loss_sum, {"n": 0}
+
+    def loss_sum(model, batch):
+        calls["n"] += 1
+        total, n = real(model, batch)
+        step = (calls["n"] - 1) // accumulation + 1
+        return (total * float("nan"), n) if step == bad_step else (total, n)
+
+    monkeypatch.setattr(trainer, "loss_sum", loss_sum)
+
+
+def test_nan_loss_stops_at_that_step_and_keeps_the_checkpoints(reference, tiny_lm, tmp_path, monkeypatch):
+    _, data = reference
+    run = tmp_path / "run"
+    nan_at_step(monkeypatch, 3)
+    with pytest.raises(QDyLoRAError, match=r"step 3 \(ranks? [^)]+\): the loss is nan.*--skip-nonfinite"):
+        train(settings(tiny_lm, data, **OPTS), run, progress=False)
+    assert [c.name for c in checkpoint_dirs(run)] == ["step-000001", "step-000002"]
+    assert all(checkpoint_problem(c) is None for c in checkpoint_dirs(run))
+    saved = load_file(run / "adapter.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())  # the step-2 adapter, not NaN
+
+
+def test_skip_nonfinite_skips_the_step_and_finishes(reference, tiny_lm, tmp_path, monkeypatch):
+    _, data = reference
+    run = tmp_path / "run"
+    nan_at_step(monkeypatch, 3)
+    summary = train(settings(tiny_lm, data, **OPTS, skip_nonfinite=True), run, progress=False)
+    assert summary["steps"] == 6
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "skipped" in r] == [3]
+    saved = load_file(run / "adapter.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(reference, tiny_lm, tmp_path, monkeypatch):
+    _, data = reference
+    run = tmp_path / "run"
+    import qdylora.training.rundir as rundir
+
+    real, calls = rundir.torch.save, {"n": 0}
+
+    def save(obj, f):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third checkpoint: write half, then the disk is full
+            f.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f)
+
+    monkeypatch.setattr(rundir.torch, "save", save)
+    with pytest.raises(QDyLoRAError, match=r"cannot write the step-3 checkpoint .*\(disk full\).*--resume"):
+        train(settings(tiny_lm, data, **OPTS), run, progress=False)
+    assert [c.name for c in checkpoint_dirs(run)] == ["step-000001", "step-000002"]
+    assert all(checkpoint_problem(c) is None for c in checkpoint_dirs(run))
+    assert not list((run / "checkpoints").glob(".*")) and not list(run.glob(".*"))  # no temp files
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same(reference, tiny_lm, tmp_path, capsys):
+    ref, data = reference
+    run = tmp_path / "run"
+    opts = {**OPTS, "save_every": 0}  # only the interrupt writes a checkpoint before the end
+    interrupt = lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None  # noqa: E731
+    # The handler in place before the run (Python's default, or SIG_IGN under nohup or in a
+    # background job) is the one in place after it.
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="interrupted after step 2.*--resume"):
+        train(settings(tiny_lm, data, **opts), run, progress=False, on_step=interrupt)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert [c.name for c in checkpoint_dirs(run)] == ["step-000002"]
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    train(settings(tiny_lm, data, **opts), run, resume=True, progress=False)
+    assert_same_adapter(ref, run)
+
+
+def test_ctrl_c_on_a_real_process_checkpoints_and_exits_130(reference, tiny_lm, tmp_path):
+    _, data = reference
+    run = tmp_path / "run"
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(settings(tiny_lm, data, max_steps=500, save_every=0).to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "qdylora", "train", "--config", str(config), "--out", str(run)],
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and '"rank"' in metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.05)  # until a training step has been logged
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("qdylora: interrupted after step ") and f"--resume {run}" in last
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert [c.name for c in checkpoint_dirs(run)] == [f"step-{step:06d}"]
+    assert checkpoint_problem(checkpoint_dirs(run)[0]) is None
+    assert "Traceback" not in err
+
+
+def newest_step(run: Path) -> int:
+    found = checkpoint_dirs(run)
+    return int(found[-1].name[5:]) if found else 0
+
+
+def test_kill_9_at_random_points_then_resume_gives_the_same_adapter(reference, tiny_lm, tmp_path):
+    """A real `qdylora train` process killed with SIGKILL three times (mid-step or mid-write:
+    every step writes a checkpoint) and resumed: readable run directory each time, same adapter."""
+    _, data = reference
+    opts = {**OPTS, "max_steps": 40}  # long enough for three kills
+    train(settings(tiny_lm, data, **opts), tmp_path / "uninterrupted", progress=False)
+    run = tmp_path / "run"
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(settings(tiny_lm, data, **opts).to_dict()))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "qdylora", "train", "--config", config, "--out", str(run)]
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(6):
+        args = cmd + (["--resume", str(run)] if checkpoint_dirs(run) else ["--overwrite"])
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if kills < 3:
+            start, deadline = newest_step(run), time.time() + 120
+            while newest_step(run) <= start and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)  # wait until this process has written a checkpoint
+            time.sleep(rng.uniform(0, 0.1))
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+        _, err = proc.communicate(timeout=300)
+        json.loads((run / "config.json").read_text())  # readable after every kill
+        assert all(checkpoint_problem(c) is None for c in checkpoint_dirs(run)), err.decode()[-500:]
+        if proc.returncode == 0:
+            break
+    assert kills == 3 and proc.returncode == 0, err.decode()[-1000:]
+    assert_same_adapter(tmp_path / "uninterrupted", run)
+
+
+def test_a_checkpoint_without_manifest_from_an_older_qdylora_still_resumes(reference, tiny_lm, tmp_path):
+    ref, data = reference
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=crash_after_step_5)
+    for checkpoint in checkpoint_dirs(run):
+        (checkpoint / "manifest.json").unlink()
+    train(settings(tiny_lm, data, **OPTS), run, resume=True, progress=False)
+    assert_same_adapter(ref, run)
