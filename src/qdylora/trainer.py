@@ -37,7 +37,7 @@ from .errors import QDyLoRAError
 from .loading import load_tokenizer, resolve_source
 from .losses import autocast_context, loss_sum, validation_loss
 from .model import QDyLoRAModel, prepare
-from .ordering import svd_ordered
+from .ordering import order_by_svd, svd_ordered
 from .rank import set_rank
 from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, read_json,
                      remove_leftovers, resume_checkpoint, save_checkpoint, write_json)
@@ -246,6 +246,10 @@ def _first_validation(out: Path, resume: bool, main: bool, evaluate) -> Optional
 
 
 def _finish(job: "Job", out: Path, pos: "Position", first_val, last_val: dict[int, float]) -> dict:
+    """summary.json; the model is left as RUN/adapter.safetensors holds it (SVD-ordered with
+    --order svd), so a caller that passed its own model goes on with the saved adapter."""
+    if job.settings.order == "svd":
+        order_by_svd(job.model)
     summary = {
         "status": "done", "steps": pos.step, "tokens": pos.tokens_seen, "seconds": round(pos.seconds, 2),
         "tokens_per_second": round(pos.tokens_seen / pos.seconds, 2) if pos.seconds else None,
