@@ -129,6 +129,13 @@ def test_full_rank_training_with_svd_order_saves_every_rank_as_the_best_cut(tiny
 
     model, _, loaded = load_run(run)  # prepared with the file's scale rule
     assert loaded.adapter.scaling == "nested" and model.config.scaling == "nested"
+    # a model passed in is left as the run saved it (what a notebook or the demo goes on with)
+    passed = adapted_model(tiny_lm, scaling="rslora")
+    train(settings(tiny_lm, data, **opts), tmp_path / "passed", progress=False, model=passed)
+    assert passed.config.scaling == "nested"
+    passed_saved = load_file(tmp_path / "passed" / "adapter.safetensors")
+    for name, tensor in passed.adapter_state_dict().items():
+        torch.testing.assert_close(tensor, passed_saved[name], rtol=0, atol=1e-6)
     for rank in ("1", "8"):  # validation ran on the ordered adapter and training helped it
         assert summary["val_loss_after"][rank] < summary["val_loss_before"][rank] - 0.3, summary
 

@@ -16,8 +16,8 @@ from typing import Union
 from safetensors.torch import save_file
 
 from ..core.model import QDyLoRAModel
-from ..core.targets import uses_conv1d
 from ..core.scaling import scale
+from ..core.targets import uses_conv1d
 from ..files import atomic_dir, refuse_existing
 from ..training.sampling import check_ranks
 

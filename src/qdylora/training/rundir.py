@@ -28,9 +28,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..console import log
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
-from ..console import log
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, atomic_write
 from .adapter_file import load_adapter, read_adapter_metadata

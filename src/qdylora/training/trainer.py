@@ -27,16 +27,16 @@ import torch
 from transformers import get_scheduler
 
 from .._version import __version__
+from ..console import log
 from ..core.devices import default_device
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
-from ..core.ordering import svd_ordered
+from ..core.ordering import order_by_svd, svd_ordered
 from ..core.rank import set_rank
 from ..core.scaling import RankMixture
 from ..data.batching import BatchStream, collate, fixed_batches, pad_token_id
 from ..data.embedded import smollm2_checkpoint
 from ..data.rows import IGNORE, DataStats, Example, row_format, run_rows, tokenize
-from ..console import log
 from ..errors import QDyLoRAError
 from . import distributed
 from .adapter_file import base_fingerprint, load_adapter, save_adapter
@@ -247,6 +247,10 @@ def _first_validation(out: Path, resume: bool, main: bool, evaluate) -> Optional
 
 
 def _finish(job: "Job", out: Path, pos: "Position", first_val, last_val: dict[int, float]) -> dict:
+    """summary.json; the model is left as RUN/adapter.safetensors holds it (SVD-ordered with
+    --order svd), so a caller that passed its own model goes on with the saved adapter."""
+    if job.settings.order == "svd":
+        order_by_svd(job.model)
     summary = {
         "status": "done", "steps": pos.step, "tokens": pos.tokens_seen, "seconds": round(pos.seconds, 2),
         "tokens_per_second": round(pos.tokens_seen / pos.seconds, 2) if pos.seconds else None,
