@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -14,7 +14,6 @@ import tyro
 
 from .core.config import QDyLoRAConfig
 from .errors import QDyLoRAError
-from .files import refuse_existing
 from .training.sampling import check_ranks, parse_ranks
 from .training.settings import DataSettings, RunSettings, TrainSettings
 
@@ -172,26 +171,15 @@ class Sweep:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .evaluation.sweep import SWEEP_FILES, default_ranks, eval_rows, run_sweep, table, write_outputs
-        from .training.rundir import load_run
+        from .evaluation.sweep import sweep_run, table
 
-        out = Path(self.out or self.run_dir)
-        existing = [n for n in SWEEP_FILES.values() if (out / n).exists()]
-        if existing and not self.overwrite:
-            raise QDyLoRAError(f"{out} already holds {', '.join(existing)}: use --overwrite or another --out")
         metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
-        model, tokenizer, settings = load_run(self.run_dir, self.device, self.trust_remote_code)
-        ranks = parse_ranks(self.ranks) if self.ranks else default_ranks(model.config.max_rank)
-        rows = eval_rows(settings, self.data)
-        if self.max_examples > 0:
-            rows = rows[: self.max_examples]
-        result = run_sweep(model, tokenizer, rows, settings.data, ranks, metrics, batch_size=self.batch_size,
-                           rank_batch=self.rank_batch, max_new_tokens=self.max_new_tokens,
-                           loss_tolerance=self.loss_tolerance, accuracy_tolerance=self.accuracy_tolerance,
-                           progress=not self.quiet)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = write_outputs(result, out, title=f"{self.run_dir} on {self.data or 'its validation rows'} "
-                                                 f"({result.examples} examples)")
+        result, paths = sweep_run(
+            self.run_dir, data=self.data, ranks=parse_ranks(self.ranks) if self.ranks else None, metrics=metrics,
+            max_examples=self.max_examples, out=self.out, overwrite=self.overwrite, device=self.device,
+            trust_remote_code=self.trust_remote_code, batch_size=self.batch_size, rank_batch=self.rank_batch,
+            max_new_tokens=self.max_new_tokens, loss_tolerance=self.loss_tolerance,
+            accuracy_tolerance=self.accuracy_tolerance, progress=not self.quiet)
         print(table(result))
         for metric, rank in result.recommended.items():
             print(f"qdylora: recommended rank by {metric}: {rank}")
@@ -227,26 +215,14 @@ class Export:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .training.adapter_file import load_adapter
-        from .export.peft import export_peft
-        from .core.model import prepare
-        from .training.rundir import load_run_settings
+        from .export.peft import export_run
 
         if (self.rank is None) == (self.ranks is None):
             raise QDyLoRAError("give exactly one of --rank 8 or --ranks 1,2,4,8")
-        settings, adapter = load_run_settings(self.run_dir, self.trust_remote_code)
         ranks = [self.rank] if self.rank is not None else parse_ranks(self.ranks)
-        check_ranks(ranks, settings.adapter.max_rank)
-        out = Path(self.out)
-        targets = [out] if self.rank is not None else [out / f"rank-{r}" for r in ranks]
-        for target in targets:  # before the model is loaded
-            refuse_existing(target, self.overwrite)
-        model = prepare(settings.model, settings.adapter, device=self.device or settings.device,
-                        trust_remote_code=settings.trust_remote_code)
-        load_adapter(model, adapter)
+        targets = export_run(self.run_dir, ranks, self.out, one=self.rank is not None, overwrite=self.overwrite,
+                             device=self.device, trust_remote_code=self.trust_remote_code)
         for r, target in zip(ranks, targets):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            export_peft(model, r, target, overwrite=self.overwrite)
             print(f"qdylora: rank {r} -> {target} (PeftModel.from_pretrained(base, {str(target)!r}))")
 
 
@@ -279,14 +255,10 @@ class Merge:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .export.merge import REQUANTIZE_NOTE, merge
-        from .training.rundir import load_run, load_run_settings
+        from .export.merge import REQUANTIZE_NOTE, merge_run
 
-        settings, _ = load_run_settings(self.run_dir, self.trust_remote_code)
-        check_ranks([self.rank], settings.adapter.max_rank)  # before the model is loaded
-        refuse_existing(self.out, self.overwrite)
-        model, tokenizer, _ = load_run(self.run_dir, self.device, self.trust_remote_code)
-        out = merge(model, self.rank, self.out, tokenizer=tokenizer, dtype=self.dtype, overwrite=self.overwrite)
+        out = merge_run(self.run_dir, self.rank, self.out, dtype=self.dtype, overwrite=self.overwrite,
+                        device=self.device, trust_remote_code=self.trust_remote_code)
         print(f"qdylora: rank {self.rank} merged into {out} ({self.dtype}); load it with "
               f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
         print(f"qdylora: {REQUANTIZE_NOTE}")
@@ -331,16 +303,12 @@ class Generate:
 
     def run(self) -> None:
         from .evaluation.generation import answer
-        from .training.rundir import read_json
+        from .evaluation.sweep import recommended_rank
         from .training.rundir import load_run, load_run_settings
 
         settings, _ = load_run_settings(self.run_dir, self.trust_remote_code)
         R = settings.adapter.max_rank
-        ranks = list(self.rank)
-        if not ranks:
-            sweep_file = Path(self.run_dir) / "sweep.json"
-            recommended = read_json(sweep_file).get("recommended", {}) if sweep_file.is_file() else {}
-            ranks = [recommended.get("exact_match", recommended.get("loss", R))]
+        ranks = list(self.rank) or [recommended_rank(self.run_dir, R)]
         check_ranks(ranks, R, lowest=0)
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise QDyLoRAError("temperature must be >= 0 and top_p in (0, 1]")
@@ -388,35 +356,24 @@ class Demo:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
-        from .data.rows import read_rows
-        from .data.embedded import smollm2_checkpoint
-        from .export.peft import export_peft
-        from .core.loading import load_tokenizer, resolve_source
-        from .core.model import prepare
-        from .evaluation.sweep import run_sweep, table, write_outputs
+        from .evaluation.sweep import sweep_run, table
+        from .export.peft import export_run
         from .training.trainer import train
 
         start = time.perf_counter()
         out = Path(self.out)
-        source = smollm2_checkpoint()
-        settings = RunSettings(
-            model=source,
+        settings = RunSettings(  # the embedded model and ASDiv train split; the rest as qdylora train
             data=DataSettings(val_max_examples=self.val_examples),
             train=TrainSettings(max_steps=self.steps, micro_batch_size=8, grad_accumulation=1, lr=5e-4,
                                 warmup_steps=min(5, self.steps), schedule="cosine", eval_every=0, save_every=0),
         )
-        model = prepare(source, settings.adapter)
-        summary = train(replace(settings, adapter=model.config), out, overwrite=self.overwrite,
-                        progress=not self.quiet, model=model)
-        tokenizer = load_tokenizer(resolve_source(source))
-        rows = read_rows("asdiv:test")[: self.test_examples]
-        data = settings.data.with_embedded_default()
-        result = run_sweep(model, tokenizer, rows, data, [1, 2, 4, 8, 16, 32, 64], max_new_tokens=16,
-                           progress=not self.quiet)
-        paths = write_outputs(result, out, title=f"SmolLM2-135M-Instruct, {self.steps} QDyLoRA steps, "
-                                                 f"{len(rows)} ASDiv test rows")
+        summary = train(settings, out, overwrite=self.overwrite, progress=not self.quiet)
+        result, paths = sweep_run(out, data="asdiv:test", max_examples=self.test_examples, overwrite=True,
+                                  ranks=[1, 2, 4, 8, 16, 32, 64], max_new_tokens=16, progress=not self.quiet,
+                                  title=f"SmolLM2-135M-Instruct, {self.steps} steps, "
+                                        f"{self.test_examples} ASDiv test rows")
         rank = result.recommended["loss"]
-        peft_dir = export_peft(model, rank, out / "peft", overwrite=True)
+        peft_dir, = export_run(out, [rank], out / "peft", one=True, overwrite=True)
         before, after = summary["val_loss_before"], summary["val_loss_after"]
         print(table(result))
         print("qdylora: validation loss before -> after training: " + ", ".join(

@@ -23,6 +23,7 @@ from ..data.rows import EMBEDDED_PREFIX, generation_prompts, read_rows, row_form
 from ..errors import QDyLoRAError
 from ..files import atomic_write
 from ..training.losses import autocast_context, losses_at_ranks
+from ..training.rundir import load_run, read_json
 from ..training.sampling import check_ranks
 from ..training.settings import DataSettings, RunSettings
 from .answers import is_correct
@@ -168,6 +169,35 @@ def run_sweep(
         recommended["exact_match"] = recommend(values["exact_match"], HIGHER_IS_BETTER["exact_match"],
                                                accuracy_tolerance, relative=False)
     return SweepResult(ranks, values, recommended, len(rows), seconds, samples)
+
+
+def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optional[Sequence[int]] = None,
+              metrics: Sequence[str] = METRICS, max_examples: int = 0, out: Optional[str | Path] = None,
+              overwrite: bool = False, device: Optional[str] = None, trust_remote_code: bool = False,
+              title: Optional[str] = None, **options) -> tuple[SweepResult, dict[str, Path]]:
+    """Open a training run, measure it at `ranks` (default: powers of two up to max_rank; the base
+    always) on `data` (default: `eval_rows`), and write sweep.json, sweep.csv and sweep.png into
+    `out` (default: the run directory). `options` go to `run_sweep`."""
+    out = Path(out or run_dir)
+    existing = [n for n in SWEEP_FILES.values() if (out / n).exists()]
+    if existing and not overwrite:
+        raise QDyLoRAError(f"{out} already holds {', '.join(existing)}: use --overwrite or another --out")
+    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
+    rows = eval_rows(settings, data)
+    if max_examples > 0:
+        rows = rows[:max_examples]
+    result = run_sweep(model, tokenizer, rows, settings.data, ranks or default_ranks(model.config.max_rank),
+                       metrics, **options)
+    out.mkdir(parents=True, exist_ok=True)
+    title = title or f"{run_dir} on {data or 'its validation rows'} ({result.examples} examples)"
+    return result, write_outputs(result, out, title=title)
+
+
+def recommended_rank(run_dir: str | Path, max_rank: int) -> int:
+    """The rank a run's sweep.json recommends (by exact match, else by loss), else max_rank."""
+    sweep_file = Path(run_dir) / SWEEP_FILES["json"]
+    recommended = read_json(sweep_file).get("recommended", {}) if sweep_file.is_file() else {}
+    return recommended.get("exact_match", recommended.get("loss", max_rank))
 
 
 def write_outputs(result: SweepResult, out: Path, title: str = "") -> dict[str, Path]:

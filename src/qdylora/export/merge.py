@@ -8,7 +8,7 @@ the size of the merged model plus the 4-bit one, not twice the merged size.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import bitsandbytes as bnb
 import torch
@@ -24,6 +24,7 @@ from ..core.scaling import scale
 from ..core.targets import replace_module, uses_conv1d
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, refuse_existing
+from ..training.rundir import load_run, load_run_settings
 from ..training.sampling import check_ranks
 
 REQUANTIZE_NOTE = (
@@ -82,3 +83,13 @@ def _plain_linear(W: torch.Tensor, bias, dtype: torch.dtype, conv1d: bool) -> nn
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
     return layer
+
+
+def merge_run(run_dir: Union[str, Path], rank: int, out: Union[str, Path], *, dtype: str = "bfloat16",
+              overwrite: bool = False, device: Optional[str] = None, trust_remote_code: bool = False) -> Path:
+    """`merge` of a training run's adapter at `rank` (rank and --out checked before loading)."""
+    settings, _ = load_run_settings(run_dir, trust_remote_code)
+    check_ranks([rank], settings.adapter.max_rank)
+    refuse_existing(out, overwrite)
+    model, tokenizer, _ = load_run(run_dir, device, trust_remote_code)
+    return merge(model, rank, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)

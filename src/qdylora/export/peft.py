@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from safetensors.torch import save_file
 
-from ..core.model import QDyLoRAModel
+from ..core.model import QDyLoRAModel, prepare
 from ..core.scaling import scale
 from ..core.targets import uses_conv1d
 from ..files import atomic_dir, refuse_existing
+from ..training.adapter_file import load_adapter
+from ..training.rundir import load_run_settings
 from ..training.sampling import check_ranks
 
 PEFT_PREFIX = "base_model.model."
@@ -84,3 +86,23 @@ def export_peft(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, overwr
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config(model, rank, fan_in_fan_out), indent=2) + "\n")
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def export_run(run_dir: Union[str, Path], ranks: list[int], out: Union[str, Path], *, one: bool = False,
+               overwrite: bool = False, device: Optional[str] = None,
+               trust_remote_code: bool = False) -> list[Path]:
+    """Export ranks of a training run as PEFT LoRA folders: `out` itself when `one` rank is asked
+    for, else out/rank-<b> for each. Ranks and targets are checked before the model is loaded."""
+    settings, adapter = load_run_settings(run_dir, trust_remote_code)
+    check_ranks(ranks, settings.adapter.max_rank)
+    out = Path(out)
+    targets = [out] if one else [out / f"rank-{r}" for r in ranks]
+    for target in targets:
+        refuse_existing(target, overwrite)
+    model = prepare(settings.model, settings.adapter, device=device or settings.device,
+                    trust_remote_code=settings.trust_remote_code)
+    load_adapter(model, adapter)
+    for r, target in zip(ranks, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        export_peft(model, r, target, overwrite=overwrite)
+    return targets
