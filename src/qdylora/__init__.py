@@ -14,10 +14,12 @@ from .core.layer import QDyLoRALinear
 from .core.loading import load_tokenizer, resolve_source
 from .core.memory import MemoryReport, memory_report
 from .core.model import QDyLoRAModel, prepare
+from .core.ordering import order_by_svd
 from .core.rank import adapter_layers, at_rank, get_rank, set_rank, set_update_mode
+from .data.rows import read_rows
 from .errors import QDyLoRAError
 from .evaluation.generation import answer, generate_at_ranks
-from .evaluation.sweep import SweepResult, run_sweep
+from .evaluation.sweep import SweepResult, run_sweep, sweep_run
 from .export.merge import merge
 from .export.peft import export_peft
 from .training.adapter_file import base_fingerprint, load_adapter, read_adapter_metadata, save_adapter
@@ -38,6 +40,9 @@ __all__ = [
     "merge",
     "load_run",
     "run_sweep",
+    "sweep_run",
+    "order_by_svd",
+    "read_rows",
     "train",
     "QDyLoRAConfig",
     "QDyLoRAError",
