@@ -310,7 +310,7 @@ class Generate:
         R = settings.adapter.max_rank
         ranks = list(self.rank) or [recommended_rank(self.run_dir, R)]
         check_ranks(ranks, R, lowest=0)
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
+        if not (0 <= self.temperature < float("inf")) or not 0 < self.top_p <= 1:  # nan fails both
             raise QDyLoRAError("temperature must be >= 0 and top_p in (0, 1]")
         prompt = self.prompt if self.prompt is not None else sys.stdin.read()
         if not prompt.strip():

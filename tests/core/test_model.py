@@ -235,7 +235,8 @@ def test_pickle_checkpoints_are_not_loaded(tmp_path):
 
 
 def test_config_validation():
-    for bad in [dict(max_rank=0), dict(alpha=0), dict(scaling="log"), dict(dropout=1.0),
+    for bad in [dict(max_rank=0), dict(alpha=0), dict(alpha=float("nan")), dict(alpha=float("inf")),
+                dict(scaling="log"), dict(dropout=1.0), dict(dropout=float("nan")),
                 dict(update_mode="half"), dict(compute_dtype="int8"), dict(target_modules=[])]:
         with pytest.raises(QDyLoRAError):
             QDyLoRAConfig(**bad)
@@ -274,3 +275,18 @@ def test_per_example_training_gradient_equals_separate_runs(arch, tiny_dir):
     for got, want in zip(together, apart):  # float32 sums in another order
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert max(g.abs().max() for g in together) > 1e-3  # not a no-op
+
+
+def test_a_max_rank_wider_than_a_targeted_layer_is_refused(tiny_dir):
+    """rank(B A) <= min(in, out): R = 100000 on a 64-wide model wrote an 819 MB adapter."""
+    path = tiny_dir("llama")
+    widths = {name: min(layer.in_features, layer.out_features)
+              for name, layer in tiny_model("llama").named_modules() if isinstance(layer, nn.Linear)
+              and name != "lm_head"}
+    narrowest = min(widths.values())
+    qdylora.prepare(path, QDyLoRAConfig(max_rank=narrowest))  # at the bound: accepted
+    with pytest.raises(QDyLoRAError, match=f"max_rank {narrowest + 1} is above the narrowest targeted layer"):
+        qdylora.prepare(path, QDyLoRAConfig(max_rank=narrowest + 1))
+    gpt2 = tiny_dir("gpt2")  # Conv1D layers store their weight (in, out)
+    with pytest.raises(QDyLoRAError, match="is above the narrowest targeted layer"):
+        qdylora.prepare(gpt2, QDyLoRAConfig(max_rank=10_000))

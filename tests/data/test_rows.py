@@ -49,6 +49,15 @@ def test_read_rows_errors(tmp_path):
         read_rows(str(tmp_path / "bad.jsonl"))
 
 
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n \n"), ("empty.csv", ""),
+                                           ("empty.json", "  ")])
+def test_an_empty_data_file_is_named(tmp_path, name, content):
+    """datasets said "StopIteration" or "An error occurred while generating the dataset"."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(QDyLoRAError, match=f"data file .*{name} is empty"):
+        read_rows(str(tmp_path / name))
+
+
 @pytest.mark.parametrize("columns, fmt", [
     (["instruction", "input", "output"], "alpaca"),
     (["instruction", "output"], "alpaca"),

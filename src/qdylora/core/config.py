@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -46,8 +47,8 @@ class QDyLoRAConfig:
     def __post_init__(self) -> None:
         if self.max_rank < 1:
             raise QDyLoRAError(f"max_rank must be at least 1, got {self.max_rank}")
-        if self.alpha <= 0:
-            raise QDyLoRAError(f"alpha must be positive, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):  # nan and inf pass a plain "<= 0" test
+            raise QDyLoRAError(f"alpha must be a positive finite number, got {self.alpha}")
         if self.scaling not in SCALE_RULES:
             raise QDyLoRAError(f"scaling must be one of {', '.join(SCALE_RULES)}, got {self.scaling!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -16,7 +16,7 @@ from .layer import QDyLoRALinear
 from .loading import load_causal_lm, resolve_source
 from .quantize import QUANT_TYPE, guard_cpu_repacking, quantize_linear
 from .rank import adapter_layers
-from .targets import block_linears, find_targets, replace_module
+from .targets import block_linears, check_max_rank, find_targets, replace_module
 
 
 class QDyLoRAModel(nn.Module):
@@ -105,7 +105,8 @@ def prepare(
         name = str(model)
     dtype = config.torch_compute_dtype
 
-    targets = set(find_targets(hf, config.target_modules))  # validates before any change
+    targets = find_targets(hf, config.target_modules)  # validates before any change
+    check_max_rank(targets, config.max_rank)
     for path, layer in block_linears(hf).items():
         replace_module(hf, path, _as_nf4(path, layer, dtype))
     for p in hf.parameters():

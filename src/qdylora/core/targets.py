@@ -84,3 +84,24 @@ def find_targets(model: nn.Module, target_modules: Union[str, list[str]]) -> dic
 
 def _ends_with(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
+
+
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer (Conv1D stores its weight (in, out))."""
+    if isinstance(layer, Conv1D):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
+
+
+def check_max_rank(targets: dict[str, nn.Module], max_rank: int) -> None:
+    """Refuse a max rank above min(in, out) of a targeted layer: rank(B A) cannot exceed it, so
+    such components only cost memory (a 64-wide model at max_rank 100000 wrote an 819 MB adapter)."""
+    if not targets:
+        return
+    name = min(targets, key=lambda n: min(layer_features(targets[n])))
+    n_in, n_out = layer_features(targets[name])
+    if max_rank > min(n_in, n_out):
+        raise QDyLoRAError(
+            f"max_rank {max_rank} is above the narrowest targeted layer ({name}: {n_in} -> {n_out}), "
+            f"whose adapter cannot use more than {min(n_in, n_out)} components: use --max-rank "
+            f"{min(n_in, n_out)} or less, or leave that layer out of target_modules")

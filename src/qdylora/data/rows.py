@@ -109,6 +109,9 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
                 f"data file {source} has an unsupported type {path.suffix or '(none)'}: "
                 f"use one of {', '.join(FILE_BUILDERS)}"
             )
+        size = path.stat().st_size
+        if size == 0 or (size < 2**20 and not path.read_bytes().strip()):  # datasets: "StopIteration"
+            raise QDyLoRAError(f"data file {source} is empty: it holds no rows")
         args, kwargs = (builder,), dict(data_files=str(path), split="train")
     elif path.is_dir():
         args, kwargs = (str(path),), dict(split=split)

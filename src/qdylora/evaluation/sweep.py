@@ -114,6 +114,9 @@ def run_sweep(
     """Measure `metrics` at every rank of `ranks` (0 is added) on `rows`, formatted as in training."""
     from tqdm.auto import tqdm
 
+    for name, value in (("loss_tolerance", loss_tolerance), ("accuracy_tolerance", accuracy_tolerance)):
+        if not 0 <= value < float("inf"):  # false for nan too
+            raise QDyLoRAError(f"{name} must be a finite number, not negative, got {value}")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise QDyLoRAError(f"unknown metric {unknown[0]!r}: use {', '.join(METRICS)}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional
 
@@ -64,7 +65,7 @@ class DataSettings:
                 "format 'template' needs --prompt-template and --response-template, "
                 "e.g. --prompt-template '{question}' --response-template '{answer}'"
             )
-        if not 0.0 <= self.val_fraction < 1.0:
+        if not 0.0 <= self.val_fraction < 1.0:  # false for nan too
             raise QDyLoRAError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_source_length < 1 or self.max_target_length < 1:
             raise QDyLoRAError("max_source_length and max_target_length must be at least 1")
@@ -160,10 +161,9 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps <= 0:
             raise QDyLoRAError(f"max_steps must be positive, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise QDyLoRAError(f"epochs must be positive, got {self.epochs}")
-        if self.lr <= 0:
-            raise QDyLoRAError(f"learning rate must be positive, got {self.lr}")
+        for name, value in (("epochs", self.epochs), ("lr", self.lr)):
+            if not (math.isfinite(value) and value > 0):  # nan and inf pass a plain "<= 0" test
+                raise QDyLoRAError(f"{name} must be a positive finite number, got {value}")
         for name in ("micro_batch_size", "grad_accumulation", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise QDyLoRAError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -172,8 +172,9 @@ class TrainSettings:
         if self.order not in ORDERS:
             raise QDyLoRAError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "max_grad_norm", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise QDyLoRAError(f"{name} must not be negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise QDyLoRAError(f"{name} must be a finite number, not negative, got {value}")
 
     def rank_sampler(self, max_rank: int, seed: int) -> RankSampler:
         """p_B for a model whose adapters have `max_rank` components."""
