@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from qdylora.errors import QDyLoRAError
-from qdylora.training.rundir import checkpoint_dirs, checkpoint_problem
+from qdylora.training.rundir import _sha256, checkpoint_dirs, checkpoint_problem
 from qdylora.training.trainer import TrainingInterrupted, train
 
 from ..conftest import tiny_settings as settings
@@ -60,12 +60,22 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(raw))
     elif how == "truncate":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how.startswith("crafted"):  # another content, with a manifest that matches it
+        if how == "crafted-empty":
+            torch.save({}, path)
+        else:
+            path.write_bytes(b"not a torch file")
+        manifest_file = path.parent / "manifest.json"
+        manifest = json.loads(manifest_file.read_text())
+        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        manifest_file.write_text(json.dumps(manifest))
     else:
         path.unlink()
 
 
 @pytest.mark.parametrize("name, how", [("adapter.safetensors", "flip"), ("adapter.safetensors", "truncate"),
-                                       ("state.pt", "truncate"), ("state.pt", "delete")])
+                                       ("state.pt", "truncate"), ("state.pt", "delete"),
+                                       ("state.pt", "crafted-empty"), ("state.pt", "crafted-garbage")])
 def test_resume_falls_back_from_a_damaged_checkpoint(reference, tiny_lm, tmp_path, caplog, name, how):
     ref, data = reference
     run = tmp_path / "run"
@@ -79,6 +89,21 @@ def test_resume_falls_back_from_a_damaged_checkpoint(reference, tiny_lm, tmp_pat
         train(settings(tiny_lm, data, **OPTS), run, resume=True, progress=False)
     assert "step-000005 is damaged" in caplog.text  # the library logs it; the CLI shows it on stderr
     assert (run / "checkpoints" / "step-000005.damaged").is_dir()  # kept, out of the way
+    assert_same_adapter(ref, run)
+
+
+def test_a_second_damaged_checkpoint_of_the_same_step_is_moved_too(reference, tiny_lm, tmp_path, caplog):
+    """"moved to step-N.damaged" was said, and nothing moved, when that name existed already."""
+    ref, data = reference
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=crash_after_step_5)
+    (run / "checkpoints" / "step-000005.damaged").mkdir()  # left by an earlier resume
+    damage(checkpoint_dirs(run)[-1] / "state.pt", "truncate")
+    with caplog.at_level("WARNING", logger="qdylora"):
+        train(settings(tiny_lm, data, **OPTS), run, resume=True, progress=False)
+    assert "moved to step-000005.damaged.1" in caplog.text
+    assert (run / "checkpoints" / "step-000005.damaged.1" / "state.pt").is_file()
     assert_same_adapter(ref, run)
 
 

@@ -158,7 +158,22 @@ def checkpoint_problem(checkpoint: Path) -> Optional[str]:
                 return f"{name} does not match its checksum (corrupted)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"manifest.json is unreadable ({type(e).__name__}: {e})"
-    return None
+    return _state_problem(checkpoint)
+
+
+# What resuming reads from state.pt (rng_cuda and micro_batch_position are optional).
+STATE_KEYS = ("step", "tokens_seen", "seconds", "optimizer", "scheduler", "rng_cpu")
+
+
+def _state_problem(checkpoint: Path) -> Optional[str]:
+    """Why state.pt cannot be resumed from, even with a matching manifest (a file crafted or
+    written by something else): unreadable, or without what resuming needs."""
+    try:
+        state = load_state(checkpoint)
+    except QDyLoRAError as e:
+        return f"state.pt is unreadable ({str(e).splitlines()[0][:200]})"
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    return f"state.pt lacks {', '.join(missing)}" if missing else None
 
 
 def resume_checkpoint(out: Path) -> Path:
@@ -169,15 +184,24 @@ def resume_checkpoint(out: Path) -> Path:
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             return checkpoint
-        aside = checkpoint.with_name(checkpoint.name + ".damaged")
-        if not aside.exists():
-            os.replace(checkpoint, aside)
+        aside = _free_name(checkpoint.with_name(checkpoint.name + ".damaged"))
+        os.replace(checkpoint, aside)
         log.warning(f"checkpoint {checkpoint.name} is damaged ({problem}); moved to {aside.name}, "
                     "trying an older one")
     if found:
         raise QDyLoRAError(f"cannot resume {out}: none of its {len(found)} checkpoints is intact; "
                            "start again with --overwrite")
     raise QDyLoRAError(f"cannot resume: {out} has no checkpoint yet; start it again with --overwrite")
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or path.1, path.2, ... : the first that does not exist (a damaged checkpoint is
+    always moved out of the way, even when an earlier one of that step was moved before)."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last: int) -> Path:
