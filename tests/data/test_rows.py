@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qdylora.data.rows import IGNORE, RowFormat, detect_format, read_rows, split_rows, tokenize
+from qdylora.data.rows import IGNORE, RowFormat, detect_format, read_rows, segments_of, split_rows, tokenize
 from qdylora.errors import QDyLoRAError
 
 from ..conftest import char_tokenizer
@@ -205,3 +205,14 @@ def test_non_utf8_text_is_named(tmp_path, ext):
     line = 2 if ext == "jsonl" else 3  # the CSV has a header line
     with pytest.raises(QDyLoRAError, match=rf"line {line} is not UTF-8 text"):
         read_rows(str(path))
+
+
+@pytest.mark.parametrize("value, kind", [(["a", "b"], "a list"), ({"x": 1}, "an object")])
+def test_a_list_or_object_in_a_text_field_is_refused(value, kind):
+    """It was rendered as Python's repr ("['a', 'b']") and trained on without a word."""
+    rf = RowFormat("template", "{question}", "{answer}")
+    with pytest.raises(QDyLoRAError, match=f"row 3: field question holds {kind}, not text"):
+        segments_of({"question": value, "answer": "4"}, 3, rf)
+    rf = RowFormat("input-output", None, None)
+    with pytest.raises(QDyLoRAError, match=f"field output holds {kind}"):
+        segments_of({"input": "2+2", "output": value}, 3, rf)

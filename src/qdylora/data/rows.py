@@ -198,6 +198,12 @@ def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] 
                 f"row {index} has no {', '.join(missing)} (its fields with values: "
                 f"{', '.join(sorted(k for k, v in row.items() if v is not None)) or 'none'})"
             )
+        for n in names:  # str() would render a list or an object as Python's repr, silently
+            if isinstance(row[n], (list, dict)):
+                kind = "a list" if isinstance(row[n], list) else "an object"
+                raise QDyLoRAError(f"row {index}: field {n} holds {kind}, not text "
+                                   f"({str(row[n])[:60]}): flatten it into a string, or pick the "
+                                   "format that reads it (--format chat for message lists)")
         return [str(row[n]) for n in names]
 
     fmt, prompt_template, response_template = rf.format, rf.prompt_template, rf.response_template
