@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from qdylora.data.rows import IGNORE, RowFormat, detect_format, read_rows, segments_of, split_rows, tokenize
+from qdylora.data.rows import (IGNORE, RowFormat, chat_segments, detect_format, read_rows, segments_of, split_rows,
+                               tokenize)
 from qdylora.errors import QDyLoRAError
 
 from ..conftest import char_tokenizer
@@ -216,3 +217,17 @@ def test_a_list_or_object_in_a_text_field_is_refused(value, kind):
     rf = RowFormat("input-output", None, None)
     with pytest.raises(QDyLoRAError, match=f"field output holds {kind}"):
         segments_of({"input": "2+2", "output": value}, 3, rf)
+
+
+def test_chat_rows_the_template_cannot_render_name_the_row():
+    """An assistant turn first, or a role the template rejects, ended in a jinja2 traceback."""
+    tok = char_tokenizer()
+    with pytest.raises(QDyLoRAError, match="row 5: the conversation starts with an assistant turn"):
+        chat_segments(tok, [{"role": "assistant", "content": "4"}], 5)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                         "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+                         "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(QDyLoRAError, match=r"row 2: .* refuses this conversation \(unknown role tool\); "
+                                           "roles: user, tool, assistant"):
+        chat_segments(tok, [{"role": "user", "content": "2+2"}, {"role": "tool", "content": "x"},
+                            {"role": "assistant", "content": "4"}], 2)

@@ -191,14 +191,14 @@ def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] 
     """A row as [(prompt, False), (response, True)], [(text, True)] for "text", or a list of
     {role, content} messages for "chat"."""
 
-    def need(*names: str) -> list[str]:
+    def need(*names: str, text: bool = True) -> list[str]:
         missing = [n for n in names if row.get(n) is None]
         if missing:
             raise QDyLoRAError(
                 f"row {index} has no {', '.join(missing)} (its fields with values: "
                 f"{', '.join(sorted(k for k, v in row.items() if v is not None)) or 'none'})"
             )
-        for n in names:  # str() would render a list or an object as Python's repr, silently
+        for n in names if text else ():  # str() would render a list or an object as its repr, silently
             if isinstance(row[n], (list, dict)):
                 kind = "a list" if isinstance(row[n], list) else "an object"
                 raise QDyLoRAError(f"row {index}: field {n} holds {kind}, not text "
@@ -225,7 +225,7 @@ def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] 
         return [(need("text")[0], True)]
     if fmt == "chat":
         key = "conversations" if row.get("conversations") is not None else "messages"
-        messages = need(key) and row[key]
+        messages = need(key, text=False) and row[key]
         if not isinstance(messages, list):
             raise QDyLoRAError(f"row {index}: {key} must be a list of messages")
         out = []
@@ -261,7 +261,15 @@ def chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[str
     require_chat_template(tokenizer)
 
     def render(msgs: list[dict], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        if not msgs:  # an assistant turn first: nothing to answer (transformers: "empty conversation")
+            raise QDyLoRAError(f"row {index}: the conversation starts with an assistant turn; it must "
+                               "start with a user (or system) turn")
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # jinja2's TemplateError, raise_exception() of the template, ValueError
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise QDyLoRAError(f"row {index}: the tokenizer's chat template refuses this conversation "
+                               f"({reason}); roles: {', '.join(m['role'] for m in messages)}") from None
 
     segments, done = [], ""
     for i, m in enumerate(messages):
