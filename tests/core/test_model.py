@@ -217,6 +217,17 @@ def test_directory_without_a_model(tmp_path):
         qdylora.prepare(str(tmp_path))
 
 
+@pytest.mark.parametrize("how", ["truncate", "header"])
+def test_damaged_model_weights_are_one_line(tmp_path, how):
+    """A truncated or corrupted model.safetensors ended in a SafetensorError traceback."""
+    tiny_model("llama").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) // 2] if how == "truncate" else b"\xff" * 16 + raw[16:])
+    with pytest.raises(QDyLoRAError, match="the weights in .* are damaged or truncated"):
+        qdylora.prepare(str(tmp_path))
+
+
 def test_not_a_causal_lm(tmp_path):
     cfg = T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
     T5ForConditionalGeneration(cfg).save_pretrained(tmp_path)

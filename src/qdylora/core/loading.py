@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -100,6 +101,9 @@ def load_causal_lm(
                 use_safetensors=True,
                 **kwargs,
             )
+    except SafetensorError as e:  # a truncated or corrupted model.safetensors (its header or data)
+        raise QDyLoRAError(f"the weights in {src.path} are damaged or truncated ({_first_line(e)}): "
+                           "download or copy the model again") from e
     except (OSError, ValueError, KeyError) as e:
         raise QDyLoRAError(f"cannot load a causal LM from {src.path}: {_explain(e, src)}") from e
     return model
