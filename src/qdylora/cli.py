@@ -97,9 +97,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         debug = command.debug
         with shown_on_console():
             command.run()
-    except TrainingInterrupted as e:  # Ctrl-C: a checkpoint was written
+    except TrainingInterrupted as e:  # Ctrl-C, SIGTERM, SIGHUP: a checkpoint was written
         print(f"qdylora: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum  # 130 for Ctrl-C, 143 for SIGTERM: what a shell reports for them
     except QDyLoRAError as e:
         if debug:
             raise

@@ -186,7 +186,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same(reference, tiny
     # The handler in place before the run (Python's default, or SIG_IGN under nohup or in a
     # background job) is the one in place after it.
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(TrainingInterrupted, match="interrupted after step 2.*--resume"):
+    with pytest.raises(TrainingInterrupted, match=r"interrupted \(SIGINT\) after step 2.*--resume"):
         train(settings(tiny_lm, data, **opts), run, progress=False, on_step=interrupt)
     assert signal.getsignal(signal.SIGINT) is before
     assert [c.name for c in checkpoint_dirs(run)] == ["step-000002"]
@@ -195,7 +195,11 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same(reference, tiny
     assert_same_adapter(ref, run)
 
 
-def test_ctrl_c_on_a_real_process_checkpoints_and_exits_130(reference, tiny_lm, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_a_real_process_checkpoints_and_exits_128_plus_it(signum, reference, tiny_lm, tmp_path):
+    """Ctrl-C, and what SLURM / Kubernetes send before preempting (SIGTERM; SIGHUP when a
+    terminal closes): SIGTERM used to kill the run at once, with no checkpoint and a summary
+    left "running" that --resume then refused."""
     _, data = reference
     run = tmp_path / "run"
     config = tmp_path / "settings.json"
@@ -206,15 +210,21 @@ def test_ctrl_c_on_a_real_process_checkpoints_and_exits_130(reference, tiny_lm, 
     metrics, deadline = run / "metrics.jsonl", time.time() + 120
     while not (metrics.exists() and '"rank"' in metrics.read_text()) and time.time() < deadline:
         time.sleep(0.05)  # until a training step has been logged
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]  # 130, 143, 129: what a shell reports
     last = err.strip().splitlines()[-1]
-    assert last.startswith("qdylora: interrupted after step ") and f"--resume {run}" in last
+    name = signal.Signals(signum).name
+    assert last.startswith(f"qdylora: interrupted ({name}) after step ") and f"--resume {run}" in last
     step = int(last.split("after step ")[1].split(";")[0])
     assert [c.name for c in checkpoint_dirs(run)] == [f"step-{step:06d}"]
     assert checkpoint_problem(checkpoint_dirs(run)[0]) is None
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert "Traceback" not in err
+    resumed = subprocess.run([sys.executable, "-m", "qdylora", "train", "--resume", str(run), "--max-steps",
+                              str(step + 1), "--quiet"], env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 def newest_step(run: Path) -> int:

@@ -174,14 +174,15 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
     interrupt = _InterruptFlag()
     try:
         while pos.step < max_steps:
-            # every process stops at the same step, whichever of them saw the Ctrl-C
-            if distributed.sum_float(procs, float(interrupt.requested), job.device) > 0:
+            # every process stops at the same step, whichever of them got the signal
+            if distributed.sum_float(procs, float(interrupt.requested is not None), job.device) > 0:
                 _checkpoint(job, out, pos)
                 if main:
                     write_json(out / "summary.json", {"status": "interrupted", "steps": pos.step,
                                                       "val_loss_before": first_val})
-                raise TrainingInterrupted(f"interrupted after step {pos.step}; checkpoint saved: "
-                                          f"continue with qdylora train --resume {out}")
+                signum = interrupt.requested or signal.SIGTERM  # another process got it (torchrun)
+                raise TrainingInterrupted(f"interrupted ({signal.Signals(signum).name}) after step {pos.step}; "
+                                          f"checkpoint saved: continue with qdylora train --resume {out}", signum)
             start = time.perf_counter()
             result = run_step(job, pos.step, out)
             pos.step += 1
@@ -466,29 +467,42 @@ class _RunLog:
 
 
 class TrainingInterrupted(QDyLoRAError):
-    """Ctrl-C during training: a checkpoint was written and the run can be resumed."""
+    """Ctrl-C, SIGTERM or SIGHUP during training: a checkpoint was written and the run can be
+    resumed. `signum` is the signal (the command exits with 128 + signum, as a shell reports)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+# What a user (Ctrl-C), a scheduler before preemption (SLURM, Kubernetes: SIGTERM) or a closed
+# terminal (SIGHUP) sends: each asks for a checkpoint and a clean stop.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class _InterruptFlag:
-    """The first Ctrl-C (SIGINT) asks the loop to checkpoint and stop after the current step;
-    a second one interrupts at once. Only in the main thread (signals are delivered there)."""
+    """The first stop signal asks the loop to checkpoint and stop after the current step; a
+    second one acts as it would without us (Ctrl-C: KeyboardInterrupt at once; SIGTERM: the
+    previous handler, by default the end of the process). Only in the main thread (signals
+    are delivered there)."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._old = None
+        self.requested: Optional[int] = None  # the signal received
+        self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
-        print("\nqdylora: stopping after this step to write a checkpoint (Ctrl-C again to stop now)",
-              file=sys.stderr)
+        self.requested = signum
+        for s, old in self._old.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+        print(f"\nqdylora: {signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+              "(send it again to stop now)", file=sys.stderr)
 
     def restore(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        for s, old in self._old.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+        self._old = {}
 
 
 def _rank_record(ranks: list) -> Union[int, str, list[int]]:
