@@ -274,3 +274,37 @@ def test_a_checkpoint_without_manifest_from_an_older_qdylora_still_resumes(refer
         (checkpoint / "manifest.json").unlink()
     train(settings(tiny_lm, data, **OPTS), run, resume=True, progress=False)
     assert_same_adapter(ref, run)
+
+
+def test_a_run_directory_has_one_owner(reference, tiny_lm, tmp_path):
+    """Two `qdylora train` on one --out both "succeeded" (every step twice in metrics.jsonl): the
+    second, and a --resume while the first trains, are refused; after a kill -9 of the owner the
+    run resumes (the lock died with the process)."""
+    _, data = reference
+    run = tmp_path / "run"
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(settings(tiny_lm, data, max_steps=500, save_every=1).to_dict()))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    train_cmd = [sys.executable, "-m", "qdylora", "train", "--config", str(config)]
+    owner = subprocess.Popen(train_cmd + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while newest_step(run) < 1 and time.time() < deadline:
+            time.sleep(0.05)  # until the owner has written a checkpoint
+        for extra in (["--out", str(run), "--overwrite"], ["--resume", str(run)]):
+            second = subprocess.run(train_cmd + extra, env=env, capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert second.stderr.strip().splitlines()[-1] == (
+                f"qdylora: error: run directory {run} is in use by another qdylora train process: wait for it "
+                "to finish (or stop it), or choose another --out")
+        assert owner.poll() is None  # the owner was not disturbed
+    finally:
+        owner.kill()
+        owner.wait()
+    resumed = subprocess.run([sys.executable, "-m", "qdylora", "train", "--resume", str(run), "--max-steps",
+                              str(newest_step(run) + 1), "--quiet"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"rank"' in x]
+    assert len(steps) == len(set(steps))  # no step logged twice

@@ -18,15 +18,21 @@ itself has no checksum) and resuming falls back to the newest checkpoint that is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
+
+try:
+    import fcntl  # POSIX; elsewhere runs are not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 from ..console import log
 from ..core.loading import load_tokenizer, resolve_source
@@ -55,6 +61,30 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
             f"output directory {out} already exists and is not empty: use --overwrite to replace "
             f"the run in it, --resume {out} to continue it, or another --out"
         )
+
+
+@contextlib.contextmanager
+def owned(out: Path) -> Iterator[None]:
+    """Hold the run directory `out` for this process while the block runs: a second
+    `qdylora train` (or `--resume`) on it is refused instead of both writing into it. The lock
+    is the operating system's (flock on the directory), so a killed process leaves none behind.
+    A directory made here for the run and still empty afterwards (the run failed before writing)
+    is removed again."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise QDyLoRAError(f"run directory {out} is in use by another qdylora train process: wait "
+                                   "for it to finish (or stop it), or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def clear_run(out: Path) -> None:

@@ -41,7 +41,7 @@ from ..errors import QDyLoRAError
 from . import distributed
 from .adapter_file import base_fingerprint, load_adapter, save_adapter
 from .losses import autocast_context, loss_sum, validation_loss
-from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, read_json,
+from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, owned, read_json,
                      remove_leftovers, resume_checkpoint, save_checkpoint, write_json)
 from .sampling import RankSampler, micro_batch_ranks
 from .settings import RunSettings, TrainSettings
@@ -104,7 +104,8 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     check_out_dir(out, overwrite, resume)  # before any heavy work
     distributed.barrier(procs)  # every process has checked `out` before process 0 writes to it
     try:
-        return _train(settings, out, overwrite, resume, progress, model, on_step, procs, device_name)
+        with owned(out) if procs.is_main else contextlib.nullcontext():  # one training per run directory
+            return _train(settings, out, overwrite, resume, progress, model, on_step, procs, device_name)
     finally:
         if started:
             distributed.stop(procs)
