@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 from .errors import QDyLoRAError
 
@@ -34,10 +34,24 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[Path]:
         raise
 
 
-def refuse_existing(path: Union[str, os.PathLike], overwrite: bool) -> None:
-    """An output that exists is only replaced with --overwrite."""
-    if Path(path).exists() and not overwrite:
+def refuse_existing(path: Union[str, os.PathLike], overwrite: bool,
+                    ours: Optional[Callable[[str], bool]] = None) -> None:
+    """An output directory that exists is only replaced with --overwrite, and only when all it
+    holds is what qdylora writes there (`ours(name)` for each entry; None: only an empty one):
+    replacing it must not delete a user's file."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
         raise QDyLoRAError(f"{path} already exists: use --overwrite or another --out")
+    if not path.is_dir():
+        raise QDyLoRAError(f"{path} is a file, not an output directory: --overwrite does not replace it; "
+                           "choose another --out")
+    foreign = sorted(name for name in os.listdir(path) if ours is None or not ours(name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise QDyLoRAError(f"{path} holds files qdylora did not write there ({shown}): --overwrite only "
+                           "replaces an earlier output; choose another --out")
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import qdylora
 from qdylora.errors import QDyLoRAError
-from qdylora.export.merge import merge
+from qdylora.export.merge import is_model_file, merge
 
 from ..conftest import COMPUTE_DTYPES, LOGIT_TOL, VOCAB, adapted_model, char_tokenizer
 
@@ -43,3 +43,12 @@ def test_merge_refuses_bad_rank_dtype_and_existing_dir(tiny_dir, tmp_path):
     with pytest.raises(QDyLoRAError, match="already exists"):
         merge(model, 2, tmp_path / "m")
     assert not list(tmp_path.glob(".m.tmp"))
+    # --overwrite replaces a model directory, never a user's other files in it
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / "m" / name).write_text("old")
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(QDyLoRAError, match=r"holds files qdylora did not write there \(notes.txt\)"):
+        merge(model, 2, tmp_path / "m", overwrite=True)
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+    assert is_model_file("model-00001-of-00002.safetensors") and is_model_file("generation_config.json")
+    assert not is_model_file("model_card.md") and not is_model_file("notes.txt")

@@ -72,3 +72,14 @@ def test_export_refuses_bad_rank_and_existing_dir(tiny_dir, tmp_path):
         export_peft(model, 2, tmp_path / "b")
     export_peft(model, 2, tmp_path / "b", overwrite=True)
     assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
+    export_peft(model, 3, tmp_path / "b", overwrite=True)  # an earlier export: replaced
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["r"] == 3
+    # --overwrite never deletes a user's file (it removed one that stood in the target)
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(QDyLoRAError, match=r"holds files qdylora did not write there \(notes.txt\)"):
+        export_peft(model, 2, tmp_path / "b", overwrite=True)
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
+    (tmp_path / "c").write_text("a file")
+    with pytest.raises(QDyLoRAError, match="is a file, not an output directory"):
+        export_peft(model, 2, tmp_path / "c", overwrite=True)
+    assert (tmp_path / "c").read_text() == "a file"

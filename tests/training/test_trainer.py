@@ -208,8 +208,16 @@ def test_out_dir_rules(tiny_lm, tmp_path):
     with pytest.raises(QDyLoRAError, match="already exists and is not empty: use --overwrite"):
         train(settings(tiny_lm, data), run, progress=False)
     assert [p.name for p in run.iterdir()] == ["notes.txt"]
-    train(settings(tiny_lm, data), run, overwrite=True, progress=False)
-    train(settings(tiny_lm, data), run, overwrite=True, progress=False)
+    # --overwrite replaces a run, never another directory (it replaced a model's config.json)
+    (run / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(QDyLoRAError, match="is not a qdylora run .*--overwrite only replaces a run"):
+        train(settings(tiny_lm, data), run, overwrite=True, progress=False)
+    assert (run / "config.json").read_text() == '{"model_type": "llama"}'
+    (run / "config.json").unlink()
+    (run / "notes.txt").unlink()
+    train(settings(tiny_lm, data), run, overwrite=True, progress=False)  # empty: fine
+    (run / "notes.txt").write_text("mine")
+    train(settings(tiny_lm, data), run, overwrite=True, progress=False)  # a run: replaced
     assert (run / "notes.txt").read_text() == "mine"  # --overwrite removes only what a run writes
     with pytest.raises(QDyLoRAError, match="no checkpoint|not a qdylora run"):
         train(settings(tiny_lm, data), tmp_path / "fresh", resume=True, progress=False)

@@ -7,6 +7,7 @@ the size of the merged model plus the 4-bit one, not twice the merged size.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -43,7 +44,7 @@ def merge(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, tokenizer=No
     if dtype not in DTYPES:
         raise QDyLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, ours=is_model_file)
     hf = model.model
     target_dtype = DTYPES[dtype]
     conv1d = uses_conv1d(hf)
@@ -85,11 +86,18 @@ def _plain_linear(W: torch.Tensor, bias, dtype: torch.dtype, conv1d: bool) -> nn
     return layer
 
 
+def is_model_file(name: str) -> bool:
+    """A file `save_pretrained` of a model or tokenizer writes (what --overwrite may replace)."""
+    return bool(re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|tokenizer[\w.]*|"
+                             r"(generation_)?config\.json|special_tokens_map\.json|chat_template\.jinja|"
+                             r"added_tokens\.json|vocab\.json|merges\.txt", name))
+
+
 def merge_run(run_dir: Union[str, Path], rank: int, out: Union[str, Path], *, dtype: str = "bfloat16",
               overwrite: bool = False, device: Optional[str] = None, trust_remote_code: bool = False) -> Path:
     """`merge` of a training run's adapter at `rank` (rank and --out checked before loading)."""
     settings, _ = load_run_settings(run_dir, trust_remote_code)
     check_ranks([rank], settings.adapter.max_rank)
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, ours=is_model_file)
     model, tokenizer, _ = load_run(run_dir, device, trust_remote_code)
     return merge(model, rank, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)

@@ -39,6 +39,10 @@ def peft_target_modules(model: QDyLoRAModel) -> Union[list[str], str]:
     return "^(?:" + "|".join(re.escape(p) for p in sorted(adapted)) + ")$"
 
 
+# What an export writes (and all that --overwrite may replace).
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def peft_config(model: QDyLoRAModel, rank: int, fan_in_fan_out: bool) -> dict:
     """adapter_config.json for rank `rank` (PEFT 0.x LoRA fields)."""
     c = model.config
@@ -73,7 +77,7 @@ def export_peft(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, overwr
     """
     check_ranks([rank], model.config.max_rank)
     out = Path(out)
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, ours=PEFT_FILES.__contains__)
     fan_in_fan_out = uses_conv1d(model.model)
     tensors = {}
     for path, layer in model.adapter_layers().items():
@@ -98,7 +102,7 @@ def export_run(run_dir: Union[str, Path], ranks: list[int], out: Union[str, Path
     out = Path(out)
     targets = [out] if one else [out / f"rank-{r}" for r in ranks]
     for target in targets:
-        refuse_existing(target, overwrite)
+        refuse_existing(target, overwrite, ours=PEFT_FILES.__contains__)
     model = prepare(settings.model, settings.adapter, device=device or settings.device,
                     trust_remote_code=settings.trust_remote_code)
     load_adapter(model, adapter)

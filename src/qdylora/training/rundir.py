@@ -61,6 +61,22 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
             f"output directory {out} already exists and is not empty: use --overwrite to replace "
             f"the run in it, --resume {out} to continue it, or another --out"
         )
+    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+        # --overwrite removes a run's files by name: in another directory (a model's) those
+        # names are someone else's files (it replaced a model's config.json)
+        raise QDyLoRAError(
+            f"output directory {out} is not a qdylora run (no run config.json in it): --overwrite only "
+            "replaces a run; choose an empty or new --out"
+        )
+
+
+def is_run_dir(out: Path) -> bool:
+    """True if `out` holds a qdylora run: a config.json that a run wrote."""
+    try:
+        record = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "qdylora_version" in record and "settings" in record
 
 
 @contextlib.contextmanager
