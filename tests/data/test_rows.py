@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -231,3 +234,29 @@ def test_chat_rows_the_template_cannot_render_name_the_row():
                                            "roles: user, tool, assistant"):
         chat_segments(tok, [{"role": "user", "content": "2+2"}, {"role": "tool", "content": "x"},
                             {"role": "assistant", "content": "4"}], 2)
+
+
+def test_a_huge_row_costs_what_is_kept(tmp_path):
+    """A 30 MB single-line row took 4.5 GB of memory before it was truncated. In a real
+    process: tokenizing such a row keeps the peak memory near the process's start."""
+    script = tmp_path / "huge.py"
+    script.write_text("""
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from tests.conftest import char_tokenizer
+from qdylora.data.rows import RowFormat, tokenize
+tok = char_tokenizer()
+tokenize([{"question": "1+1=", "answer": "2"}], tok, RowFormat("template", "{question}", "{answer}"))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+row = {"question": "x" * 30_000_000, "answer": "y" * 1000}
+examples, stats = tokenize([row], tok, RowFormat("template", "{question}", "{answer}"),
+                           max_source_length=512, max_target_length=256)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # MiB
+assert len(examples[0].input_ids) == 512 + 256 and stats.truncated_prompt == 1 and stats.truncated_response == 1
+print(grown)
+""")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown = float(proc.stdout.strip().splitlines()[-1])
+    assert grown < 200, f"tokenizing one 30 MB row grew the process by {grown:.0f} MiB"

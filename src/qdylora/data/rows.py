@@ -286,6 +286,11 @@ def chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[str
     return segments
 
 
+# More characters than any token holds: a text cut at CHARS_PER_TOKEN x (the tokens kept) still
+# tokenizes to the same first tokens.
+CHARS_PER_TOKEN = 64
+
+
 def tokenize(
     rows: Sequence[dict],
     tokenizer,
@@ -320,8 +325,11 @@ def tokenize(
                 continue
         ids: list[int] = []
         labels: list[int] = []
+        budget = CHARS_PER_TOKEN * (max_source_length + max_target_length)
         for k, (text, trainable) in enumerate(parts):
-            seg = tokenizer(text, add_special_tokens=(k == 0 and not is_chat))["input_ids"]
+            # cut before tokenizing: only the first tokens are kept anyway, and a 30 MB row took
+            # 4.5 GB of memory to tokenize whole (the cut is counted as truncation below)
+            seg = tokenizer(text[:budget], add_special_tokens=(k == 0 and not is_chat))["input_ids"]
             if trainable and not is_chat and eos is not None and (not seg or seg[-1] != eos):
                 seg = seg + [eos]  # the model learns to stop
             if not is_chat and fmt != "text":
