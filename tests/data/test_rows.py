@@ -260,3 +260,16 @@ print(grown)
     assert proc.returncode == 0, proc.stderr[-2000:]
     grown = float(proc.stdout.strip().splitlines()[-1])
     assert grown < 200, f"tokenizing one 30 MB row grew the process by {grown:.0f} MiB"
+
+
+def test_a_data_directory_that_mixes_file_types_is_refused(tmp_path):
+    """A .jsonl and a .csv in one directory: the .csv rows were dropped without a word."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    (data / "b.csv").write_text("question,answer\n2+2,4\n")
+    with pytest.raises(QDyLoRAError, match=r"data directory .* mixes file types \(json: a.jsonl; csv: b.csv\)"):
+        read_rows(str(data))
+    (data / "b.csv").unlink()
+    (data / "c.jsonl").write_text(json.dumps({"question": "2+2", "answer": "4"}) + "\n")
+    assert len(read_rows(str(data))) == 2  # one type: every file is read

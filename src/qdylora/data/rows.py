@@ -114,6 +114,15 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
             raise QDyLoRAError(f"data file {source} is empty: it holds no rows")
         args, kwargs = (builder,), dict(data_files=str(path), split="train")
     elif path.is_dir():
+        kinds = {}  # builder -> files: `datasets` reads the most common kind and drops the rest silently
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix.lower() in FILE_BUILDERS and not f.name.startswith("."):
+                kinds.setdefault(FILE_BUILDERS[f.suffix.lower()], []).append(f.name)
+        if len(kinds) > 1:
+            listed = "; ".join(f"{b}: {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}"
+                               for b, names in kinds.items())
+            raise QDyLoRAError(f"data directory {source} mixes file types ({listed}): only one type would "
+                               "be read; keep one type per directory, or pass a file")
         args, kwargs = (str(path),), dict(split=split)
     elif source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
         raise QDyLoRAError(f"data file {source} does not exist")
