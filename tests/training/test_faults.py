@@ -178,6 +178,62 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(reference, 
     assert not list((run / "checkpoints").glob(".*")) and not list(run.glob(".*"))  # no temp files
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real tmpfs of a given size (root and mount needed: skipped where the machine has them not)."""
+    mounted = []
+
+    def make(size: int) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        pages = -(-size // 4096) * 4096
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small filesystem here: {proc.stderr.strip()[:100]}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.parametrize("room", ["half an adapter", "one checkpoint"])
+def test_a_real_full_disk_is_one_line_and_resume_says_so_too(room, reference, tiny_lm, tmp_path, small_filesystem):
+    """On a real full filesystem safetensors raises SafetensorError (and torch.save may raise
+    RuntimeError), not the OSError a patched torch.save simulates: a traceback, resuming too."""
+    ref, data = reference
+    newest = checkpoint_dirs(ref)[-1]
+    checkpoint = sum(f.stat().st_size for f in newest.iterdir())
+    top = sum(f.stat().st_size for f in ref.iterdir() if f.is_file() and f.name != "adapter.safetensors")
+    adapter = (newest / "adapter.safetensors").stat().st_size
+    fs = small_filesystem(top + (adapter // 2 if room == "half an adapter" else 2 * adapter + 3 * checkpoint // 2))
+    run = fs / "run"
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(settings(tiny_lm, data, **OPTS).to_dict()))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    first = subprocess.run([sys.executable, "-m", "qdylora", "train", "--config", str(config), "--out", str(run)],
+                           env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "-m", "qdylora", "train", "--resume", str(run)],
+                           env=env, capture_output=True, text=True, timeout=300)
+    for proc in (first, again):
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = first.stderr.strip().splitlines()[-1]
+    assert last.startswith("qdylora: error: cannot write the step-") and "(disk full)" in last, last
+    assert f"--resume {run}" in last
+    again_last = again.stderr.strip().splitlines()[-1]
+    if room == "half an adapter":  # no checkpoint was ever written
+        assert checkpoint_dirs(run) == []
+        assert again_last == f"qdylora: error: cannot resume: {run} has no checkpoint yet; start it again with --overwrite"
+    else:
+        assert [c.name for c in checkpoint_dirs(run)] == ["step-000001"]
+        assert checkpoint_problem(checkpoint_dirs(run)[0]) is None
+        assert again_last.startswith("qdylora: error: cannot write the step-2 checkpoint") and "(disk full)" in again_last
+    assert not list(run.rglob(".*"))  # no temp files
+
+
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same(reference, tiny_lm, tmp_path, capsys):
     ref, data = reference
     run = tmp_path / "run"

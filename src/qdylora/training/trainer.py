@@ -15,6 +15,7 @@ import contextlib
 import errno
 import math
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from transformers import get_scheduler
 
 from .._version import __version__
@@ -413,10 +415,16 @@ def _checkpoint(job: Job, out: Path, pos: Position) -> None:
         if t.order == "svd":  # RUN/adapter.safetensors is the ordered adapter; checkpoints keep the trained one
             with _as_saved(job):
                 save_adapter(job.model, out / "adapter.safetensors", extra=extra)
-    except OSError as e:
-        full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # a full disk is ENOSPC from our own writes, but torch.save says RuntimeError ("file
+        # write failed") and safetensors SafetensorError: then the free space tells
+        full = (e.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(e, OSError)
+                else shutil.disk_usage(out).free < 2**20)
+        if not full and not isinstance(e, OSError):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
         raise QDyLoRAError(
-            f"cannot write the step-{pos.step} checkpoint in {out}{full}: {e.strerror or e}; "
+            f"cannot write the step-{pos.step} checkpoint in {out}{' (disk full)' if full else ''}: {reason}; "
             f"the earlier checkpoints are intact: free space and --resume {out}") from None
 
 
