@@ -355,6 +355,11 @@ def test_a_run_directory_has_one_owner(reference, tiny_lm, tmp_path):
                 f"qdylora: error: run directory {run} is in use by another qdylora train process: wait for it "
                 "to finish (or stop it), or choose another --out")
         assert owner.poll() is None  # the owner was not disturbed
+        # reading a run that is still training works, and says so
+        sweep = subprocess.run([sys.executable, "-m", "qdylora", "export", str(run), "--rank", "2", "--out",
+                                str(tmp_path / "mid-run")], env=env, capture_output=True, text=True, timeout=300)
+        assert sweep.returncode == 0, sweep.stderr[-2000:]
+        assert f"qdylora: warning: {run} is still training: this is its adapter after step " in sweep.stderr
     finally:
         owner.kill()
         owner.wait()

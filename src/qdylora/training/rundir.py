@@ -103,6 +103,20 @@ def owned(out: Path) -> Iterator[None]:
             out.rmdir()
 
 
+def in_use(out: Path) -> bool:
+    """True while a `qdylora train` process holds the run directory (see `owned`)."""
+    if fcntl is None or not out.is_dir():
+        return False
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor releases a lock taken here
+
+
 def clear_run(out: Path) -> None:
     """Remove what an earlier run wrote (and only that: other files in `out` stay)."""
     for name in OURS:
@@ -340,8 +354,12 @@ def load_run_settings(run_dir: str | Path, trust_remote_code: bool = False) -> t
         raise QDyLoRAError(f"{run / 'config.json'} is not a qdylora run config") from None
     check_version(record, run)
     adapter = run / "adapter.safetensors"
+    meta = read_adapter_metadata(adapter)
+    if in_use(run):
+        log.warning(f"{run} is still training: this is its adapter after step {meta['extra'].get('step', '?')}, "
+                    "not the final one")
     # the adapter file's scale rule wins: an SVD-ordered adapter (--order svd) is "nested"
-    scaling = read_adapter_metadata(adapter)["config"].scaling
+    scaling = meta["config"].scaling
     settings = replace(settings, adapter=replace(settings.adapter, scaling=scaling))
     return replace(settings, trust_remote_code=trust_remote_code), adapter
 
