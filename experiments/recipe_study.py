@@ -223,6 +223,58 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def plot(path: Path) -> None:
+    """Test answer loss against rank on both tasks (mean over seeds): QLoRA run at each
+    rank, the default (full-svd), QLoRA-64 cut as is, and the per-example rule."""
+    import statistics
+
+    from matplotlib.figure import Figure
+
+    results = load_results()
+    tasks = [t for t in ("cipher", "asdiv") if any(r["task"] == t for r in results)]
+    fig = Figure(figsize=(5.2 * len(tasks), 3.8))
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        runs = [r for r in results if r["task"] == task]
+
+        def curve(pick) -> tuple[list[int], list[float]]:
+            by_rank: dict[int, list[float]] = {}
+            for r in runs:
+                for b, v in pick(r).items():
+                    by_rank.setdefault(b, []).append(v)
+            xs = sorted(by_rank)
+            return xs, [statistics.mean(by_rank[b]) for b in xs]
+
+        def named(name: str):
+            return lambda r: {int(k): v for k, v in r["loss"].items() if k != "0"} if r["run"] == name else {}
+
+        def own(r: dict) -> dict[int, float]:  # a QLoRA run at its own rank
+            b = r["run"][len("qlora-r"):]
+            return {int(b): r["loss"][b]} if r["run"].startswith("qlora-r") and b.isdigit() and b in r["loss"] else {}
+
+        lines = [("QLoRA run at rank b", own, "o-", "black"),
+                 ("one run, default (rank 64 saved in SVD order)", named("full-svd"), "s-", "tab:red"),
+                 ("one run, per-example ranks", named("example" if task == "cipher" else "example-rslora"),
+                  "^-", "tab:blue"),
+                 ("one run, the papers' step rule", named("step"), "v-", "tab:gray"),
+                 ("QLoRA-64 cut to rank b as is", named("qlora-r64"), "x--", "tab:orange")]
+        for label, pick, style, color in lines:
+            xs, ys = curve(pick)
+            if xs:
+                ax.plot(xs, ys, style, color=color, label=label, markersize=5)
+        ax.set_xscale("log", base=2)
+        if task == "cipher":  # losses from 10 down to 0.0006
+            ax.set_yscale("log")
+        ax.set_xlabel("rank b")
+        ax.set_ylabel("test answer loss (mean over seeds)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def update_doc(doc: Path, tables: str) -> None:
     """Put the report between the <!-- table:recipes --> markers of `doc`."""
     import re
@@ -250,6 +302,7 @@ def main() -> None:
         print(tables)
         if Path(args.doc).exists():
             update_doc(Path(args.doc), tables)
+            plot(Path(args.doc).parent / "img" / "recipe-study.png")
         return
     args.ranks = [int(r) for r in args.ranks.split(",")]
     results = ROOT / "recipe-study" / "results"
