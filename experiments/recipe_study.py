@@ -113,8 +113,7 @@ def test_rows(task: str, n: int) -> list[dict]:
 def run_one(task: str, name: str, seed: int, args) -> dict:
     from qdylora.core.ordering import order_by_svd
     from qdylora.evaluation.sweep import run_sweep
-    from qdylora.training.rundir import latest_checkpoint, read_json
-    from qdylora.training.rundir import load_run
+    from qdylora.training.rundir import latest_checkpoint, load_run, read_json
     from qdylora.training.trainer import train
 
     out = ROOT / "recipe-study" / "runs" / f"{task}-{name}-seed{seed}"
