@@ -70,7 +70,7 @@ def bad_cases(tmp_path):
         (["--data", data] + tpl + ["--min-rank", "9"], "", "min_rank"),
         (["--data", data] + tpl + ["--ranks", "2,99"], "", "99"),
         (["--data", data] + tpl + ["--eval-ranks", "99"], "", "eval_ranks"),
-        (["--data", data] + tpl + ["--lr", "0"], "", "learning rate must be positive"),
+        (["--data", data] + tpl + ["--lr", "0"], "", "lr must be a positive finite number"),
         (["--data", data] + tpl + ["--max-steps", "0"], "", "max_steps must be positive"),
         (["--data", data] + tpl + ["--config", str(tmp_path / "bad.yaml")], "", "unknown setting 'bogus'"),
         (["--data", data] + tpl + ["--config", str(tmp_path / "none.yaml")], "", "cannot read config file"),
@@ -110,7 +110,12 @@ def test_existing_out_dir_is_refused_without_overwrite(tiny_lm, tmp_path, capsys
     (out / "keep.txt").write_text("x")
     assert main(run_args(tiny_lm, data, out)) == 2
     assert "use --overwrite" in capsys.readouterr().err
-    assert main(run_args(tiny_lm, data, out, "--overwrite")) == 0
+    assert main(run_args(tiny_lm, data, out, "--overwrite")) == 2  # not a run: --overwrite refuses it too
+    assert "not a qdylora run" in capsys.readouterr().err
+    (out / "keep.txt").unlink()
+    assert main(run_args(tiny_lm, data, out, "--overwrite")) == 0  # empty
+    (out / "keep.txt").write_text("x")
+    assert main(run_args(tiny_lm, data, out, "--overwrite")) == 0  # a run: replaced, the user's file kept
     assert (out / "keep.txt").read_text() == "x" and (out / "adapter.safetensors").is_file()
 
 

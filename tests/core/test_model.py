@@ -143,7 +143,7 @@ def test_eval_then_train_keeps_gradients(compute_dtype, tiny_dir):
 
 
 def test_explicit_targets(tiny_dir):
-    model = qdylora.prepare(tiny_dir("llama"), QDyLoRAConfig(target_modules=["q_proj", "self_attn.v_proj"]))
+    model = qdylora.prepare(tiny_dir("llama"), QDyLoRAConfig(max_rank=8, target_modules=["q_proj", "self_attn.v_proj"]))
     assert sorted(model.adapter_layers()) == [
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
     ]
@@ -167,9 +167,9 @@ def test_target_that_is_not_linear_is_refused(tiny_dir):
 
 
 def test_seed_decides_the_initialisation(tiny_dir):
-    a = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(seed=1)).adapter_state_dict()
-    b = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(seed=1)).adapter_state_dict()
-    c = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(seed=2)).adapter_state_dict()
+    a = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(max_rank=8, seed=1)).adapter_state_dict()
+    b = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(max_rank=8, seed=1)).adapter_state_dict()
+    c = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(max_rank=8, seed=2)).adapter_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a if k.endswith("lora_A"))
 
@@ -192,14 +192,14 @@ def test_adapter_state_dict_round_trip(tiny_dir):
 
 
 def test_update_mode_from_config(tiny_dir):
-    model = qdylora.prepare(tiny_dir("llama"), QDyLoRAConfig(update_mode="frozen"))
+    model = qdylora.prepare(tiny_dir("llama"), QDyLoRAConfig(max_rank=8, update_mode="frozen"))
     assert {l.update_mode for l in model.adapter_layers().values()} == {"frozen"}
     qdylora.set_update_mode(model, "full")
     assert {l.update_mode for l in model.adapter_layers().values()} == {"full"}
 
 
 def test_already_prepared_is_refused(tiny_dir):
-    model = qdylora.prepare(tiny_dir("llama"))
+    model = qdylora.prepare(tiny_dir("llama"), QDyLoRAConfig(max_rank=8))
     with pytest.raises(QDyLoRAError, match="already prepared"):
         qdylora.prepare(model)
     with pytest.raises(QDyLoRAError, match="already prepared"):

@@ -264,11 +264,13 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last: int) -> Path:
+def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last: int,
+                    write_run_adapter=None) -> Path:
     """Write checkpoints/step-N (adapter + state) as one rename, refresh RUN/adapter.safetensors,
     then drop the oldest checkpoints beyond `keep_last`.
 
-    `write_adapter(path)` writes the adapter file.
+    `write_adapter(path)` writes the checkpoint's adapter file; `write_run_adapter(path)`, when
+    given, writes RUN/adapter.safetensors (else it is a copy of the checkpoint's).
     """
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -283,8 +285,11 @@ def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last:
                     for name in CHECKPOINT_FILES}
         with atomic_write(tmp / "manifest.json") as t:
             t.write_text(json.dumps(manifest, indent=1) + "\n")
-    with atomic_write(out / "adapter.safetensors") as t:
-        shutil.copyfile(final / "adapter.safetensors", t)
+    with atomic_write(out / "adapter.safetensors") as t:  # one replacement: a reader sees old or new
+        if write_run_adapter is not None:  # the run's adapter differs from the checkpoint's (SVD order)
+            write_run_adapter(t)
+        else:
+            shutil.copyfile(final / "adapter.safetensors", t)
     for old in checkpoint_dirs(out)[:-keep_last]:
         shutil.rmtree(old)
     return final

@@ -397,6 +397,18 @@ def _as_saved(job: Job):
     return svd_ordered(job.model) if job.settings.order == "svd" else contextlib.nullcontext()
 
 
+def _saved_adapter_writer(job: Job, extra: dict):
+    """How RUN/adapter.safetensors is written: SVD-ordered with --order svd (the checkpoints keep
+    the trained factors), else None (a copy of the checkpoint's adapter)."""
+    if job.settings.order != "svd":
+        return None
+
+    def write(path: Path) -> None:
+        with _as_saved(job):
+            save_adapter(job.model, path, extra=extra)
+    return write
+
+
 def _checkpoint(job: Job, out: Path, pos: Position) -> None:
     """checkpoints/step-N from process 0 (the others' state is the same), or a clear error."""
     if not job.procs.is_main:
@@ -411,10 +423,8 @@ def _checkpoint(job: Job, out: Path, pos: Position) -> None:
     }
     extra = {"step": pos.step, "rank_range": [job.sampler.min_rank, job.sampler.max_rank]}
     try:
-        save_checkpoint(out, pos.step, lambda p: save_adapter(job.model, p, extra=extra), state, t.keep_last)
-        if t.order == "svd":  # RUN/adapter.safetensors is the ordered adapter; checkpoints keep the trained one
-            with _as_saved(job):
-                save_adapter(job.model, out / "adapter.safetensors", extra=extra)
+        save_checkpoint(out, pos.step, lambda p: save_adapter(job.model, p, extra=extra), state, t.keep_last,
+                        write_run_adapter=_saved_adapter_writer(job, extra))
     except (OSError, RuntimeError, SafetensorError) as e:
         # a full disk is ENOSPC from our own writes, but torch.save says RuntimeError ("file
         # write failed") and safetensors SafetensorError: then the free space tells
