@@ -24,6 +24,17 @@ def lines(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def stopped_at_4_then_resumed(run_settings, run) -> None:
+    """Train into `run`, crash after step 4, then resume to the end."""
+    def stop_at_4(step):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(run_settings, run, progress=False, on_step=stop_at_4)
+    train(run_settings, run, resume=True, progress=False)
+
+
 def test_training_lowers_validation_loss_at_every_measured_rank(tiny_lm, tmp_path):
     data = write_sums(tmp_path / "sums.jsonl")
     run = tmp_path / "run"
@@ -90,14 +101,7 @@ def test_resume_is_exact_with_per_example_ranks(tiny_lm, tmp_path):
     data = write_sums(tmp_path / "sums.jsonl")
     opts = dict(max_steps=6, save_every=3, rank_rule="example")
     train(settings(tiny_lm, data, **opts), tmp_path / "full", progress=False)
-
-    def stop_at_4(step):
-        if step == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(settings(tiny_lm, data, **opts), tmp_path / "part", progress=False, on_step=stop_at_4)
-    train(settings(tiny_lm, data, **opts), tmp_path / "part", resume=True, progress=False)
+    stopped_at_4_then_resumed(settings(tiny_lm, data, **opts), tmp_path / "part")
     a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "part" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -138,14 +142,7 @@ def test_full_rank_training_with_svd_order_saves_every_rank_as_the_best_cut(tiny
         torch.testing.assert_close(tensor, passed_saved[name], rtol=0, atol=1e-6)
     for rank in ("1", "8"):  # validation ran on the ordered adapter and training helped it
         assert summary["val_loss_after"][rank] < summary["val_loss_before"][rank] - 0.3, summary
-
-    def stop_at_4(step):
-        if step == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(settings(tiny_lm, data, **opts), tmp_path / "part", progress=False, on_step=stop_at_4)
-    train(settings(tiny_lm, data, **opts), tmp_path / "part", resume=True, progress=False)
+    stopped_at_4_then_resumed(settings(tiny_lm, data, **opts), tmp_path / "part")
     resumed = load_file(tmp_path / "part" / "adapter.safetensors")
     assert all(torch.equal(saved[k], resumed[k]) for k in saved)
 
