@@ -56,12 +56,14 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
         return
     if out.exists() and not out.is_dir():
         raise QDyLoRAError(f"output path {out} is a file: choose a directory for the run")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise QDyLoRAError(
             f"output directory {out} already exists and is not empty: use --overwrite to replace "
             f"the run in it, --resume {out} to continue it, or another --out"
         )
-    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+    if not is_run_dir(out):
         # --overwrite removes a run's files by name: in another directory (a model's) those
         # names are someone else's files (it replaced a model's config.json)
         raise QDyLoRAError(
@@ -90,12 +92,9 @@ def owned(out: Path) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise QDyLoRAError(f"run directory {out} is in use by another qdylora train process: wait "
-                                   "for it to finish (or stop it), or choose another --out") from None
+        if not _lock(fd):
+            raise QDyLoRAError(f"run directory {out} is in use by another qdylora train process: wait "
+                               "for it to finish (or stop it), or choose another --out")
         yield
     finally:
         os.close(fd)
@@ -105,16 +104,25 @@ def owned(out: Path) -> Iterator[None]:
 
 def in_use(out: Path) -> bool:
     """True while a `qdylora train` process holds the run directory (see `owned`)."""
-    if fcntl is None or not out.is_dir():
+    if not out.is_dir():
         return False
     fd = os.open(out, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        return not _lock(fd)
     finally:
         os.close(fd)  # closing the descriptor releases a lock taken here
+
+
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock of the open directory `fd` without waiting; False if another
+    process holds it (True where there are no locks: not POSIX)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def clear_run(out: Path) -> None:
