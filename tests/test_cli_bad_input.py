@@ -83,3 +83,18 @@ def test_rank_out_of_range_in_every_run_command(trained_run, tmp_path, capsys, a
     argv = [a.format(run=trained_run, tmp=tmp_path) for a in argv]
     one_error_line(capsys, main(argv + ["--quiet"] if argv[0] == "sweep" else argv), message)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", [["sweep"], ["export", "--rank", "2"], ["merge", "--rank", "2"],
+                                     ["generate", "--prompt", "1+1="]])
+def test_a_flipped_byte_in_the_run_adapter_is_refused(trained_run, tmp_path, capsys, command):
+    """The run's top-level adapter.safetensors: a flipped byte exported silently."""
+    from .training.test_adapter_file import flip_a_data_byte
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    flip_a_data_byte(run / "adapter.safetensors")
+    out = [] if command[0] in ("sweep", "generate") else ["--out", str(tmp_path / "out")]
+    code = main([command[0], str(run), *command[1:], *out])
+    one_error_line(capsys, code, "adapter.safetensors is damaged: its tensors do not match their checksum")
+    assert not (tmp_path / "out").exists()

@@ -93,6 +93,7 @@ class Train:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
+        from .training.rundir import stop_advice
         from .training.trainer import train
 
         if self.resume and self.out and Path(self.out) != Path(self.resume):
@@ -105,9 +106,8 @@ class Train:
         try:
             summary = train(settings, out, overwrite=self.overwrite, resume=bool(self.resume),
                             progress=not self.quiet)
-        except KeyboardInterrupt:
-            print(f"qdylora: stopped; continue from the last checkpoint with: qdylora train --resume {out}",
-                  file=sys.stderr)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
+            print(f"qdylora: {stop_advice(Path(out))}", file=sys.stderr)
             raise
         before, after = summary["val_loss_before"] or {}, summary["val_loss_after"]
         for rank in after:

@@ -273,3 +273,29 @@ def test_a_data_directory_that_mixes_file_types_is_refused(tmp_path):
     (data / "b.csv").unlink()
     (data / "c.jsonl").write_text(json.dumps({"question": "2+2", "answer": "4"}) + "\n")
     assert len(read_rows(str(data))) == 2  # one type: every file is read
+
+
+def test_a_data_directory_is_read_file_by_file_with_its_row_counts(tmp_path, caplog):
+    """Every file of the split is read (subfolders too) and counted in the output; files
+    `datasets` leaves out of the split are named, not dropped without a word."""
+    data = tmp_path / "data"
+    (data / "more").mkdir(parents=True)
+    (data / "a.jsonl").write_text("".join(json.dumps({"q": str(i)}) + "\n" for i in range(3)))
+    (data / "more" / "b.jsonl").write_text(json.dumps({"q": "x"}) + "\n")
+    (data / ".hidden.jsonl").write_text(json.dumps({"q": "hidden"}) + "\n")
+    with caplog.at_level("INFO", logger="qdylora"):
+        rows = read_rows(str(data))
+    assert sorted(r["q"] for r in rows) == ["0", "1", "2", "x"]
+    assert "4 rows from 2 files: a.jsonl 3, more/b.jsonl 1" in caplog.text
+    (data / "test.jsonl").write_text(json.dumps({"q": "t"}) + "\n")  # now the directory is split by name
+    with pytest.raises(QDyLoRAError, match=r"has no 'train' split \(its splits: test \(1 files\); a.jsonl, "
+                                           r"more/b.jsonl belong to no split.*pass --split NAME"):
+        read_rows(str(data))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qdylora"):
+        assert read_rows(str(data), "test") == [{"q": "t"}]
+    assert "not in the 'test' split, not read: a.jsonl, more/b.jsonl" in caplog.text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(QDyLoRAError, match="holds no data file"):
+        read_rows(str(empty))

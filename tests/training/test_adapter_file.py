@@ -72,6 +72,24 @@ def test_damaged_files(tmp_path):
         qdylora.read_adapter_metadata(other)
 
 
+def flip_a_data_byte(path) -> None:
+    """Flip one byte of the tensor data (past safetensors' 8-byte length and JSON header)."""
+    raw = bytearray(path.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    raw[8 + header + (len(raw) - 8 - header) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_in_the_tensors_is_found(tmp_path):
+    """safetensors has no checksum: a flipped byte in a tensor loaded silently."""
+    path = tmp_path / "adapter.safetensors"
+    qdylora.save_adapter(trained(), path)
+    qdylora.load_adapter(trained(), path)  # intact: loads
+    flip_a_data_byte(path)
+    with pytest.raises(QDyLoRAError, match="damaged: its tensors do not match their checksum"):
+        qdylora.load_adapter(trained(), path)
+
+
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "adapter.safetensors"
     qdylora.save_adapter(trained(seed=0), path)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from qdylora.errors import QDyLoRAError
-from qdylora.training.rundir import _sha256, checkpoint_dirs, checkpoint_problem
+from qdylora.training.rundir import _sha256, checkpoint_dirs, checkpoint_problem, stop_advice
 from qdylora.training.trainer import TrainingInterrupted, train
 
 from ..conftest import tiny_settings as settings
@@ -281,6 +281,38 @@ def test_a_stop_signal_to_a_real_process_checkpoints_and_exits_128_plus_it(signu
                               str(step + 1), "--quiet"], env={**os.environ, "PYTHONWARNINGS": "ignore"},
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_advise_resume(tiny_lm, tmp_path):
+    """Ctrl-C while the data is read (a real process, a real SIGINT): the run stops at once
+    and used to advise `--resume` of a run with no checkpoint, which `--resume` then refused."""
+    data = write_sums(tmp_path / "many.jsonl", n=200_000)  # reading and tokenizing takes seconds
+    run = tmp_path / "run"
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(settings(tiny_lm, data, max_steps=5).to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "qdylora", "train", "--config", str(config), "--out", str(run)],
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not run.exists() and time.time() < deadline:
+        time.sleep(0.01)  # the run directory is taken just before the model and data are loaded
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert not checkpoint_dirs(run) and not (run / "metrics.jsonl").exists()  # it stopped before training
+    assert "--resume" not in err and "qdylora: stopped before the run wrote anything: start it again" in err
+    assert not run.exists()  # the directory it made for the run is gone again: the same command works
+
+
+def test_stop_advice_names_resume_only_where_a_checkpoint_is(reference, tmp_path):
+    ref, _ = reference
+    assert "--resume" in stop_advice(ref)  # checkpoints kept
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.json").write_text((ref / "config.json").read_text())  # a run stopped at step 0
+    assert stop_advice(started) == ("stopped before the first checkpoint: there is nothing to resume; "
+                                    f"start the run again with --out {started} --overwrite")
 
 
 def newest_step(run: Path) -> int:

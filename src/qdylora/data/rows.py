@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 
+from ..console import log
 from ..errors import QDyLoRAError
 
 if TYPE_CHECKING:  # the settings live with training; reading them here needs no import
@@ -94,47 +95,91 @@ class RowFormat:
 def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a local JSON/JSONL/CSV/Parquet file (or a directory of them), of a dataset on the
     Hugging Face hub for users who are online (read with the `datasets` library), or of the
-    embedded ASDiv ("asdiv:train", "asdiv:validation", "asdiv:test")."""
-    import datasets
+    embedded ASDiv ("asdiv:train", "asdiv:validation", "asdiv:test").
 
+    A directory is split as `datasets` splits one (train.jsonl / test.jsonl ... by name, else every
+    file is "train"); the files of `split` are read one by one, and their row counts logged."""
     if source.startswith(EMBEDDED_PREFIX):
         from .embedded import asdiv_split
 
         return asdiv_split(source[len(EMBEDDED_PREFIX):])
     path = Path(os.path.expanduser(source))
     if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise QDyLoRAError(
-                f"data file {source} has an unsupported type {path.suffix or '(none)'}: "
-                f"use one of {', '.join(FILE_BUILDERS)}"
-            )
-        size = path.stat().st_size
-        if size == 0 or (size < 2**20 and not path.read_bytes().strip()):  # datasets: "StopIteration"
-            raise QDyLoRAError(f"data file {source} is empty: it holds no rows")
-        args, kwargs = (builder,), dict(data_files=str(path), split="train")
-    elif path.is_dir():
-        kinds = {}  # builder -> files: `datasets` reads the most common kind and drops the rest silently
-        for f in sorted(path.rglob("*")):
-            if f.is_file() and f.suffix.lower() in FILE_BUILDERS and not f.name.startswith("."):
-                kinds.setdefault(FILE_BUILDERS[f.suffix.lower()], []).append(f.name)
-        if len(kinds) > 1:
-            listed = "; ".join(f"{b}: {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}"
-                               for b, names in kinds.items())
-            raise QDyLoRAError(f"data directory {source} mixes file types ({listed}): only one type would "
-                               "be read; keep one type per directory, or pass a file")
-        args, kwargs = (str(path),), dict(split=split)
-    elif source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
+        return _read_file(path, source)
+    if path.is_dir():
+        return _read_directory(path, source, split)
+    if source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
         raise QDyLoRAError(f"data file {source} does not exist")
-    else:
-        args, kwargs = (source,), dict(split=split)
+    return _load_dataset(source, (source,), dict(split=split))
+
+
+def _read_file(path: Path, source: str) -> list[dict[str, Any]]:
+    """Rows of one local data file."""
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise QDyLoRAError(
+            f"data file {source} has an unsupported type {path.suffix or '(none)'}: "
+            f"use one of {', '.join(FILE_BUILDERS)}"
+        )
+    size = path.stat().st_size
+    if size == 0 or (size < 2**20 and not path.read_bytes().strip()):  # datasets: "StopIteration"
+        raise QDyLoRAError(f"data file {source} is empty: it holds no rows")
+    return _load_dataset(source, (builder,), dict(data_files=str(path), split="train"), path)
+
+
+def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]:
+    """Rows of the files of `split` in a data directory, file by file: `datasets` read the most
+    common file type only and dropped the others without a word; here every file is counted."""
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    supported = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in FILE_BUILDERS
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    kinds: dict[str, list[str]] = {}
+    for f in supported:
+        kinds.setdefault(FILE_BUILDERS[f.suffix.lower()], []).append(f.name)
+    if not kinds:
+        raise QDyLoRAError(f"data directory {source} holds no data file ({', '.join(FILE_BUILDERS)})")
+    if len(kinds) > 1:
+        listed = "; ".join(f"{b}: {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}"
+                           for b, names in kinds.items())
+        raise QDyLoRAError(f"data directory {source} mixes file types ({listed}): keep one type per "
+                           "directory, or pass a file")
+    try:
+        splits = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+    except EmptyDatasetError:
+        splits = {}
+    by_name = {str(name): [Path(f) for f in files if Path(f) in supported] for name, files in splits.items()}
+    files = by_name.get(split, [])
+    if not files:
+        found = ", ".join(f"{name} ({len(fs)} files)" for name, fs in by_name.items() if fs) or "none"
+        named = {f for fs in by_name.values() for f in fs}
+        unnamed = [str(f.relative_to(path)) for f in supported if f not in named]
+        also = f"; {', '.join(unnamed[:3])} belong to no split" if unnamed else ""
+        raise QDyLoRAError(f"data directory {source} has no {split!r} split (its splits: {found}{also}; files "
+                           "are split by name, as in `datasets`): pass --split NAME, or a file")
+    rows, counts = [], []
+    for f in files:
+        got = _read_file(f, str(f))
+        rows.extend(got)
+        counts.append(f"{f.relative_to(path)} {len(got)}")
+    left = [str(f.relative_to(path)) for f in supported if f not in files]
+    log.info(f"data {source} ({split}): {len(rows)} rows from {len(files)} files: {', '.join(counts)}")
+    if left:
+        log.info(f"data {source}: not in the {split!r} split, not read: {', '.join(left)}")
+    return rows
+
+
+def _load_dataset(source: str, args: tuple, kwargs: dict, path: Optional[Path] = None) -> list[dict[str, Any]]:
+    """`datasets.load_dataset(*args, **kwargs)` as rows, with its errors in one line."""
+    import datasets
+
     bars_were_on = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # only while we read: the caller's setting is put back
     try:
         return [dict(row) for row in datasets.load_dataset(*args, **kwargs)]  # decoding happens here too
     except Exception as e:  # datasets raises many types (DatasetGenerationError, ConnectionError..)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        found = _first_bad_line(path) if path.is_file() else None
+        found = _first_bad_line(path) if path is not None else None
         raise QDyLoRAError(f"cannot read data from {source}: {found or first}") from e
     finally:
         if bars_were_on:

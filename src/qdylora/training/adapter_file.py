@@ -38,6 +38,17 @@ def base_fingerprint(model: QDyLoRAModel) -> str:
     return h.hexdigest()[:16]
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors (names, dtypes, shapes and bytes, in name order): stored in the
+    file's metadata, since safetensors itself has no checksum (a flipped byte loaded silently)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], extra: dict | None = None) -> None:
     """Write the full max_rank adapter atomically. `extra` (JSON-able) joins the metadata."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
@@ -48,6 +59,7 @@ def save_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], extra: dict
         "base_model_name_or_path": model.base_model_name_or_path,
         "base_fingerprint": base_fingerprint(model),
         "extra": json.dumps(extra or {}),
+        "tensors_sha256": tensors_digest(tensors),
     }
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -92,5 +104,9 @@ def load_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], check_base:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise QDyLoRAError(f"adapter file {path} is damaged ({e})") from None
+    digest = meta.get("tensors_sha256")  # absent in files of qdylora 0.1 before it was added
+    if digest is not None and tensors_digest(state) != digest:
+        raise QDyLoRAError(f"adapter file {path} is damaged: its tensors do not match their checksum "
+                           "(a changed or corrupted file); use a checkpoint's adapter or train again")
     model.load_adapter_state_dict(state)
     return meta

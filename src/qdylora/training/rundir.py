@@ -5,7 +5,7 @@
                              the base model's fingerprint, the qdylora version
       data_stats.json        rows kept, truncated and dropped, for train and validation
       adapter.safetensors    the newest adapter (full max_rank A and B, metadata: config,
-                             scaling rule, rank range, base fingerprint)
+                             scaling rule, rank range, base fingerprint, tensors' SHA-256)
       metrics.jsonl          one JSON line per logged step and per validation
       summary.json           written at the end: validation losses, tokens/s, peak memory
       checkpoints/step-000100/{adapter.safetensors, state.pt, manifest.json}   the last --keep-last
@@ -197,6 +197,17 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 def latest_checkpoint(out: Path) -> Optional[Path]:
     found = checkpoint_dirs(out)
     return found[-1] if found else None
+
+
+def stop_advice(out: Path) -> str:
+    """What to do after a run stopped at once (a second Ctrl-C, or one before training began):
+    `--resume` only where there is a checkpoint to resume from."""
+    if latest_checkpoint(out) is not None:
+        return f"stopped; continue from the last checkpoint with: qdylora train --resume {out}"
+    if out.is_dir() and is_run_dir(out):
+        return (f"stopped before the first checkpoint: there is nothing to resume; start the run again "
+                f"with --out {out} --overwrite")
+    return "stopped before the run wrote anything: start it again"
 
 
 def _sha256(path: Path) -> str:
