@@ -132,7 +132,28 @@ class Sweep:
     """Ranks to measure, e.g. "1,2,4,8,16,32,64" or "1-64" (default: powers of two up to max_rank); 0 is always added."""
 
     metrics: str = "loss,exact_match"
-    """Comma-separated: loss (mean token loss and perplexity on responses), exact_match (greedy answer vs reference: final number for numeric answers, normalised text otherwise)."""
+    """Comma-separated: loss (mean token loss and perplexity on responses), exact_match (greedy answer vs reference: final number for numeric answers, normalised text otherwise; a list of references matches any), choice (multiple choice by log-likelihood: acc and acc_norm, as lm-evaluation-harness), rouge (rouge-1/2/L F1 of greedy answers), bleu (sacrebleu corpus BLEU)."""
+
+    shots: int = 0
+    """choice: solved questions before each question (from --shots-data, else the first rows, then not evaluated)."""
+
+    shots_data: Optional[str] = None
+    """choice: file (or embedded set) the --shots solved questions come from."""
+
+    prompt_template: Optional[str] = None
+    """Read the evaluation rows with this prompt template (with --response-template) instead of the run's, e.g. "{question}"."""
+
+    response_template: Optional[str] = None
+    """The response (reference) template that goes with --prompt-template, e.g. "{answer}"."""
+
+    lm_eval: Optional[str] = None
+    """Comma-separated lm-evaluation-harness tasks to run at every rank (pip install 'qdylora[lm-eval]'), e.g. mmlu,gsm8k."""
+
+    lm_eval_include: Optional[str] = None
+    """Directory of your own lm-eval task YAMLs (the harness's --include_path), e.g. for local data offline."""
+
+    lm_eval_limit: Optional[int] = None
+    """At most this many documents per lm-eval task (the harness's --limit)."""
 
     batch_size: int = 8
     """Examples per batch (each is replicated once per rank in a rank batch)."""
@@ -174,12 +195,17 @@ class Sweep:
         from .evaluation.sweep import sweep_run, table
 
         metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        tasks = [t.strip() for t in (self.lm_eval or "").split(",") if t.strip()]
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise QDyLoRAError(f"--lm-eval-limit must be 1 or more, got {self.lm_eval_limit}")
         result, paths = sweep_run(
             self.run_dir, data=self.data, ranks=parse_ranks(self.ranks) if self.ranks else None, metrics=metrics,
             max_examples=self.max_examples, out=self.out, overwrite=self.overwrite, device=self.device,
-            trust_remote_code=self.trust_remote_code, batch_size=self.batch_size, rank_batch=self.rank_batch,
-            max_new_tokens=self.max_new_tokens, loss_tolerance=self.loss_tolerance,
-            accuracy_tolerance=self.accuracy_tolerance, progress=not self.quiet)
+            trust_remote_code=self.trust_remote_code, prompt_template=self.prompt_template,
+            response_template=self.response_template, shots_data=self.shots_data, batch_size=self.batch_size,
+            rank_batch=self.rank_batch, max_new_tokens=self.max_new_tokens, loss_tolerance=self.loss_tolerance,
+            accuracy_tolerance=self.accuracy_tolerance, shots=self.shots, lm_eval=tasks,
+            lm_eval_include=self.lm_eval_include, lm_eval_limit=self.lm_eval_limit, progress=not self.quiet)
         print(table(result))
         for metric, rank in result.recommended.items():
             print(f"qdylora: recommended rank by {metric}: {rank}")

