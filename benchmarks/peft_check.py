@@ -40,7 +40,7 @@ def main() -> None:
     rows = read_rows(s.data.val_data or s.data.data)[: args.prompts]
     prompts, _ = generation_prompts(rows, tok, row_format(s.data, rows[0].keys(), "data"))
     ids, mask = left_pad(prompts, pad_token_id(tok))
-    dtype = model.config.torch_compute_dtype
+    dtype = model.qdylora_config.torch_compute_dtype
     with torch.no_grad():
         with qdylora.at_rank(model, rank):
             ours = model(input_ids=ids, attention_mask=mask).logits.float()

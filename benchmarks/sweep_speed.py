@@ -41,7 +41,7 @@ def main() -> None:
 
     model, tok, s = load_run(args.run)
     model.eval()
-    ranks = [r for r in default_ranks(model.config.max_rank) if r > 0]  # 7 ranks for R = 64
+    ranks = [r for r in default_ranks(model.qdylora_config.max_rank) if r > 0]  # 7 ranks for R = 64
     rows = read_rows(args.data)[: args.examples]
     d = s.data
     rf = row_format(d, rows[0].keys(), args.data)
@@ -58,7 +58,7 @@ def main() -> None:
                                                         max_new_tokens=args.max_new_tokens, rank_batch=rb),
     }
     report = {"machine": machine.facts(), "ranks": ranks, "examples": len(rows), "batch_size": args.batch_size,
-              "compute_dtype": model.config.compute_dtype}
+              "compute_dtype": model.qdylora_config.compute_dtype}
     ways = (("batched", ranks, 0), ("sequential", ranks, 1), ("one_rank", ranks[-1:], 1))
     for name, job in jobs.items():
         times = {way: [] for way, _, _ in ways}

@@ -98,3 +98,30 @@ def test_a_flipped_byte_in_the_run_adapter_is_refused(trained_run, tmp_path, cap
     code = main([command[0], str(run), *command[1:], *out])
     one_error_line(capsys, code, "adapter.safetensors is damaged: its tensors do not match their checksum")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["merge", "RUN", "--rank", "4", "--out", "D", "--dtype", "float64"],
+     "invalid choice 'float64' for argument '--dtype'. Expected one of ('bfloat16', 'float16', 'float32', "
+     "'bf16', 'fp16', 'fp32'). (see qdylora merge --help)"),
+    (["train", "--lr", "abc"], "Error parsing --lr: could not convert string to float: 'abc' (see qdylora train --help)"),
+    (["sweep"], "(see qdylora sweep --help)"),
+    (["bogus"], "Unrecognized options: bogus (see qdylora --help)"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    """tyro's usage errors were a box of several lines."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qdylora: error: "), err
+    assert code == 2 and message in err
+
+
+def test_short_dtype_names_are_accepted(trained_run, tmp_path, capsys):
+    from qdylora import QDyLoRAConfig
+
+    assert QDyLoRAConfig(compute_dtype="bf16").compute_dtype == "bfloat16"
+    assert QDyLoRAConfig(compute_dtype="fp32").compute_dtype == "float32"
+    out = tmp_path / "merged"
+    assert main(["merge", str(trained_run), "--rank", "2", "--out", str(out), "--dtype", "fp32"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert "(float32)" in capsys.readouterr().out

@@ -69,7 +69,7 @@ def test_training_on_asdiv_lowers_the_validation_loss(smollm2, tmp_path):
     data.write_text("\n".join(rows) + "\n")
     assert json.loads(rows[0]).keys() >= {"passage", "question", "answer"}
     settings = RunSettings(
-        adapter=model.config,
+        adapter=model.qdylora_config,
         data=DataSettings(data=str(data), prompt_template="{passage} {question}",
                           response_template="{answer}", chat_template=True, val_fraction=0.2),
         train=TrainSettings(max_steps=6, micro_batch_size=4, grad_accumulation=1, lr=1e-3,

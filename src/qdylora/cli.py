@@ -3,23 +3,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
-import tyro
-
-from .commands import COMMANDS, Train
 from .console import shown_on_console
-from .core.config import QDyLoRAConfig
-from .errors import QDyLoRAError
-from .training.settings import DataSettings, RunSettings, TrainSettings
-from .training.trainer import TrainingInterrupted
+from .errors import QDyLoRAError, TrainingInterrupted
+
+# Everything else (torch, transformers, bitsandbytes, the commands) is imported inside `main`,
+# under the console it sets up: bitsandbytes logs at import time.
 
 
-GROUPS = {"adapter": QDyLoRAConfig, "data": DataSettings, "train": TrainSettings}
+def _groups() -> dict:
+    from .core.config import QDyLoRAConfig
+    from .training.settings import DataSettings, TrainSettings
+
+    return {"adapter": QDyLoRAConfig, "data": DataSettings, "train": TrainSettings}
 
 
 def _flag_value(argv: list[str], flag: str) -> Optional[str]:
@@ -47,25 +50,33 @@ def _read_settings_file(path: str) -> dict:
                            f"{str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise QDyLoRAError(f"config file {path} must hold a mapping of settings")
+    from .training.settings import RunSettings
+
+    groups = _groups()
     values = values.get("settings", values)  # a run's config.json
-    top = {f.name for f in fields(RunSettings)} - set(GROUPS)
+    top = {f.name for f in fields(RunSettings)} - set(groups)
     nested: dict = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name in GROUPS and isinstance(value, dict):
+        if name in groups and isinstance(value, dict):
             nested.setdefault(name, {}).update(value)
         elif name in top:
             nested[name] = value
         else:
-            group = next((g for g, cls in GROUPS.items() if name in {f.name for f in fields(cls)}), None)
+            group = next((g for g, cls in groups.items() if name in {f.name for f in fields(cls)}), None)
             if group is None:
                 raise QDyLoRAError(f"config file {path}: unknown setting {key!r}")
             nested.setdefault(group, {})[name] = value
     return nested
 
 
-def _train_defaults(argv: list[str]) -> Train:
-    """Defaults of `qdylora train`: a resumed run's saved settings, then a --config file."""
+def _train_defaults(argv: list[str]):
+    """Defaults of `qdylora train` (a `commands.Train`): a resumed run's saved settings, then a
+    --config file."""
+    from .commands import Train
+    from .training.settings import RunSettings
+
+    groups = _groups()
     values: dict = {}
     resume, config = _flag_value(argv, "--resume"), _flag_value(argv, "--config")
     if resume:
@@ -75,7 +86,7 @@ def _train_defaults(argv: list[str]) -> Train:
         values = _read_settings_file(str(run_config))
     if config:
         for key, value in _read_settings_file(config).items():
-            if key in GROUPS:
+            if key in groups:
                 values.setdefault(key, {}).update(value)
             else:
                 values[key] = value
@@ -85,17 +96,51 @@ def _train_defaults(argv: list[str]) -> Train:
                  trust_remote_code=False)
 
 
+def _command(argv: list[str]):
+    """The parsed command of `argv` (one of `commands.COMMANDS`)."""
+    import tyro
+
+    from .commands import COMMANDS, Train
+
+    if argv and argv[0] == "train":
+        defaults = _train_defaults(argv[1:])
+        return _parse(lambda: tyro.cli(Train, prog="qdylora train", args=argv[1:], default=defaults), "qdylora train")
+    prog = f"qdylora {argv[0]}" if argv and argv[0] in COMMANDS else "qdylora"
+    return _parse(lambda: tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="qdylora", args=argv), prog)
+
+
+def _parse(parse, prog: str):
+    """Run tyro's parser; its usage errors (a box of several lines) become one QDyLoRAError line,
+    its help text is printed as it is."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            return parse()
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            sys.stdout.write(captured.getvalue())
+            raise
+        raise QDyLoRAError(f"{usage_error(captured.getvalue())} (see {prog} --help)") from None
+
+
+def usage_error(box: str) -> str:
+    """The message inside tyro's error box ("Invalid choice / ---- / message lines / ----"),
+    as one line."""
+    lines = [line.strip() for line in box.splitlines()]
+    rules = [i for i, line in enumerate(lines) if line and set(line) <= set("-─━")]
+    body = lines[rules[0] + 1:rules[1]] if len(rules) >= 2 else lines
+    body = [line.strip("│╭╮╰╯ ") for line in body]
+    return " ".join(line for line in body if line and not line.startswith("For full helptext")) or "bad usage"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the `qdylora` console script."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv  # until the command is parsed (reading a --config may fail first)
     try:
-        if argv and argv[0] == "train":
-            command = tyro.cli(Train, prog="qdylora train", args=argv[1:], default=_train_defaults(argv[1:]))
-        else:
-            command = tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="qdylora", args=argv)
-        debug = command.debug
         with shown_on_console():
+            command = _command(argv)
+            debug = command.debug
             command.run()
     except TrainingInterrupted as e:  # Ctrl-C, SIGTERM, SIGHUP: a checkpoint was written
         print(f"qdylora: {e}", file=sys.stderr)

@@ -53,7 +53,7 @@ class Info:
             return
         layers = model.adapter_layers()
         print(f"{source}: {len(layers)} adapted linear layers, max_rank {self.adapter.max_rank}, "
-              f"compute dtype {model.config.compute_dtype}, prepared in {seconds:.1f} s")
+              f"compute dtype {model.qdylora_config.compute_dtype}, prepared in {seconds:.1f} s")
         print(report)
 
 
@@ -265,7 +265,7 @@ class Merge:
     out: str
     """Output model directory (safetensors, config, generation config, tokenizer)."""
 
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = "bfloat16"
     """Dtype of the saved weights."""
 
     overwrite: bool = False
@@ -281,11 +281,12 @@ class Merge:
     """Show full tracebacks for errors."""
 
     def run(self) -> None:
+        from .core.config import dtype_name
         from .export.merge import REQUANTIZE_NOTE, merge_run
 
         out = merge_run(self.run_dir, self.rank, self.out, dtype=self.dtype, overwrite=self.overwrite,
                         device=self.device, trust_remote_code=self.trust_remote_code)
-        print(f"qdylora: rank {self.rank} merged into {out} ({self.dtype}); load it with "
+        print(f"qdylora: rank {self.rank} merged into {out} ({dtype_name(self.dtype)}); load it with "
               f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
         print(f"qdylora: {REQUANTIZE_NOTE}")
 

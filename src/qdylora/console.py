@@ -24,10 +24,29 @@ class _Console(logging.Handler):
         print(f"qdylora: {kind}{record.getMessage()}", file=sys.stderr, flush=True)
 
 
+# Third-party lines that are not warnings for a qdylora user, by logger: bitsandbytes tries to
+# download a faster CPU kernel from the Hugging Face hub at import on AVX512-BF16 CPUs and logs a
+# warning when it cannot (offline, or without the `kernels` package), then uses its own kernel.
+NOISE = {"bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",)}
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
 @contextlib.contextmanager
 def shown_on_console() -> Iterator[None]:
-    """Inside the block, the logger's info and warnings go to stderr; as before after it."""
+    """Inside the block, the logger's info and warnings go to stderr, and the `NOISE` lines of
+    other libraries are dropped (their other warnings pass); as before after it."""
     handler, level, propagate = _Console(), log.level, log.propagate
+    filters = {name: _DropNoise(prefixes) for name, prefixes in NOISE.items()}
+    for name, f in filters.items():
+        logging.getLogger(name).addFilter(f)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -37,3 +56,5 @@ def shown_on_console() -> Iterator[None]:
         log.removeHandler(handler)
         log.setLevel(level)
         log.propagate = propagate
+        for name, f in filters.items():
+            logging.getLogger(name).removeFilter(f)

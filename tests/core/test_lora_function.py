@@ -54,6 +54,21 @@ def test_forward_and_gradients_match_float64(dtype, with_mask):
     assert ref[2].abs().max() > 0.1  # gradients are not trivially zero
 
 
+def test_a_bfloat16_gradient_into_a_float32_delta():
+    """Under autocast (transformers' Trainer with bf16=True, TRL's default) the ops after the
+    adapter run in bfloat16, so the gradient arriving at a float32 LoRADelta is bfloat16: its
+    backward failed with a dtype mismatch. The gradients keep float32 and match float64."""
+    x64, A64, B64, mask = inputs(torch.float32)
+    x, A, Bm = (t.float().requires_grad_() for t in (x64, A64, B64))
+    y = LoRADelta.apply(x, A, Bm, mask, 1 / 0.7, 2.5, None)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y.backward(g)
+    ref = reference_grads(x.detach(), A.detach(), Bm.detach(), mask, 1 / 0.7, 2.5, g.float())
+    for got, want in zip((x.grad, A.grad, Bm.grad), ref[1:]):
+        assert got.dtype == torch.float32
+        assert_close(got, want, torch.float32)
+
+
 def component_weights(kind, dtype, seed=2):
     """c for per-example ranks (each row of x weighs its own first components) or for a mixture
     of ranks (one decreasing weight per component), float64 values exactly representable."""

@@ -51,7 +51,7 @@ def test_ordering_keeps_the_full_rank_and_improves_low_ranks(tiny_dir):
 
     order_by_svd(model)
 
-    assert model.config.scaling == "nested" and all(l.scaling == "nested" for l in layers.values())
+    assert model.qdylora_config.scaling == "nested" and all(l.scaling == "nested" for l in layers.values())
     with torch.no_grad(), qdylora.at_rank(model, 8):
         torch.testing.assert_close(model(input_ids=x).logits, full, rtol=1e-4, atol=1e-4)
     with torch.no_grad(), qdylora.at_rank(model, 2):
@@ -65,11 +65,11 @@ def test_ordering_keeps_the_full_rank_and_improves_low_ranks(tiny_dir):
 def test_svd_ordered_restores_the_trained_factors_exactly(tiny_dir):
     model = adapted_model(tiny_dir("llama"), scaling="rslora")
     saved = {k: v.clone() for k, v in model.adapter_state_dict().items()}
-    config = model.config
+    config = model.qdylora_config
     with svd_ordered(model):
-        assert model.config.scaling == "nested"
+        assert model.qdylora_config.scaling == "nested"
         assert any(not torch.equal(v, saved[k]) for k, v in model.adapter_state_dict().items())
-    assert model.config == config
+    assert model.qdylora_config == config
     assert all(layer.scaling == "rslora" for layer in model.adapter_layers().values())
     for k, v in model.adapter_state_dict().items():
         assert torch.equal(v, saved[k])

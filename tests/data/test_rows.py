@@ -101,6 +101,18 @@ def test_alpaca_and_input_output(tok):
     assert tok.decode(b.input_ids) == "x=y</s>" and loss_text(tok, b) == "y</s>"
 
 
+def test_alpaca_with_a_chat_template_puts_the_instruction_in_the_user_turn(tok):
+    """Stanford Alpaca's preamble stayed inside the user turn (ASDiv alpaca rows: 106 tokens each
+    instead of 75)."""
+    row = {"instruction": "Add", "input": "1 2", "output": "3"}
+    (chat,), _ = tokenize([row], tok, RowFormat("alpaca", chat_template=True))
+    text = tok.decode(chat.input_ids)
+    assert "Below is an instruction" not in text and "### Instruction" not in text
+    assert "<|user|>\nAdd\n\n1 2</s>" in text and loss_text(tok, chat).startswith("3")
+    (plain,), _ = tokenize([row], tok, RowFormat("alpaca"))
+    assert len(chat.input_ids) < len(plain.input_ids) and "Below is an instruction" in tok.decode(plain.input_ids)
+
+
 def test_text_format_trains_on_everything(tok):
     (e,), _ = tokenize([{"text": "hello"}], tok, RowFormat("text"))
     assert loss_text(tok, e) == "hello</s>"

@@ -22,7 +22,7 @@ peft = pytest.importorskip("peft")
 def merged_reference(path, model, rank):
     """The full-precision base with s(b) B[:, :b] A[:b] added to each weight in float64."""
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    s = scale(model.config.alpha, rank, model.config.scaling, model.config.max_rank)
+    s = scale(model.qdylora_config.alpha, rank, model.qdylora_config.scaling, model.qdylora_config.max_rank)
     with torch.no_grad():
         for name, layer in model.adapter_layers().items():
             delta = s * layer.lora_B[:, :rank].double() @ layer.lora_A[:rank].double()  # (out, in)

@@ -132,11 +132,11 @@ def test_full_rank_training_with_svd_order_saves_every_rank_as_the_best_cut(tiny
         torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-6)
 
     model, _, loaded = load_run(run)  # prepared with the file's scale rule
-    assert loaded.adapter.scaling == "nested" and model.config.scaling == "nested"
+    assert loaded.adapter.scaling == "nested" and model.qdylora_config.scaling == "nested"
     # a model passed in is left as the run saved it (what a notebook or the demo goes on with)
     passed = adapted_model(tiny_lm, scaling="rslora")
     train(settings(tiny_lm, data, **opts), tmp_path / "passed", progress=False, model=passed)
-    assert passed.config.scaling == "nested"
+    assert passed.qdylora_config.scaling == "nested"
     passed_saved = load_file(tmp_path / "passed" / "adapter.safetensors")
     for name, tensor in passed.adapter_state_dict().items():
         torch.testing.assert_close(tensor, passed_saved[name], rtol=0, atol=1e-6)

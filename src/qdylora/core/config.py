@@ -14,6 +14,12 @@ from .devices import fast_compute_dtype
 from .scaling import RULES as SCALE_RULES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # the short names users type
+
+
+def dtype_name(name: str) -> str:
+    """The long dtype name of "bf16", "fp16", "fp32" (others unchanged)."""
+    return DTYPE_ALIASES.get(name, name)
 
 
 @dataclass
@@ -38,7 +44,7 @@ class QDyLoRAConfig:
     update_mode: Literal["full", "frozen"] = "full"
     """"full": every entry of A[:b], B[:, :b] is trained (QDyLoRA). "frozen": only row b-1 of A and column b-1 of B are trained, the earlier ones are used but detached (DyLoRA's rule)."""
 
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = "auto"
     """Dtype of the matrix products (NF4 base and adapter) and of the unquantized weights when the model is loaded from a path. "auto": bfloat16 where the device multiplies it fast (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else float32. Adapter parameters are always stored in float32."""
 
     seed: int = 0
@@ -55,6 +61,7 @@ class QDyLoRAConfig:
             raise QDyLoRAError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.update_mode not in ("full", "frozen"):
             raise QDyLoRAError(f"update_mode must be 'full' or 'frozen', got {self.update_mode!r}")
+        self.compute_dtype = dtype_name(self.compute_dtype)
         if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
             raise QDyLoRAError(
                 f"compute_dtype must be auto or one of {', '.join(DTYPES)}, got {self.compute_dtype!r}"

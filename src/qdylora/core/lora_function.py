@@ -67,8 +67,12 @@ class LoRADelta(torch.autograd.Function):
     def backward(ctx, g):
         x, mask, h, A, B, c, trained = ctx.saved_tensors
         b = A.shape[0]
-        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        h2 = h.reshape(-1, b)  # (N, b)
+        # Everything in B's dtype: under an autocast the caller opened around a float32 compute
+        # dtype (transformers' Trainer with bf16=True, TRL's default) h and the incoming gradient
+        # are bfloat16 while A and B are float32.
+        dt = B.dtype
+        g2 = g.reshape(-1, g.shape[-1]).to(dt)  # (N, out)
+        h2 = h.reshape(-1, b).to(dt)  # (N, b)
         if c is None:
             cw = ctx.s  # scalar
         else:
@@ -76,11 +80,11 @@ class LoRADelta(torch.autograd.Function):
         ct = cw if trained is None else cw * trained.expand(h.shape).reshape(-1, b)  # (N, b) or scalar
         gh = g2 @ B  # (N, b): gradient at h * c, before the weights
         grad_B = g2.t() @ (h2 * ct)  # (out, b)
-        xm = x if mask is None else torch.where(mask, x, 0)  # recomputed, (..., in)
+        xm = (x if mask is None else torch.where(mask, x, 0)).to(dt)  # recomputed, (..., in)
         grad_A = (gh * (ct * ctx.inv_keep)).t() @ xm.reshape(-1, xm.shape[-1])  # (b, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((gh * cw) @ (A * ctx.inv_keep)).view(x.shape)  # (..., in)
+            grad_x = ((gh * cw) @ (A.to(dt) * ctx.inv_keep)).view(x.shape).to(x.dtype)  # (..., in)
             if mask is not None:
                 grad_x = torch.where(mask, grad_x, 0)
         return grad_x, grad_A, grad_B, None, None, None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Union
 
@@ -22,21 +23,70 @@ from .targets import block_linears, check_max_rank, find_targets, replace_module
 class QDyLoRAModel(nn.Module):
     """A causal LM whose targeted linears are `QDyLoRALinear` layers.
 
-    Calls go to the wrapped model (`forward`, `generate`); the active rank is chosen with
+    It passes for the transformers model it wraps, as PEFT's wrapper does: `forward`, `generate`
+    and every attribute it does not have itself (`config`, `get_input_embeddings`,
+    `gradient_checkpointing_enable`, `device`, `dtype`, `generation_config`, ...) are the wrapped
+    model's. Our settings are `qdylora_config`. The active rank is chosen with
     `qdylora.set_rank` / `qdylora.at_rank`. Only the adapters' A and B require grad.
     """
+
+    # transformers' flag for "trainable adapters are attached to this quantized model": its
+    # Trainer refuses to fine-tune a 4-bit model without it (or a PEFT model)
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, config: QDyLoRAConfig, base_model_name_or_path: str) -> None:
         super().__init__()
         self.model = model
-        self.config = config
+        self.qdylora_config = config
         self.base_model_name_or_path = base_model_name_or_path
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        @functools.wraps(model.forward)  # the wrapped model's signature: transformers' Trainer reads it
+        def forward(*args, **kwargs):
+            return self.model(*args, **kwargs)
+
+        self.forward = forward
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (nn.Module's own lookup)
+        except AttributeError:
+            if name == "model":  # not set up yet (during __init__, or when unpickling)
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        """The wrapped model's forward. Each instance replaces this by a function with the wrapped
+        model's exact signature (see __init__); this one names `labels` for code that inspects
+        the class (transformers' `find_labels`: without it a Trainer computes no eval loss)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
+
+    def save_pretrained(self, out: Union[str, os.PathLike], **kwargs) -> None:
+        """Write a run directory `qdylora sweep / export / merge / generate` read (config.json and
+        adapter.safetensors: `qdylora.save_run`, which takes the same keywords). For a PEFT
+        adapter of one rank, `qdylora export DIR --rank b` (or `qdylora.export_peft`)."""
+        from ..training.hf_trainer import save_run  # training builds on core: imported when called
+
+        save_run(self, out, **kwargs)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counting each packed 4-bit byte as two
+        parameters, as PEFT counts a bitsandbytes model."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel() * (2 if isinstance(p, bnb.nn.Params4bit) else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable share the way PEFT users know it (at max_rank: every rank below
+        trains a prefix of these)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
 
     def adapter_layers(self) -> dict[str, QDyLoRALinear]:
         """Module path (inside the wrapped model) -> adapter layer."""

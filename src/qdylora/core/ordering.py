@@ -42,7 +42,7 @@ def svd_factors(A: torch.Tensor, B: torch.Tensor, c: float, c_new: float) -> tup
 def order_by_svd(model: QDyLoRAModel) -> None:
     """Rewrite every layer's A and B in place so that rank b is the best rank-b approximation of
     the full delta, and switch the model's scale rule to "nested" (the full delta is unchanged)."""
-    config = model.config
+    config = model.qdylora_config
     c_new = scale(config.alpha, config.max_rank, "nested", config.max_rank)
     with torch.no_grad():
         for layer in model.adapter_layers().values():
@@ -51,7 +51,7 @@ def order_by_svd(model: QDyLoRAModel) -> None:
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
             layer.scaling = "nested"
-    model.config = replace(config, scaling="nested")
+    model.qdylora_config = replace(config, scaling="nested")
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ def svd_ordered(model: QDyLoRAModel) -> Iterator[QDyLoRAModel]:
     evaluate or save the ordered adapter while training goes on with the trained factors)."""
     layers = model.adapter_layers().values()
     saved = [(layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.scaling) for layer in layers]
-    config = model.config
+    config = model.qdylora_config
     try:
         order_by_svd(model)
         yield model
@@ -70,4 +70,4 @@ def svd_ordered(model: QDyLoRAModel) -> Iterator[QDyLoRAModel]:
                 layer.lora_A.copy_(A)
                 layer.lora_B.copy_(B)
                 layer.scaling = scaling
-        model.config = config
+        model.qdylora_config = config

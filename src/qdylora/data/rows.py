@@ -267,6 +267,8 @@ def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] 
     if fmt == "alpaca":
         instruction, output = need("instruction", "output")
         extra = str(row.get("input") or "")
+        if rf.chat_template:  # the user's turn is the instruction (and input), as TRL renders alpaca
+            return [(f"{instruction}\n\n{extra}" if extra else instruction, False), (output, True)]
         prompt = (ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT).format(
             instruction=instruction, input=extra
         )

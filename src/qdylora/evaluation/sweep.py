@@ -165,7 +165,7 @@ def run_sweep(
             raise QDyLoRAError(f"{name} must be a finite number, not negative, got {value}")
     if metrics or not lm_eval:
         check_metrics(metrics)
-    check_ranks([r for r in ranks if r != 0], model.config.max_rank)  # 0, the base, is always measured
+    check_ranks([r for r in ranks if r != 0], model.qdylora_config.max_rank)  # 0, the base, is always measured
     ranks = sorted(set(ranks) | {0})
     if not rows and metrics:
         raise QDyLoRAError("the evaluation data is empty")
@@ -215,7 +215,7 @@ class _Context:
 
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
-        dtype = self.model.config.torch_compute_dtype
+        dtype = self.model.qdylora_config.torch_compute_dtype
         self.autocast = lambda: autocast_context(self.device, dtype, dtype != torch.float32)
         self.pad_id = pad_token_id(self.tokenizer)
         self.chunks = math.ceil(len(self.ranks) / (self.rank_batch or len(self.ranks)))
@@ -326,7 +326,7 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
     if max_examples > 0:
         rows = rows[:max_examples]
     shots_rows = read_rows(shots_data, settings.data.split) if shots_data else None
-    result = run_sweep(model, tokenizer, rows, fmt, ranks or default_ranks(model.config.max_rank),
+    result = run_sweep(model, tokenizer, rows, fmt, ranks or default_ranks(model.qdylora_config.max_rank),
                        metrics, shots_rows=shots_rows, **options)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"{run_dir} on {data or 'its validation rows'} ({result.examples} examples)"

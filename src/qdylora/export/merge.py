@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..core.config import DTYPES
+from ..core.config import DTYPES, dtype_name
 from ..core.layer import QDyLoRALinear
 from ..core.loading import forget_quantizer
 from ..core.model import QDyLoRAModel
@@ -40,7 +40,8 @@ def merge(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, tokenizer=No
     """Write a Hugging Face model directory (safetensors, config, generation config, tokenizer)
     whose weights are the base merged with the adapter at `rank`. `model` is consumed: its
     layers are replaced by plain ones as they are merged."""
-    check_ranks([rank], model.config.max_rank)
+    check_ranks([rank], model.qdylora_config.max_rank)
+    dtype = dtype_name(dtype)
     if dtype not in DTYPES:
         raise QDyLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
@@ -48,7 +49,7 @@ def merge(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, tokenizer=No
     hf = model.model
     target_dtype = DTYPES[dtype]
     conv1d = uses_conv1d(hf)
-    s = scale(model.config.alpha, rank, model.config.scaling, model.config.max_rank)
+    s = scale(model.qdylora_config.alpha, rank, model.qdylora_config.scaling, model.qdylora_config.max_rank)
     with torch.no_grad():
         for path, module in list(hf.named_modules()):
             if isinstance(module, QDyLoRALinear):

@@ -45,7 +45,7 @@ PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def peft_config(model: QDyLoRAModel, rank: int, fan_in_fan_out: bool) -> dict:
     """adapter_config.json for rank `rank` (PEFT 0.x LoRA fields)."""
-    c = model.config
+    c = model.qdylora_config
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -75,7 +75,7 @@ def export_peft(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, overwr
     The directory is built next to `out` and renamed into place, so `out` is either absent or
     complete.
     """
-    check_ranks([rank], model.config.max_rank)
+    check_ranks([rank], model.qdylora_config.max_rank)
     out = Path(out)
     refuse_existing(out, overwrite, ours=PEFT_FILES.__contains__)
     fan_in_fan_out = uses_conv1d(model.model)

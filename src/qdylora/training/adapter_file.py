@@ -55,7 +55,7 @@ def save_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], extra: dict
     metadata = {
         "format": FORMAT,
         "qdylora_version": __version__,
-        "config": json.dumps(model.config.to_dict()),
+        "config": json.dumps(model.qdylora_config.to_dict()),
         "base_model_name_or_path": model.base_model_name_or_path,
         "base_fingerprint": base_fingerprint(model),
         "extra": json.dumps(extra or {}),
@@ -87,7 +87,7 @@ def load_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], check_base:
     Refuses a file trained on another base model unless `check_base` is False.
     """
     meta = read_adapter_metadata(path)
-    saved, ours = meta["config"], model.config
+    saved, ours = meta["config"], model.qdylora_config
     for field in ("max_rank", "alpha", "scaling"):  # what changes the adapter's meaning
         if getattr(saved, field) != getattr(ours, field):
             raise QDyLoRAError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,22 @@ def row_losses_at_ranks(
     on_batch=None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{rank: (summed token loss of each row, (N,) float64; its labelled tokens, (N,))}, rows in
-    the order of `batches`.
+    the order of `batches` (lists of examples, padded here)."""
+    tensors = ({k: v.to(device) for k, v in collate(examples, pad_id).items()} for examples in batches)
+    return batch_losses_at_ranks(model, tensors, ranks, rank_batch, autocast, on_batch)
+
+
+@torch.no_grad()
+def batch_losses_at_ranks(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    ranks: Sequence[int],
+    rank_batch: int = 0,
+    autocast=contextlib.nullcontext,
+    on_batch=None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """`row_losses_at_ranks` of padded batches (input_ids, attention_mask, labels: (n, T) each,
+    on the model's device; labels IGNORE where there is no loss).
 
     Rank-batched: each batch is replicated once per rank (up to `rank_batch` ranks at a time;
     0 = all) and row i of copy j runs at rank ranks[j] (per-example ranks), so the frozen base
@@ -119,8 +134,7 @@ def row_losses_at_ranks(
     """
     group = rank_batch if rank_batch > 0 else len(ranks)
     parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {r: [] for r in ranks}
-    for examples in batches:
-        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}  # (n, T)
+    for batch in batches:
         n = batch["input_ids"].shape[0]
         for start in range(0, len(ranks), group):
             chunk = list(ranks[start:start + group])

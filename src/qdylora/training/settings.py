@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from ..core.config import QDyLoRAConfig, from_dict
 from ..data.rows import FORMATS
 from ..errors import QDyLoRAError
+from .optimizers import OPTIMIZERS
 from .sampling import RULES, RankSampler, check_ranks, parse_ranks
 
 ORDERS = ("svd", "none")  # TrainSettings.order; svd is qdylora.core.ordering
@@ -110,6 +111,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     """AdamW weight decay on A and B."""
 
+    optim: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
+    """Optimizer of A and B: adamw (torch), adamw-8bit (bitsandbytes: both moments in 8 bits, about a quarter of the state), paged-adamw / paged-adamw-8bit (bitsandbytes' paged state in CUDA unified memory, as QLoRA; the non-paged one on a CPU)."""
+
     max_grad_norm: float = 0.3
     """Gradients are clipped to this global norm (QLoRA's 0.3); 0 = no clipping."""
 
@@ -169,6 +173,8 @@ class TrainSettings:
                 raise QDyLoRAError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.rank_rule not in RULES:
             raise QDyLoRAError(f"rank_rule must be one of {', '.join(RULES)}, got {self.rank_rule!r}")
+        if self.optim not in OPTIMIZERS:
+            raise QDyLoRAError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.order not in ORDERS:
             raise QDyLoRAError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "max_grad_norm", "weight_decay"):

@@ -39,10 +39,11 @@ from ..core.scaling import RankMixture
 from ..data.batching import BatchStream, collate, fixed_batches, pad_token_id
 from ..data.embedded import smollm2_checkpoint
 from ..data.rows import IGNORE, DataStats, Example, row_format, run_rows, tokenize
-from ..errors import QDyLoRAError
+from ..errors import QDyLoRAError, TrainingInterrupted
 from . import distributed
 from .adapter_file import base_fingerprint, load_adapter, save_adapter
 from .losses import autocast_context, loss_sum, validation_loss
+from .optimizers import make_optimizer
 from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, owned, read_json,
                      remove_leftovers, resume_checkpoint, save_checkpoint, write_json)
 from .sampling import RankSampler, micro_batch_ranks
@@ -221,7 +222,7 @@ def _record(settings: RunSettings, job: "Job", source: str) -> dict:
     """config.json: every setting (compute dtype resolved), the base's fingerprint, the version."""
     return {"qdylora_version": __version__, "base_fingerprint": base_fingerprint(job.model),
             "processes": job.procs.world, "global_batch": job.global_batch,
-            "settings": {**settings.to_dict(), "model": source, "adapter": job.model.config.to_dict()}}
+            "settings": {**settings.to_dict(), "model": source, "adapter": job.model.qdylora_config.to_dict()}}
 
 
 def _open_run_dir(job: "Job", out: Path, overwrite: bool, resume: bool, record: dict, data: "Datasets") -> "Position":
@@ -283,8 +284,9 @@ def _load(settings: RunSettings, model: Optional[QDyLoRAModel], device_name: Opt
 
 def make_job(model: QDyLoRAModel, t: TrainSettings, train_rows: list[Example], pad_id: int,
              procs: distributed.Processes) -> Job:
-    """Batches, optimizer (AdamW on A and B), schedule, DDP wrapper and autocast of a run."""
-    config = model.config  # compute_dtype resolved for the device
+    """Batches, optimizer (of A and B: `optimizers.make_optimizer`), schedule, DDP wrapper and
+    autocast of a run."""
+    config = model.qdylora_config  # compute_dtype resolved for the device
     device = next(model.parameters()).device
     forward_model = model
     if procs.distributed:  # A and B are initialised alike everywhere (seeded): no initial broadcast
@@ -292,7 +294,7 @@ def make_job(model: QDyLoRAModel, t: TrainSettings, train_rows: list[Example], p
     # global micro-batches of micro_batch_size x processes rows; each process takes its share
     stream = BatchStream(train_rows, t.micro_batch_size * procs.world, config.seed)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.per_epoch / t.grad_accumulation))
-    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(t.optim, model.adapter_parameters(), t.lr, t.weight_decay, device)
     scheduler = get_scheduler(SCHEDULES[t.schedule], optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=max_steps)
     use_autocast = t.autocast == "on" or (t.autocast == "auto" and config.compute_dtype != "float32")
@@ -310,7 +312,7 @@ def _start(out: Path, overwrite: bool, job: Job) -> Position:
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     # adapter dropout draws from the global generator; each process its own masks
-    torch.manual_seed(job.model.config.seed + job.procs.rank)
+    torch.manual_seed(job.model.qdylora_config.seed + job.procs.rank)
     return Position()
 
 
@@ -324,6 +326,10 @@ def _restore(job: Job, out: Path) -> Position:
     if not procs.is_main:
         checkpoint = resume_checkpoint(out)
     state = load_state(checkpoint)
+    saved_optim = state.get("optim", "adamw")  # checkpoints before --optim existed are AdamW's
+    if saved_optim != job.settings.optim:
+        raise QDyLoRAError(f"cannot resume {out} with --optim {job.settings.optim}: its checkpoint holds "
+                           f"{saved_optim} state; resume with --optim {saved_optim}")
     load_adapter(job.model, checkpoint / "adapter.safetensors")
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
@@ -331,7 +337,7 @@ def _restore(job: Job, out: Path) -> Position:
     if job.device.type == "cuda" and state.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(state["rng_cuda"], job.device)
     if procs.rank > 0:  # only process 0's generator is saved: the others draw anew
-        torch.manual_seed(job.model.config.seed + procs.rank + 1_000_003 * state["step"])
+        torch.manual_seed(job.model.qdylora_config.seed + procs.rank + 1_000_003 * state["step"])
     return Position(state["step"], state["tokens_seen"], state["seconds"])
 
 
@@ -417,7 +423,7 @@ def _checkpoint(job: Job, out: Path, pos: Position) -> None:
     state = {
         "step": pos.step, "tokens_seen": pos.tokens_seen, "seconds": pos.seconds,
         "micro_batch_position": pos.step * t.grad_accumulation,
-        "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
+        "optim": t.optim, "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(job.device) if job.device.type == "cuda" else None,
     }
@@ -483,15 +489,6 @@ class _RunLog:
             self.metrics.close()
         if self.tensorboard:
             self.tensorboard.close()
-
-
-class TrainingInterrupted(QDyLoRAError):
-    """Ctrl-C, SIGTERM or SIGHUP during training: a checkpoint was written and the run can be
-    resumed. `signum` is the signal (the command exits with 128 + signum, as a shell reports)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.signum = int(signum)
 
 
 # What a user (Ctrl-C), a scheduler before preemption (SLURM, Kubernetes: SIGTERM) or a closed
