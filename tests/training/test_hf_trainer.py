@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 
 import pytest
@@ -45,6 +47,9 @@ def test_the_model_passes_for_the_transformers_model_it_wraps(tiny_lm, capsys):
     assert trainable == sum(p.numel() for p in model.adapter_parameters())
     assert capsys.readouterr().out == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
                                        f"trainable%: {100 * trainable / total:.4f}\n")
+    assert list(inspect.signature(model.forward).parameters)[:2] == ["input_ids", "attention_mask"]
+    twin = copy.deepcopy(model)  # the copy's forward runs the copy's modules
+    assert twin.forward.__self__ is twin and twin.get_input_embeddings() is not model.get_input_embeddings()
     with pytest.raises(QDyLoRAError, match="cannot run inside a Trainer"):
         QDyLoRACallback(model, rank_rule="example")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import functools
+import inspect
 import os
+import types
 from typing import Optional, Union
 
 import bitsandbytes as bnb
@@ -40,11 +41,7 @@ class QDyLoRAModel(nn.Module):
         self.qdylora_config = config
         self.base_model_name_or_path = base_model_name_or_path
 
-        @functools.wraps(model.forward)  # the wrapped model's signature: transformers' Trainer reads it
-        def forward(*args, **kwargs):
-            return self.model(*args, **kwargs)
-
-        self.forward = forward
+        self.forward = types.MethodType(_forwarding(model), self)
 
     def __getattr__(self, name: str):
         try:
@@ -122,6 +119,18 @@ class QDyLoRAModel(nn.Module):
             for name, layer in self.adapter_layers().items():
                 layer.lora_A.copy_(state[f"{name}.lora_A"])
                 layer.lora_B.copy_(state[f"{name}.lora_B"])
+
+
+def _forwarding(model: nn.Module):
+    """A forward for a `QDyLoRAModel` with `model.forward`'s exact signature (transformers'
+    Trainer reads it to keep the dataset's columns), bound per instance; copy.deepcopy rebinds
+    it to the copy."""
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    params = list(inspect.signature(model.forward).parameters.values())
+    forward.__signature__ = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *params])
+    return forward
 
 
 def prepare(
