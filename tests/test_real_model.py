@@ -95,3 +95,48 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert (out / "sweep.png").is_file() and (out / "peft" / "adapter_config.json").is_file()
     config = json.loads((out / "config.json").read_text())["settings"]["data"]
     assert config["data"] == "asdiv:train" and config["chat_template"] is True
+
+
+def test_mmlu_choice_on_the_real_model_equals_the_harness(smollm2, tmp_path):
+    """Eight MMLU questions (the embedded `mmlu:test`), the real tokenizer (BPE, where tokenizing
+    the question and the option apart differs from tokenizing them together): our `choice`
+    log-likelihoods give the accuracy lm-evaluation-harness gives on the same rows and prompt,
+    for the base (rank 0) and the adapter (rank 64, B randomised: not a no-op)."""
+    pytest.importorskip("lm_eval")
+    model, tok = smollm2
+    saved = {k: v.clone() for k, v in model.adapter_state_dict().items()}  # the fixture is shared
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.adapter_layers().values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.01)
+    try:
+        _compare_with_the_harness(model, tok, tmp_path)
+    finally:
+        model.load_adapter_state_dict(saved)
+
+
+def _compare_with_the_harness(model, tok, tmp_path):
+    import json
+
+    from qdylora.core.rank import evaluating
+    from qdylora.evaluation.choice import choice_accuracy, choice_examples, choice_logliks, choice_questions
+    from qdylora.evaluation.harness import harness_at_ranks
+
+    qs = choice_questions(qdylora.read_rows("mmlu:test")[:8])
+    data = tmp_path / "mmlu8.jsonl"
+    data.write_text("".join(json.dumps({"question": q.question, "choices": list(q.options), "gold": q.answer}) + "\n"
+                            for q in qs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mmlu8.yaml").write_text(
+        f"task: mmlu8\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    with evaluating(model):
+        ours = choice_logliks(model, choice_examples(qs, tok, chat=False), [0, 64], pad_id=tok.pad_token_id or 0,
+                              batch_size=4)
+        theirs, _ = harness_at_ranks(model, tok, ["mmlu8"], [0, 64], include=tmp_path / "tasks", batch_size=4)
+    for r in (0, 64):
+        mine = choice_accuracy(ours[r], qs)
+        assert theirs[r]["mmlu8"]["acc"] * 100 == pytest.approx(mine["acc"])
+        assert theirs[r]["mmlu8"]["acc_norm"] * 100 == pytest.approx(mine["acc_norm"])
+    assert not torch.allclose(ours[0], ours[64])
