@@ -8,7 +8,7 @@ MMLU task against our `choice` metric on the same rows and prompt.
 RUN is a finished `qdylora train` run on asdiv:train (the default recipe; the chat template);
 RUN2 a run without a chat template (the harness is called without one), e.g. a cipher run of
 experiments/recipe_study.py. Results go to experiments/metrics-study/ (sweep.json, .csv, .png of
-each part, and bridge.json), and a summary with wall times is printed.
+each part, and summary.json), and a summary with wall times is printed.
 """
 
 from __future__ import annotations
@@ -19,44 +19,11 @@ import time
 from pathlib import Path
 
 from qdylora.data.rows import read_rows
-from qdylora.evaluation.choice import choice_questions
+from qdylora.evaluation.harness import write_choice_task
 from qdylora.evaluation.sweep import sweep_run, table
 
 RANKS = [1, 2, 4, 8, 16, 32, 64]
 OUT = Path(__file__).resolve().parent / "metrics-study"
-
-TASK_YAML = """task: mmlu_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: gold
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-def local_mmlu_task(rows: int, folder: Path) -> Path:
-    """The first `rows` MMLU test questions as hub-style JSONL (question, choices, gold) and an
-    lm-eval task directory over it; returns the JSONL."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "mmlu_local.jsonl"
-    questions = choice_questions(read_rows("mmlu:test")[:rows])
-    data.write_text("".join(json.dumps({"question": q.question, "choices": list(q.options), "gold": q.answer}) + "\n"
-                            for q in questions))
-    (folder / "tasks").mkdir(exist_ok=True)
-    (folder / "tasks" / "mmlu_local.yaml").write_text(TASK_YAML.format(data=data))
-    return data
-
 
 def timed_sweep(name: str, run: str, **kwargs) -> dict:
     start = time.perf_counter()
@@ -85,9 +52,10 @@ def main() -> None:
         summary["xsum"] = timed_sweep("asdiv-on-xsum", args.asdiv_run, data="xsum:test", max_examples=args.xsum_rows,
                                       metrics=["rouge", "bleu"], batch_size=4, max_new_tokens=48)
     if "bridge" in parts:
-        data = local_mmlu_task(args.bridge_rows, OUT / "bridge")
-        summary["bridge"] = timed_sweep("bridge", args.cipher_run, data=str(data), metrics=["choice"], batch_size=4,
-                                        lm_eval=["mmlu_local"], lm_eval_include=OUT / "bridge" / "tasks")
+        # the first MMLU questions as a local lm-eval task prompting as our `choice` metric does
+        tasks = write_choice_task(read_rows("mmlu:test")[:args.bridge_rows], OUT / "bridge", "mmlu_local")
+        summary["bridge"] = timed_sweep("bridge", args.cipher_run, data=str(OUT / "bridge" / "mmlu_local.jsonl"),
+                                        metrics=["choice"], batch_size=4, lm_eval=["mmlu_local"], lm_eval_include=tasks)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 

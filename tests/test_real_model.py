@@ -116,25 +116,17 @@ def test_mmlu_choice_on_the_real_model_equals_the_harness(smollm2, tmp_path):
 
 
 def _compare_with_the_harness(model, tok, tmp_path):
-    import json
-
     from qdylora.core.rank import evaluating
     from qdylora.evaluation.choice import choice_accuracy, choice_examples, choice_logliks, choice_questions
-    from qdylora.evaluation.harness import harness_at_ranks
+    from qdylora.evaluation.harness import harness_at_ranks, write_choice_task
 
-    qs = choice_questions(qdylora.read_rows("mmlu:test")[:8])
-    data = tmp_path / "mmlu8.jsonl"
-    data.write_text("".join(json.dumps({"question": q.question, "choices": list(q.options), "gold": q.answer}) + "\n"
-                            for q in qs))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "mmlu8.yaml").write_text(
-        f"task: mmlu8\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-        "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    rows = qdylora.read_rows("mmlu:test")[:8]
+    qs = choice_questions(rows)
+    tasks = write_choice_task(rows, tmp_path, "mmlu8")
     with evaluating(model):
         ours = choice_logliks(model, choice_examples(qs, tok, chat=False), [0, 64], pad_id=tok.pad_token_id or 0,
                               batch_size=4)
-        theirs, _ = harness_at_ranks(model, tok, ["mmlu8"], [0, 64], include=tmp_path / "tasks", batch_size=4)
+        theirs, _ = harness_at_ranks(model, tok, ["mmlu8"], [0, 64], include=tasks, batch_size=4)
     for r in (0, 64):
         mine = choice_accuracy(ours[r], qs)
         assert theirs[r]["mmlu8"]["acc"] * 100 == pytest.approx(mine["acc"])

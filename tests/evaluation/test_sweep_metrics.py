@@ -13,6 +13,7 @@ import pytest
 from qdylora.cli import main
 from qdylora.core.rank import evaluating
 from qdylora.evaluation.choice import choice_accuracy, choice_examples, choice_logliks, choice_questions
+from qdylora.evaluation.harness import write_choice_task
 from qdylora.evaluation.sweep import run_sweep
 from qdylora.training.rundir import load_run
 
@@ -20,26 +21,6 @@ from ..conftest import adapted_model
 
 CHOICE_ROWS = [{"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(a * b + 3)],
                 "gold": (a + b) % 3} for a in range(1, 6) for b in range(1, 4)]
-TASK_YAML = """task: sums_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: gold
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 @pytest.fixture(scope="module")
 def trained(trained_run):
     return load_run(trained_run)
@@ -47,14 +28,10 @@ def trained(trained_run):
 
 @pytest.fixture(scope="module")
 def choice_task(tmp_path_factory):
-    """A JSONL of multiple-choice sums and an lm-eval task directory over it (offline)."""
+    """The multiple-choice sums as a JSONL and an lm-eval task directory over it (offline)."""
     root = tmp_path_factory.mktemp("choice")
-    data = root / "sums_choice.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in CHOICE_ROWS))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    (tasks / "sums_choice.yaml").write_text(TASK_YAML.format(data=data))
-    return data, tasks
+    tasks = write_choice_task(CHOICE_ROWS, root, "sums_choice")
+    return root / "sums_choice.jsonl", tasks
 
 
 def test_every_metric_at_every_rank_in_one_sweep(trained):

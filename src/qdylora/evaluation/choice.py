@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.rows import IGNORE, Example, prompt_ids
 from ..errors import QDyLoRAError
-from ..training.losses import row_losses_at_ranks
+from ..training.losses import batch_losses_at_ranks, padded
 
 QUESTION_FIELDS = ("question", "query", "question_stem", "ctx", "prompt")
 OPTION_FIELDS = ("options", "choices", "endings")
@@ -204,12 +204,12 @@ def choice_logliks(model: nn.Module, examples: Sequence[Example], ranks: Sequenc
                    batch_size: int = 8, rank_batch: int = 0, autocast=contextlib.nullcontext,
                    on_batch=None) -> dict[int, torch.Tensor]:
     """{rank: summed log-likelihood of each example's scored tokens, (N,) float64}, in the order of
-    `examples`, every rank in the same rank-batched forward passes (`row_losses_at_ranks`)."""
+    `examples`, every rank in the same rank-batched forward passes (`batch_losses_at_ranks`)."""
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths together
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    sums = row_losses_at_ranks(model, [[examples[i] for i in b] for b in batches], ranks, pad_id, device,
-                               rank_batch, autocast, on_batch)  # {rank: (N,) in batch order}
+    sums = batch_losses_at_ranks(model, padded(([examples[i] for i in b] for b in batches), pad_id, device),
+                                 ranks, rank_batch, autocast, on_batch)  # {rank: (N,) in batch order}
     position = torch.tensor([i for b in batches for i in b])  # batch order -> example index
     out = {}
     for r, (loss, _) in sums.items():

@@ -19,6 +19,47 @@ from .choice import adds_bos
 INSTALL = "pip install 'qdylora[lm-eval]' (or pip install lm-eval)"
 
 
+CHOICE_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{prompt}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+target_delimiter: "{delimiter}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_choice_task(rows: Sequence[dict], folder: str | Path, name: str) -> Path:
+    """An lm-eval task over multiple-choice `rows` (any shape `choice` reads) that prompts and
+    scores exactly as our `choice` metric does without a chat template: FOLDER/NAME.jsonl
+    (question, choices, gold) and FOLDER/tasks/NAME.yaml. Returns the task directory, for
+    `--lm-eval NAME --lm-eval-include DIR` (or the harness's own --include_path)."""
+    import json
+
+    from .choice import PROMPT, TARGET_DELIMITER, choice_questions
+
+    folder = Path(folder)
+    (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    data = (folder / f"{name}.jsonl").resolve()
+    data.write_text("".join(json.dumps({"question": q.question, "choices": list(q.options), "gold": q.answer}) + "\n"
+                            for q in choice_questions(rows)))
+    prompt = PROMPT.replace("{question}", "{{question}}").replace("\n", "\\n")  # a YAML string, jinja field
+    (folder / "tasks" / f"{name}.yaml").write_text(
+        CHOICE_TASK.format(name=name, data=data, prompt=prompt, delimiter=TARGET_DELIMITER))
+    return folder / "tasks"
+
+
 def _harness():
     try:
         import lm_eval

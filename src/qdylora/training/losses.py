@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,26 +93,15 @@ def losses_at_ranks(
     autocast=contextlib.nullcontext,
     on_batch=None,
 ) -> dict[int, tuple[float, int]]:
-    """{rank: (summed token loss, token count)} on `batches` (see `row_losses_at_ranks`)."""
-    rows = row_losses_at_ranks(model, batches, ranks, pad_id, device, rank_batch, autocast, on_batch)
+    """{rank: (summed token loss, token count)} on `batches` (see `batch_losses_at_ranks`)."""
+    rows = batch_losses_at_ranks(model, padded(batches, pad_id, device), ranks, rank_batch, autocast, on_batch)
     return {r: (float(sums.sum()), int(counts.sum())) for r, (sums, counts) in rows.items()}
 
 
-@torch.no_grad()
-def row_losses_at_ranks(
-    model: nn.Module,
-    batches: Sequence[Sequence[Example]],
-    ranks: Sequence[int],
-    pad_id: int,
-    device: torch.device,
-    rank_batch: int = 0,
-    autocast=contextlib.nullcontext,
-    on_batch=None,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{rank: (summed token loss of each row, (N,) float64; its labelled tokens, (N,))}, rows in
-    the order of `batches` (lists of examples, padded here)."""
-    tensors = ({k: v.to(device) for k, v in collate(examples, pad_id).items()} for examples in batches)
-    return batch_losses_at_ranks(model, tensors, ranks, rank_batch, autocast, on_batch)
+def padded(batches: Iterable[Sequence[Example]], pad_id: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Each list of examples as padded tensors on `device` (`collate`), one batch at a time."""
+    for examples in batches:
+        yield {k: v.to(device) for k, v in collate(examples, pad_id).items()}
 
 
 @torch.no_grad()
@@ -124,8 +113,9 @@ def batch_losses_at_ranks(
     autocast=contextlib.nullcontext,
     on_batch=None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """`row_losses_at_ranks` of padded batches (input_ids, attention_mask, labels: (n, T) each,
-    on the model's device; labels IGNORE where there is no loss).
+    """{rank: (summed token loss of each row, (N,) float64; its labelled tokens, (N,))}, rows in
+    the order of `batches`: padded batches (input_ids, attention_mask, labels: (n, T) each, on
+    the model's device; labels IGNORE where there is no loss; `padded` makes them from examples).
 
     Rank-batched: each batch is replicated once per rank (up to `rank_batch` ranks at a time;
     0 = all) and row i of copy j runs at rank ranks[j] (per-example ranks), so the frozen base
