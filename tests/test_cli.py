@@ -92,3 +92,16 @@ def test_library_messages_show_on_stderr_only_while_a_command_runs(capsys):
     assert captured.err.splitlines() == ["qdylora: read 3 rows", "qdylora: warning: checkpoint x is damaged"]
     assert captured.out == ""  # stdout is the command's own output
     assert (list(log.handlers), log.level, log.propagate) == before
+
+
+def test_quiet_hides_transformers_loading_bar_too(tiny_lm, tmp_path):
+    """A real process: with --quiet nothing but our lines reach stderr (transformers' "Loading
+    weights" bar was the first thing a quiet command printed)."""
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(12)))
+    proc = subprocess.run([sys.executable, "-m", "qdylora", "train", "--model", tiny_lm, "--data", str(data),
+                           "--prompt-template", "{question}", "--response-template", "{answer}", "--max-rank", "4",
+                           "--max-steps", "1", "--out", str(tmp_path / "run"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(line.startswith("qdylora: ") for line in proc.stderr.splitlines() if line.strip()), proc.stderr[:2000]

@@ -96,6 +96,22 @@ def _train_defaults(argv: list[str]):
                  trust_remote_code=False)
 
 
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """With --quiet, transformers' progress bars (loading weights) are off too, while the command
+    runs."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on and not shown:
+            hf_logging.enable_progress_bar()
+
+
 def _command(argv: list[str]):
     """The parsed command of `argv` (one of `commands.COMMANDS`)."""
     import tyro
@@ -141,7 +157,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         with shown_on_console():
             command = _command(argv)
             debug = command.debug
-            command.run()
+            with _progress_bars(not getattr(command, "quiet", False)):
+                command.run()
     except TrainingInterrupted as e:  # Ctrl-C, SIGTERM, SIGHUP: a checkpoint was written
         print(f"qdylora: {e}", file=sys.stderr)
         return 128 + e.signum  # 130 for Ctrl-C, 143 for SIGTERM: what a shell reports for them
