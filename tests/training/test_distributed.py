@@ -5,11 +5,12 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
-import queue as queue_module
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(rule, tiny_l
 WORKER_LIMIT_S = 240  # the run takes ~15 s alone on 2 cores
 
 
-def _worker(rank: int, port: int, tiny_lm: str, data: str, out: str, ranks: list[str], queue) -> None:
+def _worker(rank: int, port: int, tiny_lm: str, data: str, out: str, ranks: list[str], report: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -79,35 +80,39 @@ def _worker(rank: int, port: int, tiny_lm: str, data: str, out: str, ranks: list
     settings = tiny_settings(tiny_lm, data, max_steps=2, micro_batch_size=2, ranks=ranks[rank])
     try:
         train(settings, out, progress=False)
-        queue.put((rank, "finished"))
+        message = "finished"
     except Exception as e:  # noqa: BLE001 - reported to the test
-        queue.put((rank, f"{type(e).__name__}: {e}"))
+        message = f"{type(e).__name__}: {e}"
+    # a file, written then renamed, not a multiprocessing.Queue: under load a worker's queue.put
+    # once blocked until its time limit (its feeder thread waiting), and the report was lost
+    Path(report + ".tmp").write_text(message)
+    os.replace(report + ".tmp", report)
 
 
 def test_a_rank_mismatch_between_processes_is_caught(tiny_lm, tmp_path):
     data = write_sums(tmp_path / "sums.jsonl")
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
+    port = free_port()
+    reports = [tmp_path / f"report-{r}.txt" for r in (0, 1)]
     # daemonic: never left behind for pytest's exit to wait on, whatever happens here
-    procs = [ctx.Process(target=_worker, args=(r, port, tiny_lm, data, str(tmp_path / "run"), ["2", "4"], queue),
-                         daemon=True) for r in (0, 1)]
+    procs = [ctx.Process(target=_worker, args=(r, port, tiny_lm, data, str(tmp_path / "run"), ["2", "4"],
+                                               str(reports[r])), daemon=True) for r in (0, 1)]
     for p in procs:
         p.start()
-    results: dict[int, str] = {}
+    deadline = time.monotonic() + WORKER_LIMIT_S + 30
     try:
-        while len(results) < len(procs):
-            try:
-                rank, message = queue.get(timeout=WORKER_LIMIT_S + 30)
-            except queue_module.Empty:
-                pytest.fail(f"a process did not report within {WORKER_LIMIT_S + 30} s (its stack is in the "
-                            f"captured stderr); reports so far: {results}, exit codes: {[p.exitcode for p in procs]}")
-            results[rank] = message
+        while not all(r.exists() for r in reports) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
                 p.join()
+    results = {r: reports[r].read_text() for r in (0, 1) if reports[r].exists()}
+    if len(results) < 2:
+        pytest.fail(f"a process did not report within {WORKER_LIMIT_S + 30} s (its stack is in the captured "
+                    f"stderr); reports: {results}, exit codes: {[p.exitcode for p in procs]}")
     for rank in (0, 1):
         assert "the processes disagree on the rank of step 1 (process 0: 2, process 1: 4)" in results[rank], results
     assert not (tmp_path / "run" / "checkpoints").exists()
