@@ -137,6 +137,7 @@ def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]
 
     supported = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in FILE_BUILDERS
                        and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    known = set(supported)
     kinds: dict[str, list[str]] = {}
     for f in supported:
         kinds.setdefault(FILE_BUILDERS[f.suffix.lower()], []).append(f.name)
@@ -151,7 +152,7 @@ def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]
         splits = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
     except EmptyDatasetError:
         splits = {}
-    by_name = {str(name): [Path(f) for f in files if Path(f) in supported] for name, files in splits.items()}
+    by_name = {str(name): [Path(f) for f in files if Path(f) in known] for name, files in splits.items()}
     files = by_name.get(split, [])
     if not files:
         found = ", ".join(f"{name} ({len(fs)} files)" for name, fs in by_name.items() if fs) or "none"
@@ -165,7 +166,8 @@ def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]
         got = _read_file(f, str(f))
         rows.extend(got)
         counts.append(f"{f.relative_to(path)} {len(got)}")
-    left = [str(f.relative_to(path)) for f in supported if f not in files]
+    read = set(files)
+    left = [str(f.relative_to(path)) for f in supported if f not in read]
     log.info(f"data {source} ({split}): {len(rows)} rows from {len(files)} files: {', '.join(counts)}")
     if left:
         log.info(f"data {source}: not in the {split!r} split, not read: {', '.join(left)}")

@@ -90,8 +90,9 @@ def answer_index(value: Any, texts: list[str], labels: list[str], index: int) ->
         answer = value.strip()
         if answer in labels:
             return labels.index(answer)
-        if answer in texts or answer in [t.strip() for t in texts]:
-            return [t.strip() for t in texts].index(answer)
+        stripped = [t.strip() for t in texts]
+        if answer in stripped:
+            return stripped.index(answer)
         m = LETTERED.match(answer)
         if m and m.group(1) in labels and (m.group(2) or "") == texts[labels.index(m.group(1))].strip():
             return labels.index(m.group(1))
@@ -147,16 +148,19 @@ def choice_examples(questions: Sequence[ChoiceQuestion], tokenizer, *, chat: boo
     assistant's reply, rendered by the chat template as in training. Longer examples keep their
     last `max_length` tokens."""
     bos = adds_bos(tokenizer)
+    solved = [m for s in shots for m in ({"role": "user", "content": s.question},
+                                         {"role": "assistant", "content": s.options[s.answer]})]
     out = []
-    for q in questions:
+    for q in questions:  # the prompt once per question, each option after it
+        if chat:
+            chat_ctx = prompt_ids(tokenizer, [*solved, {"role": "user", "content": q.question}], chat=True)
+        else:
+            context = context_of(q, shots)
         for option in q.options:
             if chat:
-                messages = [m for s in shots for m in ({"role": "user", "content": s.question},
-                                                       {"role": "assistant", "content": s.options[s.answer]})]
-                ctx = prompt_ids(tokenizer, [*messages, {"role": "user", "content": q.question}], chat=True)
-                cont = tokenizer(option, add_special_tokens=False)["input_ids"]
-            else:
-                ctx, cont = encode_pair(tokenizer, context_of(q, shots), TARGET_DELIMITER + option, bos)
+                ctx, cont = chat_ctx, tokenizer(option, add_special_tokens=False)["input_ids"]
+            else:  # the whole text is tokenized per option, as the harness does
+                ctx, cont = encode_pair(tokenizer, context, TARGET_DELIMITER + option, bos)
             if not cont:
                 raise QDyLoRAError(f"row {q.row}: an option is empty: every option needs text to score")
             ids = (ctx + cont)[-max_length:]

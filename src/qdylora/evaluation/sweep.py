@@ -32,14 +32,8 @@ from .choice import choice_accuracy, choice_examples, choice_logliks, choice_que
 from .generation import generate_at_ranks
 from .text_metrics import ROUGE_TYPES, bleu, exact_match, rouge
 
-# What `--metrics` takes, and the values each one reports (percent unless a loss).
-METRICS = {
-    "loss": ("loss", "perplexity"),
-    "exact_match": ("exact_match",),
-    "choice": ("acc", "acc_norm"),
-    "rouge": ROUGE_TYPES,
-    "bleu": ("bleu",),
-}
+# What `--metrics` takes (the values each reports: `SweepResult`).
+METRICS = ("loss", "exact_match", "choice", "rouge", "bleu")
 GENERATED = ("exact_match", "rouge", "bleu")  # metrics of one shared greedy generation
 SWEEP_FILES = {"json": "sweep.json", "csv": "sweep.csv", "png": "sweep.png"}
 LOWER_IS_BETTER = ("loss", "perplexity")

@@ -6,7 +6,7 @@ directory our commands read, written from a trained model.
     ranks = QDyLoRACallback(model, rank_rule="full")          # the default recipe of `qdylora train`
     trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=..., callbacks=[ranks])
     trainer.train()
-    save_run(model, "runs/sft", tokenizer=tokenizer)         # then: qdylora sweep runs/sft ...
+    save_run(model, "runs/sft", data=DataSettings(...))      # then: qdylora sweep runs/sft ...
 
 The rank of step t is a pure function of (seed, t), as in `qdylora train`, so a resumed Trainer
 and every process of a distributed one draw the same ranks. What a callback cannot do: the
@@ -18,23 +18,20 @@ Use `qdylora train` for those.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 from transformers import TrainerCallback
 
-from .._version import __version__
 from ..console import log
 from ..core.model import QDyLoRAModel
 from ..core.ordering import order_by_svd, svd_ordered
 from ..core.rank import evaluating, set_rank
 from ..errors import QDyLoRAError
-from ..files import atomic_write
-from .adapter_file import base_fingerprint, save_adapter
+from .adapter_file import save_adapter
 from .losses import batch_losses_at_ranks
-from .rundir import is_run_dir
+from .rundir import is_run_dir, run_record, write_json
 from .sampling import micro_batch_ranks
 from .settings import DataSettings, RunSettings, TrainSettings
 
@@ -124,14 +121,9 @@ def save_run(model: QDyLoRAModel, out: str | Path, *, data: Optional[DataSetting
         raise QDyLoRAError(f"{out} is not empty: choose a new directory"
                            + (" (or --overwrite a run)" if is_run_dir(out) else ""))
     out.mkdir(parents=True, exist_ok=True)
-    settings = RunSettings(model=source, adapter=model.qdylora_config, data=data or DataSettings(),
-                           train=train or TrainSettings())
-    record = {"qdylora_version": __version__, "base_fingerprint": base_fingerprint(model),
-              "settings": {**settings.to_dict(), "adapter": model.qdylora_config.to_dict()},
-              "written_by": "qdylora.save_run"}
+    settings = RunSettings(model=source, data=data or DataSettings(), train=train or TrainSettings())
     save_adapter(model, out / "adapter.safetensors", extra={"rank_range": [1, model.qdylora_config.max_rank]})
-    with atomic_write(out / "config.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out / "config.json", run_record(settings, model, written_by="qdylora.save_run"))
     log.info(f"wrote {out}: qdylora sweep / export / merge / generate read it")
     return out
 

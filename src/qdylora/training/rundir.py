@@ -39,7 +39,7 @@ from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, atomic_write
-from .adapter_file import load_adapter, read_adapter_metadata
+from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata
 from .settings import RunSettings
 
 OURS = ("config.json", "data_stats.json", "adapter.safetensors", "metrics.jsonl", "summary.json",
@@ -70,6 +70,16 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
             f"output directory {out} is not a qdylora run (no run config.json in it): --overwrite only "
             "replaces a run; choose an empty or new --out"
         )
+
+
+def run_record(settings: RunSettings, model: QDyLoRAModel, **extra: Any) -> dict:
+    """config.json of a run: every setting (the model's adapter config, compute dtype resolved),
+    the base's fingerprint, the qdylora version, and `extra` (processes, global batch)."""
+    from .._version import __version__
+
+    settings = replace(settings, adapter=model.qdylora_config)
+    return {"qdylora_version": __version__, "base_fingerprint": base_fingerprint(model), **extra,
+            "settings": settings.to_dict()}
 
 
 def is_run_dir(out: Path) -> bool:

@@ -28,7 +28,6 @@ import torch
 from safetensors import SafetensorError
 from transformers import get_scheduler
 
-from .._version import __version__
 from ..console import log
 from ..core.devices import default_device
 from ..core.loading import load_tokenizer, resolve_source
@@ -41,11 +40,11 @@ from ..data.embedded import smollm2_checkpoint
 from ..data.rows import IGNORE, DataStats, Example, row_format, run_rows, tokenize
 from ..errors import QDyLoRAError, TrainingInterrupted
 from . import distributed
-from .adapter_file import base_fingerprint, load_adapter, save_adapter
+from .adapter_file import load_adapter, save_adapter
 from .losses import autocast_context, loss_sum, validation_loss
 from .optimizers import make_optimizer
 from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, owned, read_json,
-                     remove_leftovers, resume_checkpoint, save_checkpoint, write_json)
+                     remove_leftovers, resume_checkpoint, run_record, save_checkpoint, write_json)
 from .sampling import RankSampler, micro_batch_ranks
 from .settings import RunSettings, TrainSettings
 
@@ -220,9 +219,8 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
 
 def _record(settings: RunSettings, job: "Job", source: str) -> dict:
     """config.json: every setting (compute dtype resolved), the base's fingerprint, the version."""
-    return {"qdylora_version": __version__, "base_fingerprint": base_fingerprint(job.model),
-            "processes": job.procs.world, "global_batch": job.global_batch,
-            "settings": {**settings.to_dict(), "model": source, "adapter": job.model.qdylora_config.to_dict()}}
+    return run_record(replace(settings, model=source), job.model, processes=job.procs.world,
+                      global_batch=job.global_batch)
 
 
 def _open_run_dir(job: "Job", out: Path, overwrite: bool, resume: bool, record: dict, data: "Datasets") -> "Position":
