@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from typing import Optional
 from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
@@ -196,7 +197,7 @@ def adapted_model(path, scaling="standard", compute_dtype="float32"):
     return model.eval()
 
 
-def transformers_4bit(path, dtype: torch.dtype):
+def transformers_4bit(path, dtype: torch.dtype, frozen_dtype: Optional[torch.dtype] = None):
     """The reference QLoRA base: transformers + BitsAndBytesConfig(nf4, double quant), with
     bitsandbytes' AVX512-BF16 CPU repacking turned off as in our layers, so both run the same
     kernels (the repacked eval path computes with bf16 block scales: 0.03 apart on an
@@ -205,7 +206,7 @@ def transformers_4bit(path, dtype: torch.dtype):
     from qdylora.core.quantize import guard_cpu_repacking
     import bitsandbytes as bnb
 
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(dtype), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(dtype), dtype=frozen_dtype or dtype)
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             guard_cpu_repacking(m)

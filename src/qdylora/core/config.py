@@ -47,6 +47,9 @@ class QDyLoRAConfig:
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = "auto"
     """Dtype of the matrix products (NF4 base and adapter) and of the unquantized weights when the model is loaded from a path. "auto": bfloat16 where the device multiplies it fast (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else float32. Adapter parameters are always stored in float32."""
 
+    frozen_dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype in which the frozen weights that stay unquantized (embeddings, norms, output head) are stored when the model is loaded from a path. "auto": the compute dtype. "bfloat16" halves them where the compute dtype is float32 (a CPU without fast bf16): the NF4 and adapter products still run in float32, the hidden states between them are bfloat16, as in QLoRA on a GPU."""
+
     seed: int = 0
     """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero) and, when training, for the validation split, data order, rank sampling and dropout."""
 
@@ -66,6 +69,11 @@ class QDyLoRAConfig:
             raise QDyLoRAError(
                 f"compute_dtype must be auto or one of {', '.join(DTYPES)}, got {self.compute_dtype!r}"
             )
+        self.frozen_dtype = dtype_name(self.frozen_dtype)
+        if self.frozen_dtype != "auto" and self.frozen_dtype not in DTYPES:
+            raise QDyLoRAError(
+                f"frozen_dtype must be auto or one of {', '.join(DTYPES)}, got {self.frozen_dtype!r}"
+            )
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             # A single module name is accepted as a one-element list, as PEFT users write it.
             self.target_modules = [self.target_modules]
@@ -78,6 +86,11 @@ class QDyLoRAConfig:
         if self.compute_dtype == "auto":
             raise QDyLoRAError("compute_dtype 'auto' is resolved when the model is prepared")
         return DTYPES[self.compute_dtype]
+
+    @property
+    def torch_frozen_dtype(self) -> torch.dtype:
+        """The storage dtype of the unquantized frozen weights ("auto": the compute dtype)."""
+        return self.torch_compute_dtype if self.frozen_dtype == "auto" else DTYPES[self.frozen_dtype]
 
     def resolved_for(self, device: Union[str, torch.device]) -> "QDyLoRAConfig":
         """A copy whose compute_dtype "auto" is replaced by the fast dtype of `device`."""

@@ -81,12 +81,15 @@ def load_causal_lm(
     compute_dtype: torch.dtype,
     device: torch.device,
     trust_remote_code: bool = False,
+    frozen_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
-    """The model with its block linears already NF4 (safetensors), or in `compute_dtype` (GGUF).
+    """The model with its block linears already NF4 (safetensors), or in `frozen_dtype` (GGUF);
+    the other weights in `frozen_dtype` (default: `compute_dtype`).
 
-    Weights are read from safetensors or GGUF only, never from pickle files.
+    Weights are read from safetensors or GGUF only, never from pickle files. A local checkpoint's
+    pages are dropped from the page cache once loaded (`release_page_cache`).
     """
-    kwargs = dict(dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=frozen_dtype or compute_dtype, trust_remote_code=trust_remote_code)
     try:
         if src.gguf_file is not None:
             model = AutoModelForCausalLM.from_pretrained(
@@ -106,7 +109,30 @@ def load_causal_lm(
                            "download or copy the model again") from e
     except (OSError, ValueError, KeyError) as e:
         raise QDyLoRAError(f"cannot load a causal LM from {src.path}: {_explain(e, src)}") from e
+    if src.is_local:
+        release_page_cache(Path(src.path), [src.gguf_file] if src.gguf_file else None)
     return model
+
+
+def release_page_cache(directory: Path, names: Optional[list[str]] = None) -> None:
+    """Tell the kernel that the weight files in `directory` (`names`, default every .safetensors)
+    will not be read again, so it drops their clean cached pages now instead of evicting other
+    memory first: a 4-bit model is about a quarter of its checkpoint, and the checkpoint's pages
+    would otherwise fill the RAM the training needs (docs/performance.md, "Scale"). Pages the
+    model still maps (weights kept in the file's dtype, which transformers leaves memory-mapped)
+    stay. Linux only; a no-op elsewhere."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    files = [directory / n for n in names] if names else sorted(directory.glob("*.safetensors"))
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):

@@ -146,7 +146,8 @@ def prepare(
     `model` is a loaded transformers model, a local directory (safetensors), a .gguf file or a
     hub id. Every linear layer of the transformer blocks is stored frozen in NF4 with double
     quantization (QLoRA's convention, also for layers without an adapter); the targeted ones
-    get a trainable A, B pair. Embeddings, norms and the output head stay unquantized and frozen.
+    get a trainable A, B pair. Embeddings, norms and the output head stay unquantized and frozen
+    (in `config.frozen_dtype` when loaded from a path).
     `device` applies when loading from a path (default: CUDA if available, else CPU); a loaded
     model stays where it is.
     """
@@ -160,7 +161,8 @@ def prepare(
         src = resolve_source(str(model), gguf_file)
         target_device = torch.device(device) if device is not None else default_device()
         config = config.resolved_for(target_device)
-        hf = load_causal_lm(src, config.torch_compute_dtype, target_device, trust_remote_code)
+        hf = load_causal_lm(src, config.torch_compute_dtype, target_device, trust_remote_code,
+                            frozen_dtype=config.torch_frozen_dtype)
         name = str(model)
     dtype = config.torch_compute_dtype
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -55,19 +55,28 @@ def order_by_svd(model: QDyLoRAModel) -> None:
 
 
 @contextlib.contextmanager
-def svd_ordered(model: QDyLoRAModel) -> Iterator[QDyLoRAModel]:
+def svd_ordered(model: QDyLoRAModel,
+                trained: Optional[Callable[[str], tuple[torch.Tensor, torch.Tensor]]] = None) -> Iterator[QDyLoRAModel]:
     """The model ordered by `order_by_svd` inside the block, exactly as before after it (to
-    evaluate or save the ordered adapter while training goes on with the trained factors)."""
-    layers = model.adapter_layers().values()
-    saved = [(layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.scaling) for layer in layers]
+    evaluate or save the ordered adapter while training goes on with the trained factors).
+
+    The trained factors are kept as copies in memory, or, with `trained`, read back afterwards:
+    `trained(path)` returns the (A, B) of the layer at `path` (e.g. from the checkpoint just
+    written), for a model that cannot spare a second copy of its adapters (a 30B model at rank 64:
+    1.8 GiB)."""
+    layers = model.adapter_layers()
+    saved = {path: (None, None) if trained else (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+             for path, layer in layers.items()}
+    scalings = {path: layer.scaling for path, layer in layers.items()}
     config = model.qdylora_config
     try:
         order_by_svd(model)
         yield model
     finally:
         with torch.no_grad():
-            for layer, (A, B, scaling) in zip(layers, saved):
+            for path, layer in layers.items():
+                A, B = trained(path) if trained else saved[path]
                 layer.lora_A.copy_(A)
                 layer.lora_B.copy_(B)
-                layer.scaling = scaling
+                layer.scaling = scalings[path]
         model.qdylora_config = config

@@ -298,8 +298,9 @@ def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last:
     """Write checkpoints/step-N (adapter + state) as one rename, refresh RUN/adapter.safetensors,
     then drop the oldest checkpoints beyond `keep_last`.
 
-    `write_adapter(path)` writes the checkpoint's adapter file; `write_run_adapter(path)`, when
-    given, writes RUN/adapter.safetensors (else it is a copy of the checkpoint's).
+    `write_adapter(path)` writes the checkpoint's adapter file; `write_run_adapter(path, written)`,
+    when given, writes RUN/adapter.safetensors (`written`: the checkpoint's adapter file, for what
+    it may read back; without it RUN's is a copy of the checkpoint's).
     """
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -316,7 +317,7 @@ def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last:
             t.write_text(json.dumps(manifest, indent=1) + "\n")
     with atomic_write(out / "adapter.safetensors") as t:  # one replacement: a reader sees old or new
         if write_run_adapter is not None:  # the run's adapter differs from the checkpoint's (SVD order)
-            write_run_adapter(t)
+            write_run_adapter(t, final / "adapter.safetensors")
         else:
             shutil.copyfile(final / "adapter.safetensors", t)
     for old in checkpoint_dirs(out)[:-keep_last]:

@@ -117,6 +117,9 @@ class TrainSettings:
     max_grad_norm: float = 0.3
     """Gradients are clipped to this global norm (QLoRA's 0.3); 0 = no clipping."""
 
+    optimizer_in_backward: bool = False
+    """Step each A and B the moment its gradient is complete during backward, then free that gradient, so the gradients of all adapters are never held at once (saves 4 bytes per adapter parameter: 1.8 GiB at rank 64 on a 30B model). Needs --grad-accumulation 1 and --max-grad-norm 0 (no global norm exists before the updates), one process, and no --skip-nonfinite."""
+
     rank_rule: Literal["full", "step", "example", "sandwich", "mixture"] = "full"
     """How ranks are trained: full (every example at the largest rank, plain LoRA; the lower ranks come from --order svd: the default, best in docs/rank-study.md), step (one rank b ~ p_B per optimizer step, the DyLoRA / QDyLoRA papers' rule), example (each example of a micro-batch its own rank: the smallest, the largest and stratified draws from p_B, in one forward), sandwich (each example at the largest, the smallest and one drawn rank: 3x the compute), mixture (one forward of the adapter averaged over p_B)."""
 
@@ -181,6 +184,15 @@ class TrainSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise QDyLoRAError(f"{name} must be a finite number, not negative, got {value}")
+
+        if self.optimizer_in_backward:
+            clash = [flag for flag, bad in (("--grad-accumulation > 1", self.grad_accumulation > 1),
+                                            ("--max-grad-norm > 0", self.max_grad_norm > 0),
+                                            ("--skip-nonfinite", self.skip_nonfinite)) if bad]
+            if clash:
+                raise QDyLoRAError(
+                    f"--optimizer-in-backward updates each parameter during backward, which rules out "
+                    f"{' and '.join(clash)}: add --grad-accumulation 1 --max-grad-norm 0 (and no --skip-nonfinite)")
 
     def rank_sampler(self, max_rank: int, seed: int) -> RankSampler:
         """p_B for a model whose adapters have `max_rank` components."""

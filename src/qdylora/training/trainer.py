@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import get_scheduler
 
 from ..console import log
@@ -42,7 +42,7 @@ from ..errors import QDyLoRAError, TrainingInterrupted
 from . import distributed
 from .adapter_file import load_adapter, save_adapter
 from .losses import autocast_context, loss_sum, validation_loss
-from .optimizers import make_optimizer
+from .optimizers import InBackwardOptimizer, make_optimizer
 from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, owned, read_json,
                      remove_leftovers, resume_checkpoint, run_record, save_checkpoint, write_json)
 from .sampling import RankSampler, micro_batch_ranks
@@ -167,7 +167,7 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
     eval_ranks, val_batches = t.validation_ranks(job.sampler), fixed_batches(data.val, t.micro_batch_size)
     pos = _open_run_dir(job, out, overwrite, resume, _record(settings, job, source), data)
     log = _RunLog(out, main, t.tensorboard, resume_step=pos.step if resume else None)
-    evaluate = lambda at_step: _evaluate(job, val_batches, eval_ranks, log, at_step)  # noqa: E731
+    evaluate = lambda at_step, written=None: _evaluate(job, val_batches, eval_ranks, log, at_step, written)  # noqa: E731
     first_val = _first_validation(out, resume, main, evaluate)
     max_steps = job.max_steps
 
@@ -200,19 +200,22 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.3f}", rank=result.rank if isinstance(result.rank, int)
                             else t.rank_rule, tok_s=f"{pos.tokens_seen / pos.seconds:.0f}")
+            written = None  # the checkpoint's adapter file, if one is due: validation restores from it
+            if pos.step == max_steps or (t.save_every and pos.step % t.save_every == 0):
+                written = _checkpoint(job, out, pos)
             if pos.step == max_steps or (t.eval_every and pos.step % t.eval_every == 0):
-                last_val = evaluate(pos.step)
+                last_val = evaluate(pos.step, written)
                 if last_val:
                     bar.write("qdylora: step %d validation loss %s" % (pos.step, ", ".join(
                         f"rank {r}: {v:.4f}" for r, v in last_val.items())))
-            if pos.step == max_steps or (t.save_every and pos.step % t.save_every == 0):
-                _checkpoint(job, out, pos)
             if on_step is not None:
                 on_step(pos.step)
     finally:
         interrupt.restore()
         bar.close()
         log.close()
+        if isinstance(job.optimizer, InBackwardOptimizer):
+            job.optimizer.remove_hooks()
 
     return _finish(job, out, pos, first_val, last_val)
 
@@ -292,7 +295,10 @@ def make_job(model: QDyLoRAModel, t: TrainSettings, train_rows: list[Example], p
     # global micro-batches of micro_batch_size x processes rows; each process takes its share
     stream = BatchStream(train_rows, t.micro_batch_size * procs.world, config.seed)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.per_epoch / t.grad_accumulation))
-    optimizer = make_optimizer(t.optim, model.adapter_parameters(), t.lr, t.weight_decay, device)
+    if t.optimizer_in_backward and procs.distributed:  # DDP averages gradients after the hooks would run
+        raise QDyLoRAError("--optimizer-in-backward runs in one process: drop it under torchrun")
+    optimizer = make_optimizer(t.optim, model.adapter_parameters(), t.lr, t.weight_decay, device,
+                               in_backward=t.optimizer_in_backward)
     scheduler = get_scheduler(SCHEDULES[t.schedule], optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=max_steps)
     use_autocast = t.autocast == "on" or (t.autocast == "auto" and config.compute_dtype != "float32")
@@ -328,6 +334,10 @@ def _restore(job: Job, out: Path) -> Position:
     if saved_optim != job.settings.optim:
         raise QDyLoRAError(f"cannot resume {out} with --optim {job.settings.optim}: its checkpoint holds "
                            f"{saved_optim} state; resume with --optim {saved_optim}")
+    if state.get("optimizer_in_backward", False) != job.settings.optimizer_in_backward:
+        flag = "with" if state.get("optimizer_in_backward", False) else "without"
+        raise QDyLoRAError(f"cannot resume {out} this way: its checkpoint was trained {flag} "
+                           f"--optimizer-in-backward; resume {flag} it")
     load_adapter(job.model, checkpoint / "adapter.safetensors")
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
@@ -368,67 +378,89 @@ def run_step(job: Job, step: int, out: Path) -> StepResult:
         step_loss += float(total.detach()) * weight
     step_loss = distributed.sum_float(procs, step_loss, job.device)
     params = model.adapter_parameters()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0
-                      else _grad_norm(params))
+    in_backward = isinstance(job.optimizer, InBackwardOptimizer)  # the update already happened
+    if in_backward:
+        grad_norm = job.optimizer.grad_norm()
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0
+                          else _grad_norm(params))
     lr = job.scheduler.get_last_lr()[0]
     finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
     if finite:
         job.optimizer.step()
     elif not t.skip_nonfinite:
+        done = ("the finite gradients were applied in backward (--optimizer-in-backward), the last "
+                "checkpoint is not touched" if in_backward else "nothing was updated and the last checkpoint is kept")
         raise QDyLoRAError(
             f"step {step + 1} ({'rank' if isinstance(rank, int) else 'ranks'} {rank}): the loss is {step_loss:.4g} and the gradient norm "
-            f"{grad_norm:.4g}: lower --lr or check the data; nothing was updated and the "
-            f"last checkpoint is kept (--resume {out}), or pass --skip-nonfinite to skip such steps")
+            f"{grad_norm:.4g}: lower --lr or check the data; {done} "
+            f"(--resume {out}){'' if in_backward else ', or pass --skip-nonfinite to skip such steps'}")
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
     tokens = sum(len(e) for rows in micro for e in rows)
     return StepResult(rank, step_loss / max(n_loss, 1), grad_norm, lr, tokens, skipped=not finite)
 
 
-def _evaluate(job: Job, val_batches, eval_ranks: list[int], log: "_RunLog", at_step: int) -> dict[int, float]:
+def _evaluate(job: Job, val_batches, eval_ranks: list[int], log: "_RunLog", at_step: int,
+              written: Optional[Path] = None) -> dict[int, float]:
     """Validation loss at `eval_ranks` (process 0; the others wait at the next step)."""
     if not val_batches or not job.procs.is_main:
         return {}
-    with _as_saved(job):  # the ranks as the saved adapter will have them
+    with _as_saved(job, written):  # the ranks as the saved adapter will have them
         losses = validation_loss(job.model, val_batches, eval_ranks, job.pad_id, job.device, job.autocast)
     log.validation(at_step, losses)
     return losses
 
 
-def _as_saved(job: Job):
+@contextlib.contextmanager
+def _as_saved(job: Job, written: Optional[Path] = None):
     """The model as RUN/adapter.safetensors holds it within the block: SVD-ordered with
-    --order svd (then restored exactly), else as trained."""
-    return svd_ordered(job.model) if job.settings.order == "svd" else contextlib.nullcontext()
+    --order svd, else as trained. The trained factors come back exactly afterwards: from
+    `written` (an adapter file of them, read one tensor at a time) when given, else from copies
+    in memory (a second copy of the adapters, 1.8 GiB for a 30B model at rank 64)."""
+    if job.settings.order != "svd":
+        yield job.model
+        return
+    if written is None:
+        with svd_ordered(job.model):
+            yield job.model
+        return
+    with safe_open(str(written), framework="pt") as f:
+        with svd_ordered(job.model, lambda name: (f.get_tensor(f"{name}.lora_A"), f.get_tensor(f"{name}.lora_B"))):
+            yield job.model
 
 
 def _saved_adapter_writer(job: Job, extra: dict):
     """How RUN/adapter.safetensors is written: SVD-ordered with --order svd (the checkpoints keep
-    the trained factors), else None (a copy of the checkpoint's adapter)."""
+    the trained factors, restored from the checkpoint's file), else None (a copy of the
+    checkpoint's adapter)."""
     if job.settings.order != "svd":
         return None
 
-    def write(path: Path) -> None:
-        with _as_saved(job):
+    def write(path: Path, written: Path) -> None:
+        with _as_saved(job, written):
             save_adapter(job.model, path, extra=extra)
     return write
 
 
-def _checkpoint(job: Job, out: Path, pos: Position) -> None:
-    """checkpoints/step-N from process 0 (the others' state is the same), or a clear error."""
+def _checkpoint(job: Job, out: Path, pos: Position) -> Optional[Path]:
+    """checkpoints/step-N from process 0 (the others' state is the same), or a clear error; returns
+    the checkpoint's adapter file (None on the other processes)."""
     if not job.procs.is_main:
-        return
+        return None
     t = job.settings
     state = {
         "step": pos.step, "tokens_seen": pos.tokens_seen, "seconds": pos.seconds,
         "micro_batch_position": pos.step * t.grad_accumulation,
-        "optim": t.optim, "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
+        "optim": t.optim, "optimizer_in_backward": t.optimizer_in_backward, "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(job.device) if job.device.type == "cuda" else None,
     }
     extra = {"step": pos.step, "rank_range": [job.sampler.min_rank, job.sampler.max_rank]}
     try:
-        save_checkpoint(out, pos.step, lambda p: save_adapter(job.model, p, extra=extra), state, t.keep_last,
-                        write_run_adapter=_saved_adapter_writer(job, extra))
+        final = save_checkpoint(out, pos.step, lambda p: save_adapter(job.model, p, extra=extra), state,
+                                t.keep_last, write_run_adapter=_saved_adapter_writer(job, extra))
+        return final / "adapter.safetensors"
     except (OSError, RuntimeError, SafetensorError) as e:
         # a full disk is ENOSPC from our own writes, but torch.save says RuntimeError ("file
         # write failed") and safetensors SafetensorError: then the free space tells
