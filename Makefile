@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # pulls a multi-GB CUDA build. On a GPU machine, install your CUDA torch into the venv first.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,12 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU (install a CUDA build of torch into the venv first): the tests
+# marked cuda, the training benchmark against transformers + bitsandbytes + PEFT in bf16 and the
+# rank study's smallest configuration, one line per check, logs in gpu-check/ (~7 minutes).
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out gpu-check
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

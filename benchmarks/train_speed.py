@@ -1,6 +1,6 @@
 """Training throughput, memory and FLOP utilization: qdylora against the QLoRA stack.
 
-    .venv/bin/python benchmarks/train_speed.py [--steps 8] [--rounds 2] [--batch-size 8] [--dtype auto]
+    .venv/bin/python benchmarks/train_speed.py [--steps 8] [--rounds 2] [--batch-size 8] [--dtype auto] [--device cpu]
 
 SmolLM2-135M-Instruct (the embedded checkpoint) on ASDiv training rows rendered with the chat
 template (short prompts, short answers; loss on the answers), batch 8, LoRA on all 7 projections,
@@ -19,7 +19,8 @@ interleaved A B C ... A B C ... for `--rounds` rounds:
 
 Each child runs the same examples (`--steps` x batch, drawn from the training split with a fixed
 seed) after 2 warm-up steps, and reports supervised (answer) tokens/s, peak RSS of the whole
-process and during the steps (VmHWM reset after loading), and, in the first round, the
+process and during the steps (VmHWM reset after loading; with --device cuda, the peak GPU memory
+torch allocated instead), and, in the first round, the
 matmul FLOPs of its steps (torch.utils.flop_counter) for the FLOP utilization against the
 matrix-multiply rate measured in the same run. Medians over rounds; ratios are what to quote.
 """
@@ -89,7 +90,7 @@ def _batches(examples, batch_size: int, grouped: bool):
     return [[examples[i] for i in b] for b in order]
 
 
-def _peft_model(path, quantized, dtype):
+def _peft_model(path, quantized, dtype, device):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -97,7 +98,7 @@ def _peft_model(path, quantized, dtype):
     from qdylora.core.loading import bnb_config
 
     kwargs = {"quantization_config": bnb_config(dtype)} if quantized else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cpu"}, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, **kwargs)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS,
@@ -106,20 +107,20 @@ def _peft_model(path, quantized, dtype):
     return get_peft_model(model, config)
 
 
-def _qdylora_model(path, quantized, dtype_name):
+def _qdylora_model(path, quantized, dtype_name, device):
     import qdylora
     from qdylora.core.layer import QDyLoRALinear
     from qdylora.core.targets import block_linears
 
     config = qdylora.QDyLoRAConfig(max_rank=RANK, alpha=ALPHA, dropout=DROPOUT, compute_dtype=dtype_name)
     if quantized:
-        return qdylora.prepare(path, config, device="cpu")
+        return qdylora.prepare(path, config, device=device)
     # The same adapter layers beside dense linears: only the storage of the base differs.
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = config.resolved_for(torch.device("cpu"))
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_compute_dtype)
+    config = config.resolved_for(torch.device(device))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_compute_dtype).to(device)
     for p in hf.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
@@ -130,7 +131,7 @@ def _qdylora_model(path, quantized, dtype_name):
     return qdylora.QDyLoRAModel(hf, config, path)
 
 
-def child(name: str, steps: int, batch_size: int, dtype_name: str, count_flops: bool) -> dict:
+def child(name: str, steps: int, batch_size: int, dtype_name: str, count_flops: bool, device_name: str = "cpu") -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -143,7 +144,10 @@ def child(name: str, steps: int, batch_size: int, dtype_name: str, count_flops: 
     from qdylora.training.sampling import RankSampler
 
     stack, quantized, grouped = COMPETITORS[name]
-    dtype = fast_compute_dtype(torch.device("cpu")) if dtype_name == "auto" else getattr(torch, dtype_name)
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype = fast_compute_dtype(device) if dtype_name == "auto" else getattr(torch, dtype_name)
     path = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(path)
     examples = _examples(tokenizer, (steps + WARMUP) * batch_size)
@@ -153,19 +157,19 @@ def child(name: str, steps: int, batch_size: int, dtype_name: str, count_flops: 
 
     start = time.perf_counter()
     if stack == "peft":
-        model = _peft_model(path, quantized, dtype)
+        model = _peft_model(path, quantized, dtype, device_name)
     else:
-        model = _qdylora_model(path, quantized, str(dtype).removeprefix("torch."))
+        model = _qdylora_model(path, quantized, str(dtype).removeprefix("torch."), device_name)
     load_s = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     sampler = RankSampler(RANK, 1, seed=0)
-    autocast = lambda: autocast_context(torch.device("cpu"), dtype, dtype != torch.float32)  # noqa: E731
+    autocast = lambda: autocast_context(device, dtype, dtype != torch.float32)  # noqa: E731
     model.train()
     torch.manual_seed(0)
 
     def step(i: int, examples_) -> tuple[int, int]:
-        batch = collate(examples_, pad)  # (B, T) each
+        batch = {k: v.to(device) for k, v in collate(examples_, pad).items()}  # (B, T) each
         if stack == "qdylora":
             set_rank(model, sampler.rank_at(i) if name == "qdylora-sampled" else RANK)
             with autocast():
@@ -183,11 +187,16 @@ def child(name: str, steps: int, batch_size: int, dtype_name: str, count_flops: 
     for i, b in enumerate(batches[:WARMUP]):
         step(i, b)
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_device_load = torch.cuda.max_memory_allocated(device) if cuda else None
     _reset_hwm()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     times, supervised, padded = [], 0, 0
     for i, b in enumerate(batches[WARMUP:], start=WARMUP):
+        sync()
         t0 = time.perf_counter()
         s, p = step(i, b)
+        sync()
         times.append(time.perf_counter() - t0)
         supervised, padded = supervised + s, padded + p
     result = {
@@ -196,6 +205,8 @@ def child(name: str, steps: int, batch_size: int, dtype_name: str, count_flops: 
         "supervised_tok_s": supervised / sum(times),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_rss_steps": _hwm_bytes(), "peak_rss_load_warmup": peak_load,
+        "peak_device_steps": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "peak_device_load_warmup": peak_device_load,
         "trainable_params": sum(p.numel() for p in params),
         "ranks": [sampler.rank_at(i) if name == "qdylora-sampled" else RANK
                   for i in range(WARMUP, len(batches))],
@@ -225,7 +236,8 @@ def _bnb_flop_formulas() -> dict:
 
 def run_child(args, name: str, count_flops: bool) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--dtype", args.dtype] + (["--count-flops"] if count_flops else [])
+           "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--device", args.device] + \
+        (["--count-flops"] if count_flops else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -239,13 +251,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="auto", help="compute dtype for everyone: auto, float32, bfloat16")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (everyone on it)")
     ap.add_argument("--only", help="comma-separated competitors (default: all)")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch_size, args.dtype, args.count_flops)))
+        print(json.dumps(child(args.child, args.steps, args.batch_size, args.dtype, args.count_flops, args.device)))
         return
 
     import torch
@@ -253,7 +266,7 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(COMPETITORS)
     facts = machine.facts()
     print(json.dumps(facts), flush=True)
-    rates = {"float32": [machine.matmul_gflops(torch.float32)]}
+    rates = {"float32": [machine.matmul_gflops(torch.float32, device=args.device)]}
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
         for n in names:
@@ -262,8 +275,9 @@ def main() -> None:
             print(f"round {r + 1} {n:18s} {res['supervised_tok_s']:7.1f} supervised tok/s  "
                   f"step {statistics.median(res['step_s']):5.2f} s  peak RSS {res['peak_rss'] / 2**30:.2f} GiB",
                   flush=True)
-        rates["float32"].append(machine.matmul_gflops(torch.float32))
-    rates["bfloat16"] = [machine.matmul_gflops(torch.bfloat16, n=1024 if not facts["cuda"] else 2048)]
+        rates["float32"].append(machine.matmul_gflops(torch.float32, device=args.device))
+    fast_bf16 = args.device == "cuda" or facts["bf16_matmul_in_hardware"] != "no (emulated)"
+    rates["bfloat16"] = [machine.matmul_gflops(torch.bfloat16, n=2048 if fast_bf16 else 1024, device=args.device)]
     _report(args, names, runs, rates, facts)
 
 
@@ -275,15 +289,20 @@ def _report(args, names, runs, rates, facts) -> None:
         summary[n] = {
             "supervised_tok_s": med([x["supervised_tok_s"] for x in rs]),
             "step_s": med([med(x["step_s"]) for x in rs]),
-            "peak_rss_gib": med([x["peak_rss"] for x in rs]) / 2**30,
+            "peak_rss_gib": med([x["peak_device_steps" if args.device == "cuda" else "peak_rss"] for x in rs]) / 2**30,
             "peak_rss_steps_gib": med([x["peak_rss_steps"] for x in rs]) / 2**30,
             "load_s": med([x["load_s"] for x in rs]),
             "padding": 1 - rs[0]["supervised_tokens"] / rs[0]["padded_tokens"],
             "flops_per_s": rs[0]["flops"] / med([x["seconds"] for x in rs]),
             "mean_rank": statistics.mean(rs[0]["ranks"]),
         }
-    dtype = "float32" if args.dtype in ("auto", "float32") and facts["bf16_matmul_in_hardware"] == "no (emulated)" else args.dtype
+    if args.dtype == "auto":
+        dtype = "bfloat16" if args.device == "cuda" or facts["bf16_matmul_in_hardware"] != "no (emulated)" else "float32"
+    else:
+        dtype = args.dtype
     peak = med(rates.get(dtype, rates["float32"])) * 1e9
+    if args.device == "cuda":
+        print(f"\ndevice: {facts['gpu']} (the peak column: GPU memory torch allocated during the steps)")
     print(f"\nmachine: {facts['cpu']}, {facts['cores']} cores, {facts['ram_gib']} GiB, bf16 in hardware: "
           f"{facts['bf16_matmul_in_hardware']}, torch {facts['torch']}, {facts['threads']} threads")
     print(f"matmul rate (2048^3): float32 {med(rates['float32']):.1f} GFLOP/s; bfloat16 "

@@ -116,7 +116,7 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
     from qdylora.training.rundir import latest_checkpoint, load_run, read_json
     from qdylora.training.trainer import train
 
-    out = ROOT / "recipe-study" / "runs" / f"{task}-{name}-seed{seed}"
+    out = Path(args.out) / "runs" / f"{task}-{name}-seed{seed}"
     settings = settings_for(task, name, seed, args.steps)
     summary_file = out / "summary.json"
     if not (summary_file.exists() and read_json(summary_file).get("status") == "done"):
@@ -293,6 +293,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
     p.add_argument("--test-rows", type=int, default=100)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "recipe-study"), help="where runs/ and results/ go")
     p.add_argument("--report", action="store_true", help="print the tables and put them in --doc")
     p.add_argument("--doc", default=str(ROOT.parent / "docs" / "rank-study.md"))
     args = p.parse_args()
@@ -304,7 +305,7 @@ def main() -> None:
             plot(Path(args.doc).parent / "img" / "recipe-study.png")
         return
     args.ranks = [int(r) for r in args.ranks.split(",")]
-    results = ROOT / "recipe-study" / "results"
+    results = Path(args.out) / "results"
     results.mkdir(parents=True, exist_ok=True)
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.runs.split(","):

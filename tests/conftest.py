@@ -33,6 +33,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def pytest_addoption(parser):
     parser.addoption("--auto-dtype", choices=("probe", "bfloat16", "float32"), default="probe",
                      help="what compute_dtype 'auto' resolves to on the CPU during the tests")
+    parser.addoption("--cuda-device", default="cuda",
+                     help="device of the tests marked cuda (cpu: run them here, to check the tests themselves)")
 
 
 def pytest_configure(config):
