@@ -62,13 +62,22 @@ def test_ordering_keeps_the_full_rank_and_improves_low_ranks(tiny_dir):
         torch.testing.assert_close(ours, truncated_svd(before[name], 2), rtol=0, atol=1e-5)  # float32 factors
 
 
-def test_svd_ordered_restores_the_trained_factors_exactly(tiny_dir):
+@pytest.mark.parametrize("from_file", [False, True])
+def test_svd_ordered_restores_the_trained_factors_exactly(tiny_dir, tmp_path, from_file):
+    """From copies in memory, or read back from a file of the trained factors (what training
+    does when it has just written them: no second copy of the adapters in memory)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     model = adapted_model(tiny_dir("llama"), scaling="rslora")
     saved = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    save_file(saved, tmp_path / "trained.safetensors")
     config = model.qdylora_config
-    with svd_ordered(model):
-        assert model.qdylora_config.scaling == "nested"
-        assert any(not torch.equal(v, saved[k]) for k, v in model.adapter_state_dict().items())
+    with safe_open(str(tmp_path / "trained.safetensors"), framework="pt") as f:
+        trained = (lambda name: (f.get_tensor(f"{name}.lora_A"), f.get_tensor(f"{name}.lora_B"))) if from_file else None
+        with svd_ordered(model, trained):
+            assert model.qdylora_config.scaling == "nested"
+            assert any(not torch.equal(v, saved[k]) for k, v in model.adapter_state_dict().items())
     assert model.qdylora_config == config
     assert all(layer.scaling == "rslora" for layer in model.adapter_layers().values())
     for k, v in model.adapter_state_dict().items():

@@ -65,8 +65,8 @@ def svd_ordered(model: QDyLoRAModel,
     written), for a model that cannot spare a second copy of its adapters (a 30B model at rank 64:
     1.8 GiB)."""
     layers = model.adapter_layers()
-    saved = {path: (None, None) if trained else (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
-             for path, layer in layers.items()}
+    saved = {} if trained else {path: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+                                for path, layer in layers.items()}
     scalings = {path: layer.scaling for path, layer in layers.items()}
     config = model.qdylora_config
     try:

@@ -303,7 +303,11 @@ def make_job(model: QDyLoRAModel, t: TrainSettings, train_rows: list[Example], p
                               num_training_steps=max_steps)
     use_autocast = t.autocast == "on" or (t.autocast == "auto" and config.compute_dtype != "float32")
     if t.grad_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model.model, "activation_checkpointing_enable", None)  # transformers >= 5.2x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.model.config.use_cache = False
     return Job(model, forward_model, optimizer, scheduler, t.rank_sampler(config.max_rank, config.seed),
                stream, t, procs, device, pad_id,
