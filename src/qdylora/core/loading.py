@@ -7,6 +7,7 @@ dequantized by transformers and then quantized to NF4 layer by layer.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,22 @@ def release_page_cache(directory: Path, names: Optional[list[str]] = None) -> No
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def release_freed_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; elsewhere a no-op).
+
+    Loading quantizes tensor by tensor: blocks under glibc's mmap threshold (32 MiB), such as a
+    30B model's packed attention weights and every temporary float32 absmax, come from the heap,
+    and the temporaries freed between the weights that stay leave holes that glibc keeps. On the
+    30B-shaped checkpoint of docs/performance.md ("Scale") that was about 2 GiB after loading.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):

@@ -15,7 +15,7 @@ from ..errors import QDyLoRAError
 from .config import QDyLoRAConfig
 from .devices import default_device
 from .layer import QDyLoRALinear
-from .loading import load_causal_lm, resolve_source
+from .loading import load_causal_lm, release_freed_heap, resolve_source
 from .quantize import QUANT_TYPE, guard_cpu_repacking, quantize_linear
 from .rank import adapter_layers
 from .targets import block_linears, check_max_rank, find_targets, replace_module
@@ -187,6 +187,7 @@ def prepare(
                 generator=generator,
             )
             replace_module(hf, path, adapter)
+    release_freed_heap()  # the loading's temporaries
     return QDyLoRAModel(hf, config, name)
 
 

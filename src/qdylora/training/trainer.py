@@ -422,8 +422,8 @@ def _as_saved(job: Job, written: Optional[Path] = None):
     --order svd, else as trained. The trained factors come back exactly afterwards: from
     `written` (an adapter file of them, read one tensor at a time) when given, else from copies
     in memory (a second copy of the adapters, 1.8 GiB for a 30B model at rank 64)."""
-    if job.settings.order != "svd":
-        yield job.model
+    if job.settings.order != "svd" or (written is None and _adapter_is_zero(job.model)):
+        yield job.model  # (a fresh adapter, B = 0, evaluates alike ordered or not: no copy needed)
         return
     if written is None:
         with svd_ordered(job.model):
@@ -432,6 +432,11 @@ def _as_saved(job: Job, written: Optional[Path] = None):
     with safe_open(str(written), framework="pt") as f:
         with svd_ordered(job.model, lambda name: (f.get_tensor(f"{name}.lora_A"), f.get_tensor(f"{name}.lora_B"))):
             yield job.model
+
+
+def _adapter_is_zero(model: QDyLoRAModel) -> bool:
+    """Every B is zero (a fresh adapter): its delta is zero at every rank, SVD-ordered or not."""
+    return all(not layer.lora_B.any() for layer in model.adapter_layers().values())
 
 
 def _saved_adapter_writer(job: Job, extra: dict):
