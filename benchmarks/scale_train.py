@@ -93,24 +93,29 @@ class MemorySampler:
         return self.peaks
 
 
-def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int) -> None:
+def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int, after_training: bool) -> None:
     """The user's pipeline in one process; prints one JSON line of results at the end (and after
     each phase, so a phase that fails leaves what came before)."""
     import torch
 
     import qdylora
-    from qdylora.core.loading import load_tokenizer, resolve_source
-    from qdylora.evaluation.sweep import eval_format
-    from qdylora.export.peft import export_peft
     from qdylora.training.rundir import checkpoint_dirs
 
     sampler = MemorySampler()
-    result: dict = {"facts": machine.facts(), "steps": steps}
+    result: dict = {"facts": machine.facts()} if after_training else {"facts": machine.facts(), "steps": steps}
 
     def emit() -> None:
         result["peaks"] = sampler.peaks
         print(json.dumps(result), flush=True)
 
+    if after_training:  # the run exists: open it (base + its adapter) for the sweep and the export
+        sampler.enter("reopen")
+        start = time.perf_counter()
+        model, tokenizer, settings = qdylora.load_run(out, "cpu")
+        result["reopen_s"] = time.perf_counter() - start
+        result["after_reopen"] = MemorySampler.now()
+        emit()
+        return _sweep_and_export(model, settings, path, out, ranks, sweep_rows, sampler, result)
     config = qdylora.QDyLoRAConfig(max_rank=64, frozen_dtype="bfloat16")
     sampler.enter("load")
     start = time.perf_counter()
@@ -145,16 +150,27 @@ def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int) ->
         t.numel() * t.element_size() for inner in state["optimizer"]["inner"] for s in inner["state"].values()
         for v in s.values() for t in (v.values() if isinstance(v, dict) else [v]) if isinstance(t, torch.Tensor))
     emit()
+    _sweep_and_export(model, settings, path, out, ranks, sweep_rows, sampler, result)
+
+
+def _sweep_and_export(model, settings, path: str, out: str, ranks: list[int], sweep_rows: int,
+                      sampler: MemorySampler, result: dict) -> None:
+    import qdylora
+    from qdylora.core.loading import load_tokenizer, resolve_source
+    from qdylora.evaluation.sweep import eval_format
+    from qdylora.export.peft import export_peft
 
     sampler.enter("sweep")
     start = time.perf_counter()
     tokenizer = load_tokenizer(resolve_source(path))
-    rows = qdylora.read_rows("asdiv:test")[:sweep_rows]
+    # the shortest test rows: the run's 48-token prompt limit drops longer ones
+    rows = sorted(qdylora.read_rows("asdiv:test"), key=lambda r: len(r["passage"]) + len(r["question"]))[:sweep_rows]
     data = eval_format(settings.data.with_embedded_default(), None)
     sweep = qdylora.run_sweep(model, tokenizer, rows, data, ranks, metrics=("loss",), batch_size=2, progress=False)
     result["sweep_s"] = time.perf_counter() - start
     result["sweep_loss"] = {str(r): v for r, v in sweep.values["loss"].items()}
-    emit()
+    result["peaks"] = sampler.peaks
+    print(json.dumps(result), flush=True)
 
     sampler.enter("export")
     start = time.perf_counter()
@@ -183,7 +199,10 @@ def report(result: dict, checkpoint_bytes: int) -> None:
               f"RSS {p['rss'] / GiB:6.2f} GiB  lowest MemAvailable {p['min_available'] / GiB:6.2f} GiB")
     whole = max(p["anon"] for k, p in peaks.items() if k != "start")
     print(f"peak anonymous memory, whole run {whole / GiB:7.2f} GiB")
-    print(f"load + quantize                  {result['load_s']:7.0f} s")
+    if "load_s" in result:
+        print(f"load + quantize                  {result['load_s']:7.0f} s")
+    if "reopen_s" in result:
+        print(f"reopen the run (load + adapter)  {result['reopen_s']:7.0f} s")
     if "train_s" in result:
         for m in result["step_metrics"]:
             print(f"  step {m['step']}: rank {m['rank']}, loss {m['loss']:.3f}, {m['seconds']:.0f} s")
@@ -201,6 +220,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ranks", default="8,64", help="ranks validated and swept; the first is exported")
     parser.add_argument("--sweep-rows", type=int, default=2, help="ASDiv test rows the sweep scores")
+    parser.add_argument("--after-training", action="store_true",
+                        help="reopen the finished run in --out for the sweep and the export (merged into --json)")
     parser.add_argument("--keep", help="write the checkpoint here and keep it (reused if present)")
     parser.add_argument("--out", help="the run directory (default: a temporary one)")
     parser.add_argument("--json", help="also write the results here")
@@ -208,7 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.child:
-        child(args.child[0], args.child[1], args.steps, ranks, args.sweep_rows)
+        child(args.child[0], args.child[1], args.steps, ranks, args.sweep_rows, args.after_training)
         return
 
     path = args.keep or tempfile.mkdtemp(prefix=f"qdylora-{args.shape}-")
@@ -222,14 +243,18 @@ def main() -> None:
         if not os.path.exists(os.path.join(path, "tokenizer.json")):
             add_tokenizer(path, scale_load.VOCAB)
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-        shutil.rmtree(out, ignore_errors=True)  # train() makes it
+        if not args.after_training:
+            shutil.rmtree(out, ignore_errors=True)  # train() makes it
         cmd = [sys.executable, __file__, "--child", path, out, "--steps", str(args.steps), "--ranks", args.ranks,
-               "--sweep-rows", str(args.sweep_rows)]
+               "--sweep-rows", str(args.sweep_rows)] + (["--after-training"] if args.after_training else [])
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if not lines:
             sys.exit(f"the child process failed (exit {proc.returncode}) before its first result")
         result = json.loads(lines[-1])
+        if args.after_training and args.json and Path(args.json).exists():  # the training's figures too
+            earlier = json.loads(Path(args.json).read_text())
+            result = {**earlier, **result, "peaks": {**earlier.get("peaks", {}), **result["peaks"]}}
         if proc.returncode != 0:
             print(f"the child stopped (exit {proc.returncode}): figures up to its last phase", file=sys.stderr)
         report(result, size)

@@ -105,3 +105,29 @@ def test_loading_drops_the_checkpoints_pages_from_the_page_cache(tiny_dir):
     # kept in the file's dtype may be, and those pages stay: they are the model's)
     load_causal_lm(resolve_source(str(path.parent)), torch.float32, torch.device("cpu"), frozen_dtype=torch.bfloat16)
     assert _cached_pages(path) == 0
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_freed_heap_returns_the_holes_loading_leaves(tmp_path):
+    """A real process fragments its heap as quantizing does (temporaries under the mmap threshold
+    freed between blocks that stay), then `release_freed_heap` gives the holes back."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "holes.py"
+    script.write_text(
+        "import torch\n"
+        "from qdylora.core.loading import release_freed_heap\n"
+        "def anon():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) // 1024\n"
+        "del_ = torch.ones(40 * 2**20, dtype=torch.uint8); del del_  # raises glibc's mmap threshold\n"
+        "keep, temps = [], []\n"
+        "for _ in range(150):\n"
+        "    temps.append(torch.ones(4 * 2**20, dtype=torch.uint8))  # a temporary (4 MiB)\n"
+        "    keep.append(torch.ones(2**16, dtype=torch.uint8))  # what stays, after it on the heap\n"
+        "temps.clear()\n"
+        "before = anon(); release_freed_heap(); after = anon()\n"
+        "print(before, after)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    before, after = map(int, out.split())
+    assert before - after > 400, (before, after)  # MiB: most of the 600 MiB of holes came back
