@@ -120,7 +120,7 @@ def test_release_freed_heap_returns_the_holes_loading_leaves(tmp_path):
         "from qdylora.core.loading import release_freed_heap\n"
         "def anon():\n"
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) // 1024\n"
-        "del_ = torch.ones(40 * 2**20, dtype=torch.uint8); del del_  # raises glibc's mmap threshold\n"
+        "del_ = torch.ones(16 * 2**20, dtype=torch.uint8); del del_  # raises glibc's mmap threshold to 16 MiB\n"
         "keep, temps = [], []\n"
         "for _ in range(150):\n"
         "    temps.append(torch.ones(4 * 2**20, dtype=torch.uint8))  # a temporary (4 MiB)\n"
