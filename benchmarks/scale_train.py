@@ -104,9 +104,7 @@ def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int, af
     sampler = MemorySampler()
     result: dict = {"facts": machine.facts()} if after_training else {"facts": machine.facts(), "steps": steps}
 
-    def emit() -> None:
-        result["peaks"] = sampler.peaks
-        print(json.dumps(result), flush=True)
+    emit = lambda: _emit(result, sampler.peaks)  # noqa: E731
 
     if after_training:  # the run exists: open it (base + its adapter) for the sweep and the export
         sampler.enter("reopen")
@@ -169,14 +167,18 @@ def _sweep_and_export(model, settings, path: str, out: str, ranks: list[int], sw
     sweep = qdylora.run_sweep(model, tokenizer, rows, data, ranks, metrics=("loss",), batch_size=2, progress=False)
     result["sweep_s"] = time.perf_counter() - start
     result["sweep_loss"] = {str(r): v for r, v in sweep.values["loss"].items()}
-    result["peaks"] = sampler.peaks
-    print(json.dumps(result), flush=True)
+    _emit(result, sampler.peaks)
 
     sampler.enter("export")
     start = time.perf_counter()
     export_peft(model, ranks[0], Path(out) / f"peft-rank-{ranks[0]}")
     result["export_s"] = time.perf_counter() - start
-    result["peaks"] = sampler.stop()
+    _emit(result, sampler.stop())
+
+
+def _emit(result: dict, peaks: dict) -> None:
+    """One JSON line of everything so far (the parent keeps the last one it gets)."""
+    result["peaks"] = peaks
     print(json.dumps(result), flush=True)
 
 

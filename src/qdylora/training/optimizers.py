@@ -58,7 +58,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     To the trainer and the LR scheduler it is one optimizer: its param_groups (one per parameter)
     carry the learning rate, copied into the inner optimizer before each update; `step` and
     `zero_grad` have nothing left to do. `grad_norm()` is the global norm of the gradients the
-    last backward applied; a non-finite gradient is not applied (`nonfinite` says so).
+    last backward applied; a non-finite gradient is not applied (the norm is then non-finite too).
     """
 
     def __init__(self, build: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
@@ -67,7 +67,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": [p]} for p in params], {"lr": lr})
         self.inner = [build([p]) for p in params]
         self._sq_norm: list[torch.Tensor] = []
-        self.nonfinite = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
 
     def _hook(self, index: int):
@@ -78,8 +77,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 inner = self.inner[index]
                 inner.param_groups[0]["lr"] = self.param_groups[index]["lr"]
                 inner.step()
-            else:
-                self.nonfinite = True
             p.grad = None
         return update
 
@@ -94,7 +91,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # the hooks freed every gradient
-        self.nonfinite = False
+        return None
 
     def state_dict(self) -> dict:
         return {"groups": super().state_dict(), "inner": [o.state_dict() for o in self.inner]}

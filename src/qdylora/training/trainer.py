@@ -381,11 +381,11 @@ def run_step(job: Job, step: int, out: Path) -> StepResult:
             (total * (weight * procs.world / max(n_loss, 1))).backward()
         step_loss += float(total.detach()) * weight
     step_loss = distributed.sum_float(procs, step_loss, job.device)
-    params = model.adapter_parameters()
     in_backward = isinstance(job.optimizer, InBackwardOptimizer)  # the update already happened
     if in_backward:
         grad_norm = job.optimizer.grad_norm()
     else:
+        params = model.adapter_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0
                           else _grad_norm(params))
     lr = job.scheduler.get_last_lr()[0]
