@@ -125,3 +125,29 @@ def test_shard_takes_every_world_th_row_and_covers_short_batches():
     assert shard(rows, Processes(0, 2)) == (["a", "c", "e"], 1.0)
     assert shard(rows, Processes(1, 2)) == (["b", "d"], 1.0)
     assert shard(["a"], Processes(1, 2)) == (["a"], 0.0)  # no row left: a weight-0 stand-in
+
+
+def test_await_release_returns_once_no_other_holder_is_left():
+    """The wait behind the gloo teardown fix (distributed._await_release): it returns at once for
+    a tensor only Python holds, waits while something else holds it (here a view, dropped by a
+    thread after 0.2 s, standing for gloo's worker), and gives up after its limit."""
+    import threading
+
+    from qdylora.training.distributed import _await_release
+
+    t = torch.zeros(1)
+    start = time.monotonic()
+    _await_release([t])
+    assert time.monotonic() - start < 0.1
+
+    holder = [t.view(1)]
+    assert t._use_count() > 1  # what the wait reads
+    threading.Timer(0.2, holder.clear).start()
+    start = time.monotonic()
+    _await_release([t])
+    assert 0.15 < time.monotonic() - start < 5 and t._use_count() == 1
+
+    holder.append(t.view(1))  # never dropped: the wait stops at its limit
+    start = time.monotonic()
+    _await_release([t], limit_s=0.3)
+    assert 0.25 < time.monotonic() - start < 5

@@ -8,6 +8,7 @@ files, logs and draws the progress bar. Nothing here is used in a single process
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
@@ -88,6 +89,7 @@ def sum_float(procs: Processes, value: float, device: torch.device) -> float:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
+    _await_release([t])
     return float(t.item())
 
 
@@ -98,8 +100,29 @@ def check_same(procs: Processes, value: int, what: str, device: torch.device) ->
     mine = torch.tensor([value], dtype=torch.long, device=device)
     values = [torch.zeros_like(mine) for _ in range(procs.world)]
     dist.all_gather(values, mine)
+    _await_release([mine, *values])
     seen = [int(v.item()) for v in values]
     if len(set(seen)) > 1:
         raise QDyLoRAError(
             f"the processes disagree on {what} ({', '.join(f'process {i}: {v}' for i, v in enumerate(seen))}): "
             "start every process with the same settings and seed")
+
+
+def _await_release(tensors: Sequence[torch.Tensor], limit_s: float = 10.0) -> None:
+    """Return once the backend's worker thread has let go of a finished collective's CPU tensors.
+
+    Why: gloo runs collectives in worker threads, which drop their references to the tensors
+    just after `wait()` returns here. If Python dropped its own first, the worker's release is
+    the last one and must take the GIL to free the Python object; should the process group be
+    destroyed at that moment (an error raised right after a collective: the main thread holds
+    the GIL while ~ProcessGroupGloo joins the worker), both wait forever. Measured in the
+    rank-mismatch test under load: one process hung with its main thread in
+    ProcessGroupGloo::~ProcessGroupGloo and the worker in ~AsyncAllgatherWork -> decref_pyobject
+    (3 of 9 runs of that test hung beside a CPU hog, `yes > /dev/null`; 0 of 12 with this wait).
+    Holding the tensors until the worker is done makes its release a plain C++ decrement (a
+    tensor's use count is 1 when only this Python object holds it). CUDA tensors are not waited
+    for: NCCL's watchdog thread may keep finished work for a while, and the hang was gloo's.
+    """
+    deadline = time.monotonic() + limit_s
+    while any(t.device.type == "cpu" and t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
+        time.sleep(1e-4)  # releases the GIL
