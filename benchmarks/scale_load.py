@@ -77,32 +77,67 @@ def write_checkpoint(path: str, shape: str) -> int:
     return total
 
 
+class MemorySampler:
+    """Peaks of this process's anonymous and file-backed RSS, and the lowest MemAvailable, per
+    phase, sampled every `interval` seconds from /proc."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.phase, self.peaks, self.interval = "start", {}, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> dict:
+        values = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "VmRSS"):
+                    values[key] = int(rest.split()[0]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemAvailable", "Cached"):
+                    values[key] = int(rest.split()[0]) * 1024
+        return values
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = self.now()
+            p = self.peaks.setdefault(self.phase, {"anon": 0, "file": 0, "rss": 0, "min_available": 1 << 62})
+            p["anon"], p["file"] = max(p["anon"], v["RssAnon"]), max(p["file"], v["RssFile"])
+            p["rss"] = max(p["rss"], v["VmRSS"])
+            p["min_available"] = min(p["min_available"], v["MemAvailable"])
+            time.sleep(self.interval)
+
+    def enter(self, phase: str) -> None:
+        time.sleep(2 * self.interval)  # the last phase's final state is sampled
+        self.phase = phase
+
+    def stop(self) -> dict:
+        time.sleep(2 * self.interval)
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
 def child(path: str, train_step: bool) -> None:
     """Runs in a fresh process: prepare (and a step), reporting times and memory as JSON."""
     import torch
 
     import qdylora
 
-    peak = {"anon": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
+    sampler = MemorySampler()  # phase "start": the loading
     result = {}
     start = time.perf_counter()
     model = qdylora.prepare(path, qdylora.QDyLoRAConfig(max_rank=64), device="cpu")
     result["load_s"] = time.perf_counter() - start
-    result["peak_anon_after_load"] = peak["anon"]
+    sampler.enter("step")
+    result["peak_anon_after_load"] = sampler.peaks["start"]["anon"]
     report = qdylora.memory_report(model)
     result["memory_report"] = report.to_dict()
-    result["peak_anon"] = peak["anon"]
+    result["peak_anon"] = sampler.peaks["start"]["anon"]
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result), flush=True)  # the load figures survive a step that fails or is stopped
     if train_step:
@@ -117,9 +152,7 @@ def child(path: str, train_step: bool) -> None:
         opt.step()
         result["step_s"] = time.perf_counter() - start
         result["loss"] = loss.item()
-    stop.set()
-    time.sleep(0.1)
-    result["peak_anon"] = peak["anon"]
+    result["peak_anon"] = max(p["anon"] for p in sampler.stop().values())
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result))
 

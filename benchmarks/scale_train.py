@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -48,51 +47,6 @@ def add_tokenizer(path: str, vocab: int) -> None:
     tokenizer.save_pretrained(path)
 
 
-class MemorySampler:
-    """Peaks of this process's anonymous and file-backed RSS, and the lowest MemAvailable, per
-    phase, sampled every `interval` seconds from /proc."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.phase, self.peaks, self.interval = "start", {}, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def now() -> dict:
-        values = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile", "VmRSS"):
-                    values[key] = int(rest.split()[0]) * 1024
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("MemAvailable", "Cached"):
-                    values[key] = int(rest.split()[0]) * 1024
-        return values
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            v = self.now()
-            p = self.peaks.setdefault(self.phase, {"anon": 0, "file": 0, "rss": 0, "min_available": 1 << 62})
-            p["anon"], p["file"] = max(p["anon"], v["RssAnon"]), max(p["file"], v["RssFile"])
-            p["rss"] = max(p["rss"], v["VmRSS"])
-            p["min_available"] = min(p["min_available"], v["MemAvailable"])
-            time.sleep(self.interval)
-
-    def enter(self, phase: str) -> None:
-        time.sleep(2 * self.interval)  # the last phase's final state is sampled
-        self.phase = phase
-
-    def stop(self) -> dict:
-        time.sleep(2 * self.interval)
-        self._stop.set()
-        self._thread.join()
-        return self.peaks
-
-
 def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int, after_training: bool) -> None:
     """The user's pipeline in one process; prints one JSON line of results at the end (and after
     each phase, so a phase that fails leaves what came before)."""
@@ -101,7 +55,7 @@ def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int, af
     import qdylora
     from qdylora.training.rundir import checkpoint_dirs
 
-    sampler = MemorySampler()
+    sampler = scale_load.MemorySampler()
     result: dict = {"facts": machine.facts()} if after_training else {"facts": machine.facts(), "steps": steps}
 
     emit = lambda: _emit(result, sampler.peaks)  # noqa: E731
@@ -111,7 +65,7 @@ def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int, af
         start = time.perf_counter()
         model, tokenizer, settings = qdylora.load_run(out, "cpu")
         result["reopen_s"] = time.perf_counter() - start
-        result["after_reopen"] = MemorySampler.now()
+        result["after_reopen"] = scale_load.MemorySampler.now()
         emit()
         return _sweep_and_export(model, settings, path, out, ranks, sweep_rows, sampler, result)
     config = qdylora.QDyLoRAConfig(max_rank=64, frozen_dtype="bfloat16")
@@ -120,7 +74,7 @@ def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int, af
     model = qdylora.prepare(path, config, device="cpu")
     result["load_s"] = time.perf_counter() - start
     result["memory_report"] = qdylora.memory_report(model).to_dict()
-    result["after_load"] = MemorySampler.now()
+    result["after_load"] = scale_load.MemorySampler.now()
     emit()
 
     settings = qdylora.RunSettings(
@@ -137,7 +91,7 @@ def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int, af
     sampler.enter("train")
     start = time.perf_counter()
     summary = qdylora.train(settings, out, model=model, progress=False,
-                            on_step=lambda step: step_memory.append(MemorySampler.now()))
+                            on_step=lambda step: step_memory.append(scale_load.MemorySampler.now()))
     result["train_s"] = time.perf_counter() - start
     result["summary"] = summary
     result["step_memory"] = step_memory
@@ -152,7 +106,7 @@ def child(path: str, out: str, steps: int, ranks: list[int], sweep_rows: int, af
 
 
 def _sweep_and_export(model, settings, path: str, out: str, ranks: list[int], sweep_rows: int,
-                      sampler: MemorySampler, result: dict) -> None:
+                      sampler: scale_load.MemorySampler, result: dict) -> None:
     import qdylora
     from qdylora.core.loading import load_tokenizer, resolve_source
     from qdylora.evaluation.sweep import eval_format
