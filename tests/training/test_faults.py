@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from qdylora.errors import QDyLoRAError
 from qdylora.training.rundir import _sha256, checkpoint_dirs, checkpoint_problem, stop_advice
-from qdylora.training.trainer import TrainingInterrupted, train
+from qdylora.training import trainer
+from qdylora.training.trainer import TrainingInterrupted, load_data, train
 
 from ..conftest import tiny_settings as settings
 from ..conftest import write_sums
@@ -119,8 +120,6 @@ def test_resume_without_any_intact_checkpoint_is_an_error(reference, tiny_lm, tm
 
 def nan_at_step(monkeypatch, bad_step: int, accumulation: int = 2) -> None:
     """Make the loss NaN in every micro-batch of optimizer step `bad_step` (1-based)."""
-    import qdylora.training.trainer as trainer
-
     real, calls = trainer.loss_sum, {"n": 0}
 
     def loss_sum(model, batch):
@@ -248,6 +247,48 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same(reference, tiny
     assert [c.name for c in checkpoint_dirs(run)] == ["step-000002"]
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     train(settings(tiny_lm, data, **opts), run, resume=True, progress=False)
+    assert_same_adapter(ref, run)
+
+
+def test_a_ctrl_c_lost_in_a_del_still_stops_the_run(reference, tiny_lm, tmp_path, monkeypatch):
+    """A real SIGINT that arrives while a `__del__` runs: Python drops its KeyboardInterrupt
+    ("Exception ignored in ..."; seen in CI: it landed in regex's Group.__del__ while the
+    tokenizer loaded, and the run trained to the end). The run must stop before training all
+    the same, and leave nothing behind."""
+    _, data = reference
+    run = tmp_path / "run"
+    lost = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: lost.append(u.exc_type))
+
+    class RaisesInDel:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, inside __del__
+
+    def load_data_with_a_ctrl_c(*args):
+        RaisesInDel()  # created and freed at once
+        return load_data(*args)
+
+    monkeypatch.setattr(trainer, "load_data", load_data_with_a_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(tiny_lm, data, **OPTS), run, progress=False)
+    assert lost == [KeyboardInterrupt]  # the first one was really lost
+    assert not run.exists()  # stopped before the run wrote anything
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_signal_ignored_before_the_run_stays_ignored(reference, tiny_lm, tmp_path):
+    """Under nohup SIGHUP is ignored: a closed terminal must not stop the run."""
+    ref, data = reference
+    run = tmp_path / "run"
+    hangup = lambda step: os.kill(os.getpid(), signal.SIGHUP) if step == 2 else None  # noqa: E731
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        train(settings(tiny_lm, data, **OPTS), run, progress=False, on_step=hangup)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert json.loads((run / "summary.json").read_text())["steps"] == OPTS["max_steps"]
     assert_same_adapter(ref, run)
 
 
