@@ -233,7 +233,31 @@ def test_a_real_full_disk_is_one_line_and_resume_says_so_too(room, reference, ti
     assert not list(run.rglob(".*"))  # no temp files
 
 
-def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same(reference, tiny_lm, tmp_path, capsys):
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def as_in_a_terminal() -> None:
+    """For a child process, before exec: the stop signals as a terminal's foreground job has
+    them. The suite itself may run under nohup or as a background job of a script, where SIGHUP
+    or SIGINT are ignored; a run keeps a signal ignored (by design, tested below)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+
+
+@pytest.fixture
+def terminal_signals():
+    """This process's stop signals as in a terminal (Ctrl-C: KeyboardInterrupt) for the test."""
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    for s, old in before.items():
+        signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same(reference, tiny_lm, tmp_path, capsys,
+                                                                 terminal_signals):
     ref, data = reference
     run = tmp_path / "run"
     opts = {**OPTS, "save_every": 0}  # only the interrupt writes a checkpoint before the end
@@ -250,7 +274,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes_the_same(reference, tiny
     assert_same_adapter(ref, run)
 
 
-def test_a_ctrl_c_lost_in_a_del_still_stops_the_run(reference, tiny_lm, tmp_path, monkeypatch):
+def test_a_ctrl_c_lost_in_a_del_still_stops_the_run(reference, tiny_lm, tmp_path, monkeypatch, terminal_signals):
     """A real SIGINT that arrives while a `__del__` runs: Python drops its KeyboardInterrupt
     ("Exception ignored in ..."; seen in CI: it landed in regex's Group.__del__ while the
     tokenizer loaded, and the run trained to the end). The run must stop before training all
@@ -303,7 +327,7 @@ def test_a_stop_signal_to_a_real_process_checkpoints_and_exits_128_plus_it(signu
     config.write_text(json.dumps(settings(tiny_lm, data, max_steps=500, save_every=0).to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "qdylora", "train", "--config", str(config), "--out", str(run)],
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
     metrics, deadline = run / "metrics.jsonl", time.time() + 120
     while not (metrics.exists() and '"rank"' in metrics.read_text()) and time.time() < deadline:
         time.sleep(0.05)  # until a training step has been logged
@@ -333,7 +357,7 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_advise_resume(tiny_lm, tmp_
     config.write_text(json.dumps(settings(tiny_lm, data, max_steps=5).to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "qdylora", "train", "--config", str(config), "--out", str(run)],
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
     deadline = time.time() + 120
     while not run.exists() and time.time() < deadline:
         time.sleep(0.01)  # the run directory is taken just before the model and data are loaded
