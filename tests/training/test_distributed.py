@@ -127,27 +127,28 @@ def test_shard_takes_every_world_th_row_and_covers_short_batches():
     assert shard(["a"], Processes(1, 2)) == (["a"], 0.0)  # no row left: a weight-0 stand-in
 
 
-def test_await_release_returns_once_no_other_holder_is_left():
-    """The wait behind the gloo teardown fix (distributed._await_release): it returns at once for
-    a tensor only Python holds, waits while something else holds it (here a view, dropped by a
-    thread after 0.2 s, standing for gloo's worker), and gives up after its limit."""
+def test_a_collective_returns_once_no_other_holder_is_left():
+    """The wait behind the gloo teardown fix (distributed._released): it returns at once when
+    the tensors are held as before, waits while something else still holds one (here a view,
+    dropped by a thread after 0.2 s, standing for gloo's worker), and gives up after its limit."""
     import threading
 
-    from qdylora.training.distributed import _await_release
+    from qdylora.training.distributed import _released
 
     t = torch.zeros(1)
     start = time.monotonic()
-    _await_release([t])
+    with _released([t]):
+        pass
     assert time.monotonic() - start < 0.1
 
-    holder = [t.view(1)]
-    assert t._use_count() > 1  # what the wait reads
-    threading.Timer(0.2, holder.clear).start()
+    holder = []
     start = time.monotonic()
-    _await_release([t])
-    assert 0.15 < time.monotonic() - start < 5 and t._use_count() == 1
+    with _released([t]):
+        holder.append(t.view(1))  # what the wait reads: the use count rises
+        threading.Timer(0.2, holder.clear).start()
+    assert 0.15 < time.monotonic() - start < 5 and not holder
 
-    holder.append(t.view(1))  # never dropped: the wait stops at its limit
     start = time.monotonic()
-    _await_release([t], limit_s=0.3)
+    with _released([t], limit_s=0.3):
+        holder.append(t.view(1))  # never dropped: the wait stops at its limit
     assert 0.25 < time.monotonic() - start < 5

@@ -7,11 +7,12 @@ files, logs and draws the progress bar. Nothing here is used in a single process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,8 +89,8 @@ def sum_float(procs: Processes, value: float, device: torch.device) -> float:
     if not procs.distributed:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    _await_release([t])
+    with _released([t]):
+        dist.all_reduce(t)
     return float(t.item())
 
 
@@ -99,8 +100,8 @@ def check_same(procs: Processes, value: int, what: str, device: torch.device) ->
         return
     mine = torch.tensor([value], dtype=torch.long, device=device)
     values = [torch.zeros_like(mine) for _ in range(procs.world)]
-    dist.all_gather(values, mine)
-    _await_release([mine, *values])
+    with _released([mine, *values]):
+        dist.all_gather(values, mine)
     seen = [int(v.item()) for v in values]
     if len(set(seen)) > 1:
         raise QDyLoRAError(
@@ -108,8 +109,10 @@ def check_same(procs: Processes, value: int, what: str, device: torch.device) ->
             "start every process with the same settings and seed")
 
 
-def _await_release(tensors: Sequence[torch.Tensor], limit_s: float = 10.0) -> None:
-    """Return once the backend's worker thread has let go of a finished collective's CPU tensors.
+@contextlib.contextmanager
+def _released(tensors: Sequence[torch.Tensor], limit_s: float = 10.0) -> Iterator[None]:
+    """Around a collective on `tensors`: return once the backend's worker thread has let go of
+    them again (their use counts back to what they were before, when only Python held them).
 
     Why: gloo runs collectives in worker threads, which drop their references to the tensors
     just after `wait()` returns here. If Python dropped its own first, the worker's release is
@@ -119,10 +122,14 @@ def _await_release(tensors: Sequence[torch.Tensor], limit_s: float = 10.0) -> No
     rank-mismatch test under load: one process hung with its main thread in
     ProcessGroupGloo::~ProcessGroupGloo and the worker in ~AsyncAllgatherWork -> decref_pyobject
     (3 of 9 runs of that test hung beside a CPU hog, `yes > /dev/null`; 0 of 12 with this wait).
-    Holding the tensors until the worker is done makes its release a plain C++ decrement (a
-    tensor's use count is 1 when only this Python object holds it). CUDA tensors are not waited
+    Holding the tensors until the worker is done makes its release a plain C++ decrement. The
+    counts are compared with their own values before the collective, not with 1 (what a tensor
+    only Python holds counts has changed between torch versions). CUDA tensors are not waited
     for: NCCL's watchdog thread may keep finished work for a while, and the hang was gloo's.
     """
+    watched = [t for t in tensors if t.device.type == "cpu" and hasattr(t, "_use_count")]
+    before = [t._use_count() for t in watched]
+    yield
     deadline = time.monotonic() + limit_s
-    while any(t.device.type == "cpu" and t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
+    while any(t._use_count() > n for t, n in zip(watched, before)) and time.monotonic() < deadline:
         time.sleep(1e-4)  # releases the GIL
