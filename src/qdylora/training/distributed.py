@@ -121,7 +121,7 @@ def _released(tensors: Sequence[torch.Tensor], limit_s: float = 10.0) -> Iterato
     the GIL while ~ProcessGroupGloo joins the worker), both wait forever. Measured in the
     rank-mismatch test under load: one process hung with its main thread in
     ProcessGroupGloo::~ProcessGroupGloo and the worker in ~AsyncAllgatherWork -> decref_pyobject
-    (3 of 9 runs of that test hung beside a CPU hog, `yes > /dev/null`; 0 of 12 with this wait).
+    (3 of 9 runs of that test hung beside a CPU hog, `yes > /dev/null`; 0 of 20 with this wait).
     Holding the tensors until the worker is done makes its release a plain C++ decrement. The
     counts are compared with their own values before the collective, not with 1 (what a tensor
     only Python holds counts has changed between torch versions). CUDA tensors are not waited
