@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from qdylora.errors import QDyLoRAError
 from qdylora.training.rundir import _sha256, checkpoint_dirs, checkpoint_problem, stop_advice
 from qdylora.training import trainer
-from qdylora.training.trainer import TrainingInterrupted, load_data, train
+from qdylora.training.trainer import STOP_SIGNALS, TrainingInterrupted, load_data, train
 
 from ..conftest import tiny_settings as settings
 from ..conftest import write_sums
@@ -233,9 +233,6 @@ def test_a_real_full_disk_is_one_line_and_resume_says_so_too(room, reference, ti
     assert not list(run.rglob(".*"))  # no temp files
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 def as_in_a_terminal() -> None:
     """For a child process, before exec: the stop signals as a terminal's foreground job has
     them. The suite itself may run under nohup or as a background job of a script, where SIGHUP
@@ -248,9 +245,8 @@ def as_in_a_terminal() -> None:
 def terminal_signals():
     """This process's stop signals as in a terminal (Ctrl-C: KeyboardInterrupt) for the test."""
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    as_in_a_terminal()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # what Python installs over SIG_DFL at start
     yield
     for s, old in before.items():
         signal.signal(s, old if old is not None else signal.SIG_DFL)
