@@ -39,6 +39,43 @@ def svd_factors(A: torch.Tensor, B: torch.Tensor, c: float, c_new: float) -> tup
     return A_new, B_new
 
 
+def weighted_factors(A: torch.Tensor, B: torch.Tensor, c: float, c_new: float,
+                     M: torch.Tensor, N: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """A' (R, in), B' (out, R) whose every prefix b minimises the weighted error
+    tr(Mo (D - D_b) Mi (D - D_b)^T) of D = c B A among rank-b matrices B X A, for the R x R Grams
+    M = B^T Mo B and N = A Mi A^T (`allocation.py` names them; float64 in and out).
+
+    With M = L_M L_M^T, N = L_N L_N^T the error of D_b = B X A is ||L_M^T (c I - X) L_N||_F^2, so
+    the best X_b is L_M^-T U_b U_b^T L_M^T c, with U S V^T the SVD of L_M^T L_N: component k is
+    c B L_M^-T u_k  times  u_k^T L_M^T A, and it removes c^2 s_k^2. For the output error
+    (M = B^T B, N = E[(A x)(A x)^T]) this is the issue's Q_B W_b W_b^T R_B A; for the loss-aware
+    one (M = P) the K-FAC order. L_M is a pseudo-root on M's range (eigenvalues <= eps * max are
+    dropped: B is zero there, or no gradient reaches it); what the metric cannot see is appended
+    after, ordered by SVD, so the full rank still gives D exactly.
+    """
+    R = A.shape[0]
+    m, W = torch.linalg.eigh(M)  # M = W diag(m) W^T, m ascending
+    keep = m > eps * max(float(m.max()), 0.0) if float(m.max()) > 0 else torch.zeros_like(m, dtype=torch.bool)
+    Wk, root = W[:, keep], m[keep].sqrt()  # (R, k), (k,): L_M = Wk diag(root)
+    ln_evals, ln_vecs = torch.linalg.eigh(N)
+    L_N = ln_vecs * ln_evals.clamp(min=0).sqrt()  # (R, R): L_N L_N^T = N
+    u, s, _ = torch.linalg.svd(root[:, None] * (Wk.T @ L_N), full_matrices=False)  # (k, R) = U S V^T
+    left = B @ (Wk / root) @ u  # (out, k): columns c B L_M^-T u_k / c
+    right = u.T @ (root[:, None] * Wk.T) @ A  # (k, in): rows u_k^T L_M^T A
+    A_new, B_new = A.new_zeros(A.shape), B.new_zeros(B.shape)
+    k = u.shape[1]
+    if k:
+        nb, na = left.norm(dim=0), right.norm(dim=1)  # (k,), (k,)
+        size = (c * nb * na / c_new).sqrt()  # split each component's size evenly between A' and B'
+        B_new[:, :k] = left / nb.clamp(min=1e-300) * size
+        A_new[:k] = right / na.clamp(min=1e-300)[:, None] * size[:, None]
+    if k < R:  # the part of D the metric cannot see: D - D_k = c B W0 W0^T A, by SVD
+        W0 = W[:, ~keep]  # (R, R - k)
+        A_rest, B_rest = svd_factors(W0.T @ A, B @ W0, c, c_new)
+        A_new[k:], B_new[:, k:] = A_rest, B_rest
+    return A_new, B_new
+
+
 def order_by_svd(model: QDyLoRAModel) -> None:
     """Rewrite every layer's A and B in place so that rank b is the best rank-b approximation of
     the full delta, and switch the model's scale rule to "nested" (the full delta is unchanged)."""

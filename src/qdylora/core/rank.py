@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ..errors import QDyLoRAError
+from .allocation import Allocation
 from .layer import QDyLoRALinear, Rank
 from .scaling import RankMixture
 
-RankLike = Union[int, Sequence[int], torch.Tensor, RankMixture]
+RankLike = Union[int, Sequence[int], torch.Tensor, RankMixture, Allocation]
 
 
 def adapter_layers(model: nn.Module) -> dict[str, QDyLoRALinear]:
@@ -35,6 +36,14 @@ def _validate(model: nn.Module, rank: RankLike) -> Rank:
         if not 0 <= rank <= top:
             raise QDyLoRAError(f"rank {rank} is out of range: use 1..{top} (or 0 for the base model)")
         return rank
+    if isinstance(rank, Allocation):
+        ranks, layers = rank.as_dict(), adapter_layers(model)
+        if set(ranks) != set(layers):
+            raise QDyLoRAError(f"the allocation {rank} names other layers than this model's {len(layers)} adapters")
+        bad = [r for r in ranks.values() if not 0 <= r <= top]
+        if bad:
+            raise QDyLoRAError(f"rank {bad[0]} is out of range: use 1..{top} (or 0 for the base model)")
+        return rank
     if isinstance(rank, RankMixture):
         if not rank.probabilities or rank.probabilities[0][0] < 1 or rank.max_rank > top:
             raise QDyLoRAError(f"a rank mixture needs ranks in 1..{top}, got {rank.probabilities}")
@@ -53,15 +62,16 @@ def set_rank(model: nn.Module, rank: RankLike) -> None:
 
     `rank` is an int in 0..max_rank for the whole batch (0 = adapter off, the base model), a
     sequence / tensor of shape [batch] giving each example its own rank, or a `RankMixture`
-    (the adapter averaged over a distribution of ranks, for training).
+    (the adapter averaged over a distribution of ranks, for training), or an `Allocation` (each
+    layer its own rank).
     """
     value = _validate(model, rank)
-    for layer in adapter_layers(model).values():
-        layer.rank = value
+    for path, layer in adapter_layers(model).items():
+        layer.rank = value.rank_of(path) if isinstance(value, Allocation) else value
 
 
 def get_rank(model: nn.Module) -> Rank:
-    """The active rank (int or per-example tensor)."""
+    """The active rank (int or per-example tensor) of the first adapter."""
     layers = list(adapter_layers(model).values())
     if not layers:
         raise QDyLoRAError("this model has no QDyLoRA adapters: call qdylora.prepare on it first")
@@ -69,28 +79,34 @@ def get_rank(model: nn.Module) -> Rank:
 
 
 @contextmanager
-def at_rank(model: nn.Module, rank: RankLike) -> Iterator[None]:
-    """`with at_rank(model, 8): ...` runs the block at rank 8 and restores the previous rank."""
-    previous = get_rank(model)
-    set_rank(model, rank)
+def _ranks_kept(model: nn.Module) -> Iterator[None]:
+    """Every adapter's rank as it was before the block (layers may differ: an allocation)."""
+    previous = {layer: layer.rank for layer in adapter_layers(model).values()}
     try:
         yield
     finally:
-        for layer in adapter_layers(model).values():
-            layer.rank = previous
+        for layer, rank in previous.items():
+            layer.rank = rank
+
+
+@contextmanager
+def at_rank(model: nn.Module, rank: RankLike) -> Iterator[None]:
+    """`with at_rank(model, 8): ...` runs the block at rank 8 and restores the previous rank."""
+    with _ranks_kept(model):
+        set_rank(model, rank)
+        yield
 
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """The block runs in eval mode; the model's training mode and rank are put back after it
     (an evaluation inside training, or a sweep on a model someone else holds)."""
-    was_training, previous = model.training, get_rank(model)
+    was_training = model.training
     model.eval()
     try:
-        yield
+        with _ranks_kept(model):
+            yield
     finally:
-        for layer in adapter_layers(model).values():
-            layer.rank = previous
         model.train(was_training)
 
 
@@ -102,17 +118,27 @@ def set_update_mode(model: nn.Module, mode: str) -> None:
         layer.update_mode = mode
 
 
-def replicate_for_ranks(model: nn.Module, ranks: Sequence[int], *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Prepare `model` to run every rank in `ranks` over the (n, ...) tensors of one batch.
+def replicate_for_ranks(model: nn.Module, ranks: Sequence[Union[int, Allocation]],
+                        *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Prepare `model` to run every rank in `ranks` (ints or allocations) over the (n, ...)
+    tensors of one batch.
 
     One rank: the model runs at that shared rank and the tensors come back as they are. Several:
     the tensors are repeated rank-major, (k * n, ...), and rows j*n..(j+1)*n-1 run at ranks[j]
-    (per-example ranks), so all ranks share each forward pass.
+    (per-example ranks; under an allocation each layer gets its own ranks per row), so all ranks
+    share each forward pass.
     """
     ranks = list(ranks)
     if len(ranks) == 1:
         set_rank(model, ranks[0])
         return batch
-    n = batch[0].shape[0]
-    set_rank(model, torch.tensor(ranks, device=batch[0].device).repeat_interleave(n))
+    for r in ranks:
+        _validate(model, r)
+    n, device = batch[0].shape[0], batch[0].device
+    made: dict[tuple[int, ...], torch.Tensor] = {}  # layers with the same ranks share one tensor
+    for path, layer in adapter_layers(model).items():
+        per_rank = tuple(r.rank_of(path) if isinstance(r, Allocation) else r for r in ranks)
+        if per_rank not in made:
+            made[per_rank] = torch.tensor(per_rank, device=device).repeat_interleave(n)  # (k * n,)
+        layer.rank = made[per_rank]
     return tuple(t.repeat(len(ranks), *([1] * (t.dim() - 1))) for t in batch)
