@@ -52,3 +52,20 @@ def test_merge_refuses_bad_rank_dtype_and_existing_dir(tiny_dir, tmp_path):
     assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
     assert is_model_file("model-00001-of-00002.safetensors") and is_model_file("generation_config.json")
     assert not is_model_file("model_card.md") and not is_model_file("notes.txt")
+
+
+def test_merged_allocation_matches_the_adapter_under_it(tiny_dir, tmp_path):
+    from qdylora.core.allocation import Allocation
+
+    path = tiny_dir("llama")
+    model = adapted_model(path, "nested")
+    allocation = Allocation.of({p: (5 * i) % 9 for i, p in enumerate(model.adapter_layers())}, "mixed")
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), qdylora.at_rank(model, allocation):
+        ours = model(input_ids=x).logits
+    with torch.no_grad(), qdylora.at_rank(model, 8):
+        assert (model(input_ids=x).logits - ours).abs().max() > 1e-2
+    out = merge(model, allocation, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, ours, rtol=1e-4, atol=1e-4)

@@ -83,3 +83,49 @@ def test_export_refuses_bad_rank_and_existing_dir(tiny_dir, tmp_path):
     with pytest.raises(QDyLoRAError, match="is a file, not an output directory"):
         export_peft(model, 2, tmp_path / "c", overwrite=True)
     assert (tmp_path / "c").read_text() == "a file"
+
+
+def mixed_allocation(model):
+    """Per-layer ranks 0..8 cycling over the layers (some off, some full), as an allocation."""
+    from qdylora.core.allocation import Allocation
+
+    return Allocation.of({p: (5 * i) % 9 for i, p in enumerate(model.adapter_layers())}, "mixed")
+
+
+@pytest.mark.parametrize("layout", ["patterns", "padded"])
+def test_peft_reproduces_an_allocation(layout, tiny_dir, tmp_path):
+    """Per-layer ranks exported as PEFT's rank_pattern / alpha_pattern, or zero-padded with the
+    scale folded into lora_B (vLLM's reading): PEFT's logits are ours under the allocation."""
+    path = tiny_dir("llama")
+    model = adapted_model(path, "nested")
+    allocation = mixed_allocation(model)
+    ranks = allocation.as_dict()
+    assert 0 in ranks.values() and 8 in ranks.values()
+    out = export_peft(model, allocation, tmp_path / "peft", layout=layout)
+    config = json.loads((out / "adapter_config.json").read_text())
+    used = {p: b for p, b in ranks.items() if b > 0}
+    if layout == "padded":
+        assert config["r"] == max(used.values()) and config["lora_alpha"] == config["r"]
+        assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and not config["use_rslora"]
+    else:
+        assert config["rank_pattern"] and all(ranks[p] == b for p, b in config["rank_pattern"].items())
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with qdylora.at_rank(model, allocation):
+            ours = model(input_ids=x).logits
+        with qdylora.at_rank(model, 8):
+            assert (model(input_ids=x).logits - ours).abs().max() > 1e-2  # not the full adapter
+        peft4 = peft.PeftModel.from_pretrained(transformers_4bit(path, torch.float32), out).eval()
+        lora_layers = {n.removeprefix("base_model.model.") for n, m in peft4.named_modules()
+                       if isinstance(m, peft.tuners.lora.LoraLayer)}
+        assert lora_layers == set(used)  # rank-0 layers are not adapted
+        torch.testing.assert_close(peft4(input_ids=x).logits.float(), ours.float(), **LOGIT_TOL["float32"])
+
+
+def test_an_allocation_that_keeps_nothing_is_refused(tiny_dir, tmp_path):
+    from qdylora.core.allocation import Allocation
+
+    model = adapted_model(tiny_dir("llama"), "nested")
+    with pytest.raises(QDyLoRAError, match="keeps no component"):
+        export_peft(model, Allocation.of({p: 0 for p in model.adapter_layers()}, "none"), tmp_path / "a")
+    assert not (tmp_path / "a").exists()

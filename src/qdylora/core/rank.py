@@ -21,6 +21,13 @@ def adapter_layers(model: nn.Module) -> dict[str, QDyLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QDyLoRALinear)}
 
 
+def _named_layers(model: nn.Module) -> dict[str, QDyLoRALinear]:
+    """Adapter layers under the paths an `Allocation` uses: inside the wrapped transformers model
+    for a QDyLoRAModel (its `adapter_layers`), else inside `model`."""
+    own = getattr(model, "adapter_layers", None)
+    return own() if callable(own) else adapter_layers(model)
+
+
 def max_rank(model: nn.Module) -> int:
     layers = list(adapter_layers(model).values())
     if not layers:
@@ -37,7 +44,7 @@ def _validate(model: nn.Module, rank: RankLike) -> Rank:
             raise QDyLoRAError(f"rank {rank} is out of range: use 1..{top} (or 0 for the base model)")
         return rank
     if isinstance(rank, Allocation):
-        ranks, layers = rank.as_dict(), adapter_layers(model)
+        ranks, layers = rank.as_dict(), _named_layers(model)
         if set(ranks) != set(layers):
             raise QDyLoRAError(f"the allocation {rank} names other layers than this model's {len(layers)} adapters")
         bad = [r for r in ranks.values() if not 0 <= r <= top]
@@ -66,7 +73,7 @@ def set_rank(model: nn.Module, rank: RankLike) -> None:
     layer its own rank).
     """
     value = _validate(model, rank)
-    for path, layer in adapter_layers(model).items():
+    for path, layer in _named_layers(model).items():
         layer.rank = value.rank_of(path) if isinstance(value, Allocation) else value
 
 
@@ -136,7 +143,7 @@ def replicate_for_ranks(model: nn.Module, ranks: Sequence[Union[int, Allocation]
         _validate(model, r)
     n, device = batch[0].shape[0], batch[0].device
     made: dict[tuple[int, ...], torch.Tensor] = {}  # layers with the same ranks share one tensor
-    for path, layer in adapter_layers(model).items():
+    for path, layer in _named_layers(model).items():
         per_rank = tuple(r.rank_of(path) if isinstance(r, Allocation) else r for r in ranks)
         if per_rank not in made:
             made[per_rank] = torch.tensor(per_rank, device=device).repeat_interleave(n)  # (k * n,)

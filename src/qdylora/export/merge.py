@@ -1,6 +1,8 @@
-"""Merge one rank of the adapter into the dequantized base and save a plain model directory.
+"""Merge one rank (or an allocation of per-layer ranks) of the adapter into the dequantized base
+and save a plain model directory.
 
-W_merged = dequantize(NF4 W) + s(b) * B[:, :b] A[:b]  for every adapted layer; the other NF4
+W_merged = dequantize(NF4 W) + s(b) * B[:, :b] A[:b]  for every adapted layer (b: the rank, or
+that layer's rank in the allocation); the other NF4
 layers are dequantized as they are. Layers are replaced one at a time, so peak memory stays near
 the size of the merged model plus the 4-bit one, not twice the merged size.
 """
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..core.allocation import Allocation, layer_rank
 from ..core.config import DTYPES, dtype_name
 from ..core.layer import QDyLoRALinear
 from ..core.loading import forget_quantizer
@@ -35,12 +38,15 @@ REQUANTIZE_NOTE = (
 )
 
 
-def merge(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, tokenizer=None,
+def merge(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str, Path], *, tokenizer=None,
           dtype: str = "bfloat16", overwrite: bool = False) -> Path:
     """Write a Hugging Face model directory (safetensors, config, generation config, tokenizer)
-    whose weights are the base merged with the adapter at `rank`. `model` is consumed: its
-    layers are replaced by plain ones as they are merged."""
-    check_ranks([rank], model.qdylora_config.max_rank)
+    whose weights are the base merged with the adapter at `rank` (an int, or an `Allocation`:
+    each layer at its own rank). `model` is consumed: its layers are replaced by plain ones as
+    they are merged."""
+    c = model.qdylora_config
+    check_ranks([rank] if isinstance(rank, int) else [b for _, b in rank.ranks], c.max_rank,
+                lowest=1 if isinstance(rank, int) else 0)
     dtype = dtype_name(dtype)
     if dtype not in DTYPES:
         raise QDyLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -49,13 +55,14 @@ def merge(model: QDyLoRAModel, rank: int, out: Union[str, Path], *, tokenizer=No
     hf = model.model
     target_dtype = DTYPES[dtype]
     conv1d = uses_conv1d(hf)
-    s = scale(model.qdylora_config.alpha, rank, model.qdylora_config.scaling, model.qdylora_config.max_rank)
     with torch.no_grad():
         for path, module in list(hf.named_modules()):
             if isinstance(module, QDyLoRALinear):
                 base = module.base
                 W = dequantized_weight(base)  # (out, in) float32
-                W += s * (module.lora_B[:, :rank].float() @ module.lora_A[:rank].float())
+                b = layer_rank(rank, path)
+                s = scale(c.alpha, b, c.scaling, c.max_rank)
+                W += s * (module.lora_B[:, :b].float() @ module.lora_A[:b].float())
             elif isinstance(module, bnb.nn.Linear4bit) and not path.endswith(".base"):
                 base, W = module, dequantized_weight(module)
             else:

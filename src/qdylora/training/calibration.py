@@ -63,6 +63,7 @@ def calibrate(model: QDyLoRAModel, batches: Sequence[dict[str, torch.Tensor]], *
 
     def accumulate(grams: dict, path: str, v: torch.Tensor) -> None:
         v = v.reshape(-1, R)[mask[0]] if v.numel() // R == mask[0].numel() else v.reshape(-1, R)
+        v = v.detach()
         grams[path] += (v.T @ v).double().cpu()
 
     def hook(path: str, layer):
@@ -121,24 +122,26 @@ def layer_errors(model: QDyLoRAModel, score: str, stats: Optional[Statistics] = 
     return errors
 
 
-def save_statistics(path: Path, stats: Statistics, adapter_digest: str) -> None:
-    """The statistics as one safetensors file, tied to the adapter they were taken with."""
+def save_statistics(path: Path, stats: Statistics, adapter_digest: str, request: dict) -> None:
+    """The statistics as one safetensors file, tied to the adapter they were taken with and to
+    the `request` (JSON-able: how many rows were asked for, ...) that produced them."""
     tensors = {f"G.{p}": g.contiguous() for p, g in stats.G.items()}
     tensors.update({f"P.{p}": v.contiguous() for p, v in stats.P.items()})
     meta = {"rows": str(stats.rows), "tokens": str(stats.tokens), "adapter_sha256": adapter_digest,
-            "layers": json.dumps(list(stats.G))}
+            "layers": json.dumps(list(stats.G)), "request": json.dumps(request, sort_keys=True)}
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
 
-def load_statistics(path: Path, adapter_digest: str) -> Optional[Statistics]:
-    """The statistics in `path` if they belong to this adapter, else None (absent or stale)."""
+def load_statistics(path: Path, adapter_digest: str, request: dict) -> Optional[Statistics]:
+    """The statistics in `path` if they belong to this adapter and request, else None (absent or
+    stale)."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("adapter_sha256") != adapter_digest:
+            if meta.get("adapter_sha256") != adapter_digest or meta.get("request") != json.dumps(request, sort_keys=True):
                 return None
             layers = json.loads(meta["layers"])
             G = {p: f.get_tensor(f"G.{p}") for p in layers}
