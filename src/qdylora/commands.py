@@ -21,6 +21,33 @@ Flat = tyro.conf.arg(name="")  # a settings group whose fields become top-level 
 
 
 @dataclass
+class PerLayer:
+    """Per-layer ranks instead of one rank: an allocation the run keeps, or one made for a budget."""
+
+    allocation: Optional[str] = None
+    """Per-layer ranks the run keeps, by name (e.g. output-r2; see RUN/allocations/) or an allocation file, instead of one rank."""
+
+    budget: Optional[str] = None
+    """Per-layer ranks that fit this budget instead of one rank: an average rank (2), a parameter count (1.5M) or a size (4MB); made once and kept as RUN/allocations/SCORE-BUDGET.json."""
+
+    score: Literal["svd", "output", "loss"] = "output"
+    """How --budget weighs each layer's components: svd (singular values), output (output-error energy on calibration rows), loss (K-FAC estimate of the loss increase; needs a backward pass)."""
+
+    calibration_rows: int = 64
+    """Training rows the output and loss scores are measured on (0 = all); kept as RUN/calibration.safetensors."""
+
+    def request(self):
+        """The AllocationRequest these flags ask for, or None (one rank)."""
+        from .evaluation.budgets import AllocationRequest
+
+        if self.allocation is not None and self.budget is not None:
+            raise QDyLoRAError("give --allocation NAME or --budget B, not both")
+        if self.allocation is None and self.budget is None:
+            return None
+        return AllocationRequest(self.allocation, self.budget, self.score, self.calibration_rows)
+
+
+@dataclass
 class Info:
     """Prepare a model (NF4 base + adapters) and print where its memory goes."""
 
@@ -155,6 +182,15 @@ class Sweep:
     lm_eval_limit: Optional[int] = None
     """At most this many documents per lm-eval task (the harness's --limit)."""
 
+    budgets: Optional[str] = None
+    """Also measure per-layer ranks at these budgets, e.g. "1,2,4" (average ranks: the parameter counts of uniform ranks 1, 2, 4), "1.5M" or "4MB"; each is made once per --scores and kept in RUN/allocations/."""
+
+    scores: str = "output"
+    """Comma-separated scores the --budgets allocations are made with: svd, output, loss."""
+
+    calibration_rows: int = 64
+    """Training rows the output and loss scores are measured on (0 = all)."""
+
     batch_size: int = 8
     """Examples per batch (each is replicated once per rank in a rank batch)."""
 
@@ -194,8 +230,7 @@ class Sweep:
     def run(self) -> None:
         from .evaluation.sweep import sweep_run, table
 
-        metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
-        tasks = [t.strip() for t in (self.lm_eval or "").split(",") if t.strip()]
+        metrics, tasks = _split(self.metrics), _split(self.lm_eval)
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise QDyLoRAError(f"--lm-eval-limit must be 1 or more, got {self.lm_eval_limit}")
         result, paths = sweep_run(
@@ -205,10 +240,16 @@ class Sweep:
             response_template=self.response_template, shots_data=self.shots_data, batch_size=self.batch_size,
             rank_batch=self.rank_batch, max_new_tokens=self.max_new_tokens, loss_tolerance=self.loss_tolerance,
             accuracy_tolerance=self.accuracy_tolerance, shots=self.shots, lm_eval=tasks,
-            lm_eval_include=self.lm_eval_include, lm_eval_limit=self.lm_eval_limit, progress=not self.quiet)
+            lm_eval_include=self.lm_eval_include, lm_eval_limit=self.lm_eval_limit, progress=not self.quiet,
+            budgets=_split(self.budgets), scores=_split(self.scores), calibration_rows=self.calibration_rows)
         print(table(result))
         for metric, rank in result.recommended.items():
             print(f"qdylora: recommended rank by {metric}: {rank}")
+        for metric, name in result.smallest.items():
+            entry = next(r for r in result.ranks if str(r) == name)
+            flag = "--rank" if isinstance(entry, int) else "--allocation"
+            print(f"qdylora: smallest adapter within tolerance by {metric}: {name} ({result.params[entry]:,} "
+                  f"parameters): qdylora export {self.run_dir} {flag} {name} --out ADAPTER_DIR")
         print(f"qdylora: wrote {paths['json']}, {paths['csv']}, {paths['png']}")
 
 
@@ -228,6 +269,11 @@ class Export:
     ranks: Optional[str] = None
     """Several ranks, e.g. "1,2,4,8": one adapter folder per rank under --out."""
 
+    per_layer: Annotated[PerLayer, Flat] = field(default_factory=PerLayer)
+
+    layout: Literal["patterns", "padded"] = "patterns"
+    """Per-layer ranks as PEFT's rank_pattern / alpha_pattern (patterns), or zero-padded to one r with each layer's scale folded into lora_B (padded: for servers such as vLLM that ignore the patterns)."""
+
     overwrite: bool = False
     """Replace existing output directories."""
 
@@ -243,11 +289,16 @@ class Export:
     def run(self) -> None:
         from .export.peft import export_run
 
-        if (self.rank is None) == (self.ranks is None):
-            raise QDyLoRAError("give exactly one of --rank 8 or --ranks 1,2,4,8")
-        ranks = [self.rank] if self.rank is not None else parse_ranks(self.ranks)
+        request = self.per_layer.request()
+        if sum(x is not None for x in (self.rank, self.ranks, request)) != 1:
+            raise QDyLoRAError("give exactly one of --rank 8, --ranks 1,2,4,8, --budget B or --allocation NAME")
+        ranks = [self.rank] if self.rank is not None else parse_ranks(self.ranks) if self.ranks else []
         targets = export_run(self.run_dir, ranks, self.out, one=self.rank is not None, overwrite=self.overwrite,
-                             device=self.device, trust_remote_code=self.trust_remote_code)
+                             device=self.device, trust_remote_code=self.trust_remote_code, allocation=request,
+                             layout=self.layout, progress=True)
+        if request is not None:
+            _print_allocation(targets[0], self.layout)
+            return
         for r, target in zip(ranks, targets):
             print(f"qdylora: rank {r} -> {target} (PeftModel.from_pretrained(base, {str(target)!r}))")
 
@@ -259,11 +310,13 @@ class Merge:
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
     """Run directory written by qdylora train."""
 
-    rank: int
-    """Rank to merge (e.g. the sweep's recommendation)."""
-
     out: str
     """Output model directory (safetensors, config, generation config, tokenizer)."""
+
+    rank: Optional[int] = None
+    """Rank to merge (e.g. the sweep's recommendation)."""
+
+    per_layer: Annotated[PerLayer, Flat] = field(default_factory=PerLayer)
 
     dtype: Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = "bfloat16"
     """Dtype of the saved weights."""
@@ -284,9 +337,14 @@ class Merge:
         from .core.config import dtype_name
         from .export.merge import REQUANTIZE_NOTE, merge_run
 
+        request = self.per_layer.request()
+        if (self.rank is None) == (request is None):
+            raise QDyLoRAError("give exactly one of --rank 8, --budget B or --allocation NAME")
         out = merge_run(self.run_dir, self.rank, self.out, dtype=self.dtype, overwrite=self.overwrite,
-                        device=self.device, trust_remote_code=self.trust_remote_code)
-        print(f"qdylora: rank {self.rank} merged into {out} ({dtype_name(self.dtype)}); load it with "
+                        device=self.device, trust_remote_code=self.trust_remote_code, allocation=request,
+                        progress=True)
+        what = f"rank {self.rank}" if request is None else "the per-layer ranks"
+        print(f"qdylora: {what} merged into {out} ({dtype_name(self.dtype)}); load it with "
               f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
         print(f"qdylora: {REQUANTIZE_NOTE}")
 
@@ -300,6 +358,8 @@ class Generate:
 
     rank: list[int] = field(default_factory=list)
     """Rank(s) to answer with, e.g. --rank 4 or --rank 0 4 64 (0 = the base model; default: the sweep's recommended rank if the run has a sweep.json, else max_rank)."""
+
+    per_layer: Annotated[PerLayer, Flat] = field(default_factory=PerLayer)
 
     prompt: Optional[str] = None
     """The prompt (default: read from standard input)."""
@@ -335,17 +395,20 @@ class Generate:
 
         settings, _ = load_run_settings(self.run_dir, self.trust_remote_code)
         R = settings.adapter.max_rank
-        ranks = list(self.rank) or [recommended_rank(self.run_dir, R)]
+        request = self.per_layer.request()
+        ranks = list(self.rank) or ([] if request else [recommended_rank(self.run_dir, R)])
         check_ranks(ranks, R, lowest=0)
         if not (0 <= self.temperature < float("inf")) or not 0 < self.top_p <= 1:  # nan fails both
             raise QDyLoRAError("temperature must be >= 0 and top_p in (0, 1]")
         prompt = self.prompt if self.prompt is not None else sys.stdin.read()
         if not prompt.strip():
             raise QDyLoRAError("empty prompt: pass --prompt TEXT or pipe it on standard input")
-        model, tokenizer, _ = load_run(self.run_dir, self.device, self.trust_remote_code)
+        model, tokenizer, settings = load_run(self.run_dir, self.device, self.trust_remote_code)
         model.eval()
+        if request is not None:
+            ranks.append(request.resolve(self.run_dir, model, tokenizer, settings, progress=True))
         if len(ranks) == 1:
-            print(f"[rank {ranks[0]}{' = base model' if ranks[0] == 0 else ''}]", flush=True)
+            print(f"[{_entry_name(ranks[0])}]", flush=True)
             answer(model, tokenizer, prompt, ranks, max_new_tokens=self.max_new_tokens,
                    temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                    use_chat_template=self.chat_template, stream=sys.stdout)
@@ -354,7 +417,7 @@ class Generate:
                          temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                          use_chat_template=self.chat_template)
         for r, text in answers.items():
-            print(f"[rank {r}{' = base model' if r == 0 else ''}]\n{text.strip()}\n")
+            print(f"[{_entry_name(r)}]\n{text.strip()}\n")
 
 
 @dataclass
@@ -409,6 +472,30 @@ class Demo:
         print(f"qdylora: sweep table and plot: {paths['csv']}, {paths['json']}, {paths['png']}")
         print(f"qdylora: rank {rank} (recommended by loss) exported for PEFT: {peft_dir}")
         print(f"qdylora: demo finished in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+def _split(text: Optional[str]) -> list[str]:
+    """"a, b" -> ["a", "b"]; None -> []."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _entry_name(entry) -> str:
+    """How generate labels an answer: "rank 4", "rank 0 = base model", "allocation output-r2"."""
+    if isinstance(entry, int):
+        return f"rank {entry}{' = base model' if entry == 0 else ''}"
+    return f"allocation {entry}"
+
+
+def _print_allocation(target: Path, layout: str) -> None:
+    """What an allocated export holds and how to serve it."""
+    from .export.peft import vllm_max_lora_rank
+
+    config = json.loads((target / "adapter_config.json").read_text())
+    ranks = list(config["rank_pattern"].values()) or [config["r"]]
+    print(f"qdylora: per-layer ranks -> {target} (PeftModel.from_pretrained(base, {str(target)!r}); "
+          f"r {config['r']}, {len(config['rank_pattern'])} layers at other ranks, up to {max(ranks + [config['r']])})")
+    if layout == "padded":
+        print(f"qdylora: padded to r {config['r']}: serve with vLLM --max-lora-rank {vllm_max_lora_rank(config['r'])}")
 
 
 COMMANDS = {"demo": Demo, "info": Info, "train": Train, "sweep": Sweep, "export": Export, "merge": Merge,

@@ -97,7 +97,10 @@ def test_cli_sweep_writes_table_json_csv_png(trained, capsys, tmp_path):
     assert "base" in printed and "recommended rank by loss" in printed
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["ranks"] == [0, 1, 2, 8] and set(saved["values"]["loss"]) == {"0", "1", "2", "8"}
-    assert (out / "sweep.csv").read_text().splitlines()[0] == "rank,loss,perplexity,exact_match"
+    csv = (out / "sweep.csv").read_text().splitlines()
+    assert csv[0] == "rank,params,loss,perplexity,exact_match"  # params: the adapter's size at that rank
+    sizes = {line.split(",")[0]: int(line.split(",")[1]) for line in csv[1:]}
+    assert sizes["0"] == 0 and sizes["2"] == 2 * sizes["1"] > 0 and saved["params"]["8"] == sizes["8"]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(argv) == 2  # an earlier sweep is not overwritten silently
     assert "use --overwrite" in capsys.readouterr().err

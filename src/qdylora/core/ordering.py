@@ -91,6 +91,22 @@ def order_by_svd(model: QDyLoRAModel) -> None:
     model.qdylora_config = replace(config, scaling="nested")
 
 
+def order_by_grams(model: QDyLoRAModel, grams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Rewrite every layer in place by `weighted_factors` with its (M, N) (a data-aware order:
+    `training.calibration.layer_grams`); the scale rule becomes "nested", the full delta stays."""
+    config = model.qdylora_config
+    c_new = scale(config.alpha, config.max_rank, "nested", config.max_rank)
+    with torch.no_grad():
+        for path, layer in model.adapter_layers().items():
+            c = scale(layer.alpha, layer.max_rank, layer.scaling, layer.max_rank)
+            M, N = grams[path]
+            A, B = weighted_factors(layer.lora_A.double().cpu(), layer.lora_B.double().cpu(), c, c_new, M, N)
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+            layer.scaling = "nested"
+    model.qdylora_config = replace(config, scaling="nested")
+
+
 @contextlib.contextmanager
 def svd_ordered(model: QDyLoRAModel,
                 trained: Optional[Callable[[str], tuple[torch.Tensor, torch.Tensor]]] = None) -> Iterator[QDyLoRAModel]:

@@ -12,11 +12,14 @@ and keep both in the run directory.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..core.allocation import (SCORES, Allocation, allocate, allocation_from_record, allocation_record,
                                budget_label, parse_budget)
+from ..console import log
 from ..core.model import QDyLoRAModel
 from ..data.batching import pad_token_id
 from ..errors import QDyLoRAError
@@ -69,10 +72,13 @@ def run_statistics(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, se
     dtype = model.qdylora_config.torch_compute_dtype
     from tqdm.auto import tqdm
 
+    start = time.perf_counter()
     with tqdm(total=len(batches), desc="calibration", unit="batch", disable=not progress) as bar:
         stats = calibrate(model, batches, gradients=gradients, autocast=lambda: autocast_context(device, dtype, True),
                           on_batch=lambda: bar.update(1))
     save_statistics(path, stats, digest, request)
+    log.info(f"calibration: {stats.rows} training rows, {stats.tokens} tokens, "
+             f"{'forward and backward' if gradients else 'forward'} in {time.perf_counter() - start:.1f} s -> {path}")
     return stats
 
 
@@ -120,7 +126,9 @@ def allocate_run(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, sett
         record = read_json(path)
         if (isinstance(record, dict) and record.get("adapter_sha256") == digest
                 and record.get("budget_params") == params and record.get("calibration") == calibration):
-            return allocation_from_record(record, list(costs), model.qdylora_config.max_rank, str(path))
+            allocation = allocation_from_record(record, list(costs), model.qdylora_config.max_rank, str(path))
+            log.info(f"allocation {describe(allocation, costs)}, kept in {path}")
+            return allocation
     stats = None
     if score != "svd":
         stats = run_statistics(run_dir, model, tokenizer, settings, rows=calibration_rows,
@@ -131,6 +139,7 @@ def allocate_run(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, sett
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, allocation_record(allocation, costs, score=score, budget=str(budget), budget_params=params,
                                        calibration=calibration, adapter_sha256=digest, predicted_error=predicted))
+    log.info(f"allocation {describe(allocation, costs)}, written to {path}")
     return allocation
 
 
@@ -140,3 +149,31 @@ def describe(allocation: Allocation, costs: dict[str, int]) -> str:
     return (f"{allocation.name}: {allocation.params(costs):,} adapter parameters (average rank "
             f"{allocation.mean_rank(costs):.2f}), ranks {min(ranks)}..{max(ranks)}, "
             f"{sum(b == 0 for b in ranks)} of {len(ranks)} layers off")
+
+
+@dataclass(frozen=True)
+class AllocationRequest:
+    """Which per-layer ranks a command uses: an allocation the run keeps (`name`: a name such as
+    output-r2, or a file), or one made for `budget` under `score` (and then kept)."""
+
+    name: Optional[str] = None
+    budget: Optional[str] = None
+    score: str = DEFAULT_SCORE
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.budget is None):
+            raise QDyLoRAError("give either an allocation name or a budget")
+        check_score(self.score)
+        if self.budget is not None:
+            parse_budget(self.budget, {"layer": 1})  # a malformed budget fails before any loading
+        if isinstance(self.calibration_rows, bool) or not isinstance(self.calibration_rows, int) \
+                or self.calibration_rows < 0:
+            raise QDyLoRAError(f"calibration rows must be 0 (all) or more, got {self.calibration_rows!r}")
+
+    def resolve(self, run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, settings: RunSettings, *,
+                batch_size: int = 8, progress: bool = False) -> Allocation:
+        if self.name is not None:
+            return read_allocation(run_dir, self.name, list(model.adapter_layers()), model.qdylora_config.max_rank)
+        return allocate_run(run_dir, model, tokenizer, settings, self.budget, self.score,
+                            calibration_rows=self.calibration_rows, batch_size=batch_size, progress=progress)

@@ -12,10 +12,11 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
+from ..core.allocation import Allocation
 from ..core.model import QDyLoRAModel
 from ..core.rank import evaluating
 from ..data.batching import fixed_batches, pad_token_id
@@ -40,28 +41,42 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 NOT_RECOMMENDED = ("perplexity",)  # the same ranking as loss
 
 
+Entry = Union[int, Allocation]  # a uniform rank, or per-layer ranks (`core.allocation`)
+
+
 @dataclass
 class SweepResult:
     """Per-value scores at each rank (rank 0 = base model) and the recommended rank of each.
 
     values: "loss" (mean response-token loss), "perplexity", "exact_match", "acc", "acc_norm",
     "rouge1", "rouge2", "rougeL", "bleu" (percent), and "lm_eval:TASK:METRIC" (as the harness
-    reports them; fractions in [0, 1] as percent)."""
+    reports them; fractions in [0, 1] as percent). `ranks` may hold allocations after the
+    uniform ranks (keyed by their name in files); `params` is each entry's adapter size, and
+    `smallest` the smallest entry by parameters within the tolerance of the best (with
+    allocations)."""
 
-    ranks: list[int]
-    values: dict[str, dict[int, float]]
+    ranks: list[Entry]
+    values: dict[str, dict[Entry, float]]
     recommended: dict[str, int]
     examples: int
     seconds: dict[str, float] = field(default_factory=dict)
-    samples: dict[int, list[str]] = field(default_factory=dict)  # first generations per rank
+    samples: dict[Entry, list[str]] = field(default_factory=dict)  # first generations per rank
     higher_is_better: dict[str, bool] = field(default_factory=dict)
+    params: dict[Entry, int] = field(default_factory=dict)
+    smallest: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def allocations(self) -> list[Allocation]:
+        return [r for r in self.ranks if isinstance(r, Allocation)]
 
     def to_dict(self) -> dict:
         return {
-            "ranks": self.ranks,
+            "ranks": [str(r) if isinstance(r, Allocation) else r for r in self.ranks],
             "examples": self.examples,
             "values": {m: {str(r): v for r, v in vals.items()} for m, vals in self.values.items()},
             "recommended": self.recommended,
+            **({"smallest": self.smallest} if self.smallest else {}),
+            "params": {str(r): n for r, n in self.params.items()},
             "higher_is_better": self.higher_is_better,
             "seconds": self.seconds,
             "samples": {str(r): s for r, s in self.samples.items()},
@@ -71,9 +86,9 @@ class SweepResult:
         buf = io.StringIO()
         writer = csv.writer(buf)
         metrics = list(self.values)
-        writer.writerow(["rank", *metrics])
+        writer.writerow(["rank", "params", *metrics])
         for r in self.ranks:
-            writer.writerow([r, *(f"{self.values[m][r]:.6g}" for m in metrics)])
+            writer.writerow([r, self.params.get(r, ""), *(f"{self.values[m][r]:.6g}" for m in metrics)])
         return buf.getvalue()
 
 
@@ -82,16 +97,19 @@ def default_ranks(max_rank: int) -> list[int]:
     return sorted({0, max_rank} | {2**k for k in range(max_rank.bit_length()) if 2**k <= max_rank})
 
 
-def recommend(values: dict[int, float], higher_is_better: bool, tolerance: float, relative: bool) -> int:
+def recommend(values: dict[Entry, float], higher_is_better: bool, tolerance: float, relative: bool,
+              size: Optional[dict[Entry, int]] = None) -> Entry:
     """The smallest rank (> 0) within `tolerance` of the best rank's value: relative (a fraction
-    of the best) for losses, absolute (points) for accuracies."""
-    adapted = {r: v for r, v in values.items() if r > 0 and not math.isnan(v)}
+    of the best) for losses, absolute (points) for accuracies. With `size` (parameters of each
+    entry) allocations compete too and the smallest by size wins; without, uniform ranks only."""
+    adapted = {r: v for r, v in values.items()
+               if (size is not None or isinstance(r, int)) and r != 0 and not math.isnan(v)}
     if not adapted:
         raise QDyLoRAError("no rank above 0 was measured")
     best = max(adapted.values()) if higher_is_better else min(adapted.values())
     slack = abs(best) * tolerance if relative else tolerance
     good = [r for r, v in adapted.items() if (v >= best - slack if higher_is_better else v <= best + slack)]
-    return min(good)
+    return min(good, key=lambda r: (size[r], str(r))) if size is not None else min(good)
 
 
 def eval_rows(settings: RunSettings, data: Optional[str]) -> list[dict]:
@@ -137,7 +155,7 @@ def run_sweep(
     tokenizer,
     rows: Sequence[dict],
     data: DataSettings,
-    ranks: Sequence[int],
+    ranks: Sequence[Entry],
     metrics: Sequence[str] = ("loss", "exact_match"),
     *,
     batch_size: int = 8,
@@ -153,14 +171,17 @@ def run_sweep(
     progress: bool = True,
 ) -> SweepResult:
     """Measure `metrics` (and lm-evaluation-harness `lm_eval` tasks) at every rank of `ranks` (0 is
-    added) on `rows`, formatted as in training; `shots` solved questions lead each `choice` prompt."""
+    added; allocations are measured beside the ranks, in the same batches) on `rows`, formatted as
+    in training; `shots` solved questions lead each `choice` prompt."""
     for name, value in (("loss_tolerance", loss_tolerance), ("accuracy_tolerance", accuracy_tolerance)):
         if not 0 <= value < float("inf"):  # false for nan too
             raise QDyLoRAError(f"{name} must be a finite number, not negative, got {value}")
     if metrics or not lm_eval:
         check_metrics(metrics)
-    check_ranks([r for r in ranks if r != 0], model.qdylora_config.max_rank)  # 0, the base, is always measured
-    ranks = sorted(set(ranks) | {0})
+    allocations = list(dict.fromkeys(r for r in ranks if isinstance(r, Allocation)))
+    ints = [r for r in ranks if not isinstance(r, Allocation)]
+    check_ranks([r for r in ints if r != 0], model.qdylora_config.max_rank)  # 0, the base, is always measured
+    ranks = sorted(set(ints) | {0}) + allocations
     if not rows and metrics:
         raise QDyLoRAError("the evaluation data is empty")
     manager = None
@@ -188,11 +209,13 @@ def run_sweep(
                 ctx, lm_eval, manager, lm_eval_limit))
             values.update(harness)
             higher.update(harness_higher)
-    recommended = {
-        v: recommend(vals, higher[v], *((loss_tolerance, True) if not higher[v] else (accuracy_tolerance, False)))
-        for v, vals in values.items() if v not in NOT_RECOMMENDED
-    }
-    return SweepResult(ranks, values, recommended, len(rows), ctx.seconds, samples, higher)
+    tolerances = {v: (loss_tolerance, True) if not higher[v] else (accuracy_tolerance, False) for v in values}
+    recommended = {v: recommend(vals, higher[v], *tolerances[v]) for v, vals in values.items() if v not in NOT_RECOMMENDED}
+    costs = {p: layer.in_features + layer.out_features for p, layer in model.adapter_layers().items()}
+    params = {r: r.params(costs) if isinstance(r, Allocation) else r * sum(costs.values()) for r in ranks}
+    smallest = {v: str(recommend(vals, higher[v], *tolerances[v], size=params))
+                for v, vals in values.items() if v not in NOT_RECOMMENDED} if allocations else {}
+    return SweepResult(ranks, values, recommended, len(rows), ctx.seconds, samples, higher, params, smallest)
 
 
 @dataclass
@@ -304,10 +327,17 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
               out: Optional[str | Path] = None, overwrite: bool = False, device: Optional[str] = None,
               trust_remote_code: bool = False, title: Optional[str] = None,
               prompt_template: Optional[str] = None, response_template: Optional[str] = None,
-              shots_data: Optional[str] = None, **options) -> tuple[SweepResult, dict[str, Path]]:
+              shots_data: Optional[str] = None, budgets: Sequence[str] = (), scores: Sequence[str] = ("output",),
+              calibration_rows: int = 64, **options) -> tuple[SweepResult, dict[str, Path]]:
     """Open a training run, measure it at `ranks` (default: powers of two up to max_rank; the base
     always) on `data` (default: `eval_rows`), and write sweep.json, sweep.csv and sweep.png into
-    `out` (default: the run directory). `options` go to `run_sweep`."""
+    `out` (default: the run directory). With `budgets`, per-layer allocations at each budget under
+    each of `scores` are measured beside the ranks (made once, kept in RUN/allocations/).
+    `options` go to `run_sweep`."""
+    from .budgets import AllocationRequest
+
+    requests = [AllocationRequest(budget=str(b), score=s, calibration_rows=calibration_rows)
+                for b in budgets for s in scores]  # malformed budgets and scores fail before loading
     out = Path(out or run_dir)
     existing = [n for n in SWEEP_FILES.values() if (out / n).exists()]
     if existing and not overwrite:
@@ -320,8 +350,10 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
     if max_examples > 0:
         rows = rows[:max_examples]
     shots_rows = read_rows(shots_data, settings.data.split) if shots_data else None
-    result = run_sweep(model, tokenizer, rows, fmt, ranks or default_ranks(model.qdylora_config.max_rank),
-                       metrics, shots_rows=shots_rows, **options)
+    allocations = [r.resolve(run_dir, model, tokenizer, settings, batch_size=options.get("batch_size", 8),
+                             progress=options.get("progress", True)) for r in requests]
+    result = run_sweep(model, tokenizer, rows, fmt, list(ranks or default_ranks(model.qdylora_config.max_rank))
+                       + allocations, metrics, shots_rows=shots_rows, **options)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"{run_dir} on {data or 'its validation rows'} ({result.examples} examples)"
     return result, write_outputs(result, out, title=title)
@@ -359,7 +391,8 @@ LABELS = {"loss": "response token loss", "exact_match": "exact match, %", "acc":
 
 def plot(result: SweepResult, path: Path, title: str = "") -> None:
     """Each metric against rank (log2 axis), three panels a row; the base model (rank 0) as a
-    dashed line and the recommended rank marked."""
+    dashed line and the recommended rank marked; allocations at their average rank (parameters
+    over those of rank 1), one line per score."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     shown = [m for m in result.values if m not in NOT_RECOMMENDED]
@@ -369,8 +402,14 @@ def plot(result: SweepResult, path: Path, title: str = "") -> None:
     axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
     for ax, metric in zip(axes, shown):
         vals = result.values[metric]
-        xs = [r for r in result.ranks if r > 0]
+        xs = [r for r in result.ranks if isinstance(r, int) and r > 0]
         ax.plot(xs, [vals[r] for r in xs], marker="o", label="QDyLoRA adapter at rank b")
+        per_rank = result.params.get(1) or (result.params[xs[0]] / xs[0] if xs and result.params else None)
+        for score in dict.fromkeys(a.name.split("-")[0] for a in result.allocations):
+            group = sorted((a for a in result.allocations if a.name.split("-")[0] == score),
+                           key=lambda a: result.params[a])
+            ax.plot([result.params[a] / per_rank for a in group], [vals[a] for a in group], marker="s",
+                    linestyle="--", label=f"per-layer ranks ({score} score), at their average rank")
         ax.axhline(vals[0], linestyle="--", color="gray", label="base model (rank 0)")
         rec = result.recommended.get(metric)
         if rec is not None:
@@ -378,7 +417,7 @@ def plot(result: SweepResult, path: Path, title: str = "") -> None:
                     label=f"recommended rank {rec}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("rank b")
+        ax.set_xlabel("rank b" + (" (allocations: average rank at equal parameters)" if result.allocations else ""))
         better = "higher" if result.higher_is_better.get(metric, metric not in LOWER_IS_BETTER) else "lower"
         ax.set_ylabel(f"{LABELS.get(metric, metric)} ({better} is better)", fontsize=8)
         ax.grid(alpha=0.3)
@@ -397,11 +436,16 @@ def table(result: SweepResult) -> str:
     cols = list(result.values)
     names = [c.removeprefix("lm_eval:") for c in cols]
     width = max([12, *(len(n) for n in names)])
-    head = f"{'rank':>6}  " + "  ".join(f"{n:>{width}}" for n in names)
+    first = max([6, *(len(str(a)) for a in result.allocations)])
+    sized = bool(result.allocations)  # a params column when allocations stand beside the ranks
+    head = f"{'rank':>{first}}  " + (f"{'params':>12}  " if sized else "") + "  ".join(f"{n:>{width}}" for n in names)
     lines = [head, "-" * len(head)]
     for r in result.ranks:
         marks = [m.removeprefix("lm_eval:") for m, rec in result.recommended.items() if rec == r]
+        marks += [f"smallest by {m.removeprefix('lm_eval:')}" for m, name in result.smallest.items()
+                  if name == str(r) and isinstance(r, Allocation)]
         cells = "  ".join(f"{result.values[c][r]:>{width}.{4 if c in LOWER_IS_BETTER else 2}f}" for c in cols)
         name = "base" if r == 0 else str(r)
-        lines.append(f"{name:>6}  {cells}" + (f"   <- recommended ({', '.join(marks)})" if marks else ""))
+        size = f"{result.params.get(r, 0):>12,}  " if sized else ""
+        lines.append(f"{name:>{first}}  {size}{cells}" + (f"   <- recommended ({', '.join(marks)})" if marks else ""))
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import bitsandbytes as bnb
 import torch
@@ -30,6 +30,9 @@ from ..errors import QDyLoRAError
 from ..files import atomic_dir, refuse_existing
 from ..training.rundir import load_run, load_run_settings
 from ..training.sampling import check_ranks
+
+if TYPE_CHECKING:
+    from ..evaluation.budgets import AllocationRequest
 
 REQUANTIZE_NOTE = (
     "note: the merged weights are the dequantized NF4 base plus the adapter; quantizing this "
@@ -101,11 +104,15 @@ def is_model_file(name: str) -> bool:
                              r"added_tokens\.json|vocab\.json|merges\.txt", name))
 
 
-def merge_run(run_dir: Union[str, Path], rank: int, out: Union[str, Path], *, dtype: str = "bfloat16",
-              overwrite: bool = False, device: Optional[str] = None, trust_remote_code: bool = False) -> Path:
-    """`merge` of a training run's adapter at `rank` (rank and --out checked before loading)."""
+def merge_run(run_dir: Union[str, Path], rank: Optional[int], out: Union[str, Path], *, dtype: str = "bfloat16",
+              overwrite: bool = False, device: Optional[str] = None, trust_remote_code: bool = False,
+              allocation: Optional[AllocationRequest] = None, progress: bool = False) -> Path:
+    """`merge` of a training run's adapter at `rank`, or under `allocation` (its per-layer ranks);
+    rank and --out are checked before loading."""
     settings, _ = load_run_settings(run_dir, trust_remote_code)
-    check_ranks([rank], settings.adapter.max_rank)
+    if allocation is None:
+        check_ranks([rank], settings.adapter.max_rank)
     refuse_existing(out, overwrite, ours=is_model_file)
-    model, tokenizer, _ = load_run(run_dir, device, trust_remote_code)
-    return merge(model, rank, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
+    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
+    entry = allocation.resolve(run_dir, model, tokenizer, settings, progress=progress) if allocation else rank
+    return merge(model, entry, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)

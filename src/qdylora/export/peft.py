@@ -24,20 +24,22 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from safetensors.torch import save_file
 
 from ..core.allocation import Allocation, layer_rank
-from ..core.model import QDyLoRAModel, prepare
+from ..core.model import QDyLoRAModel
 from ..core.scaling import scale
 from ..core.targets import uses_conv1d
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, refuse_existing
-from ..training.adapter_file import load_adapter
-from ..training.rundir import load_run_settings
+from ..training.rundir import load_run, load_run_settings
 from ..training.sampling import check_ranks
+
+if TYPE_CHECKING:
+    from ..evaluation.budgets import AllocationRequest
 
 PEFT_PREFIX = "base_model.model."
 
@@ -153,20 +155,26 @@ def export_peft(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[st
 
 
 def export_run(run_dir: Union[str, Path], ranks: list[int], out: Union[str, Path], *, one: bool = False,
-               overwrite: bool = False, device: Optional[str] = None,
-               trust_remote_code: bool = False) -> list[Path]:
+               overwrite: bool = False, device: Optional[str] = None, trust_remote_code: bool = False,
+               allocation: Optional[AllocationRequest] = None, layout: str = "patterns",
+               progress: bool = False) -> list[Path]:
     """Export ranks of a training run as PEFT LoRA folders: `out` itself when `one` rank is asked
-    for, else out/rank-<b> for each. Ranks and targets are checked before the model is loaded."""
-    settings, adapter = load_run_settings(run_dir, trust_remote_code)
-    check_ranks(ranks, settings.adapter.max_rank)
+    for, else out/rank-<b> for each; with `allocation` (ranks ignored), that allocation's per-layer
+    ranks into `out` in `layout`. Ranks, layout and targets are checked before the model is loaded."""
+    settings, _ = load_run_settings(run_dir, trust_remote_code)
+    if layout not in LAYOUTS:
+        raise QDyLoRAError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if allocation is None:
+        check_ranks(ranks, settings.adapter.max_rank)
     out = Path(out)
-    targets = [out] if one else [out / f"rank-{r}" for r in ranks]
+    targets = [out] if one or allocation is not None else [out / f"rank-{r}" for r in ranks]
     for target in targets:
         refuse_existing(target, overwrite, ours=PEFT_FILES.__contains__)
-    model = prepare(settings.model, settings.adapter, device=device or settings.device,
-                    trust_remote_code=settings.trust_remote_code)
-    load_adapter(model, adapter)
-    for r, target in zip(ranks, targets):
+    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
+    entries: list[Union[int, Allocation]] = list(ranks)
+    if allocation is not None:
+        entries = [allocation.resolve(run_dir, model, tokenizer, settings, progress=progress)]
+    for r, target in zip(entries, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
-        export_peft(model, r, target, overwrite=overwrite)
+        export_peft(model, r, target, overwrite=overwrite, layout=layout)
     return targets

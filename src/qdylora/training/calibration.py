@@ -105,21 +105,29 @@ def calibration_batches(examples: Sequence[Example], n: int, seed: int, batch_si
     return list(padded(fixed_batches(chosen, batch_size), pad_id, device))
 
 
-def layer_errors(model: QDyLoRAModel, score: str, stats: Optional[Statistics] = None) -> dict[str, torch.Tensor]:
-    """e_l(b), b = 0..R, of every adapted layer under `score` (`core.allocation`): "svd" needs no
-    statistics, "output" needs G, "loss" G and P."""
+def layer_grams(model: QDyLoRAModel, score: str,
+                stats: Optional[Statistics] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The R x R pair (M, N) of every adapted layer under `score` (`core.allocation`'s table):
+    "svd" needs no statistics, "output" needs G, "loss" G and P. Float64, on the CPU."""
     if score != "svd" and stats is None:
         raise QDyLoRAError(f"the {score!r} score needs calibration statistics")
     if score == "loss" and not stats.has_gradients:
         raise QDyLoRAError("the 'loss' score needs statistics taken with gradients")
-    errors = {}
+    grams = {}
     for path, layer in model.adapter_layers().items():
         A, B = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()  # (R, in), (out, R)
-        c = scale(layer.alpha, layer.max_rank, layer.scaling, layer.max_rank)
         M = stats.P[path] if score == "loss" else B.T @ B  # (R, R)
         N = A @ A.T if score == "svd" else stats.G[path]  # (R, R)
-        errors[path] = tail_errors(M, N, c)
-    return errors
+        grams[path] = (M, N)
+    return grams
+
+
+def layer_errors(model: QDyLoRAModel, score: str, stats: Optional[Statistics] = None) -> dict[str, torch.Tensor]:
+    """e_l(b), b = 0..R, of every adapted layer under `score` (`core.allocation.tail_errors`)."""
+    layers = model.adapter_layers()
+    return {path: tail_errors(M, N, scale(layers[path].alpha, layers[path].max_rank, layers[path].scaling,
+                                          layers[path].max_rank))
+            for path, (M, N) in layer_grams(model, score, stats).items()}
 
 
 def save_statistics(path: Path, stats: Statistics, adapter_digest: str, request: dict) -> None:
