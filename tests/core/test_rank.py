@@ -67,3 +67,43 @@ def test_model_without_adapters():
 def test_bad_update_mode(model):
     with pytest.raises(QDyLoRAError, match="full"):
         qdylora.set_update_mode(model, "partial")
+
+
+def test_an_allocation_sets_each_layer_and_at_rank_restores_them(model):
+    from qdylora.core.allocation import Allocation
+
+    paths = list(model.adapter_layers())
+    allocation = Allocation.of({p: i % 9 for i, p in enumerate(paths)}, "mixed")
+    qdylora.set_rank(model, 4)
+    with qdylora.at_rank(model, allocation):
+        assert ranks_of(model) == [i % 9 for i in range(14)]
+    assert ranks_of(model) == [4] * 14
+    qdylora.set_rank(model.model, allocation)  # the wrapped transformers model: the same paths
+    assert ranks_of(model) == [i % 9 for i in range(14)]
+    with pytest.raises(QDyLoRAError, match="other layers"):
+        qdylora.set_rank(model, Allocation.of({p: 1 for p in paths[:-1]}))
+    with pytest.raises(QDyLoRAError, match="out of range"):
+        qdylora.set_rank(model, Allocation.of({p: 9 for p in paths}))
+
+
+def test_allocations_batched_with_ranks_equal_each_alone(tiny_dir):
+    """One forward of [rank 2, allocation, rank 0] rows (each layer its own per-row ranks) gives
+    what each gives alone."""
+    from qdylora.core.allocation import Allocation
+    from qdylora.core.rank import replicate_for_ranks
+
+    from ..conftest import VOCAB, adapted_model
+
+    m = adapted_model(tiny_dir("llama"), "nested")
+    allocation = Allocation.of({p: (5 * i) % 9 for i, p in enumerate(m.adapter_layers())}, "mixed")
+    x = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    entries = [2, allocation, 0]
+    with torch.no_grad():
+        alone = []
+        for e in entries:
+            with qdylora.at_rank(m, e):
+                alone.append(m(input_ids=x).logits)
+        (stacked,) = replicate_for_ranks(m, entries, x)
+        together = m(input_ids=stacked).logits
+    assert (alone[1] - alone[0]).abs().max() > 1e-2 and (alone[1] - alone[2]).abs().max() > 1e-2
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
