@@ -33,7 +33,7 @@ from qdylora.training.adapter_file import read_adapter_metadata
 from qdylora.training.rundir import load_run
 from qdylora.training.trainer import train
 
-from .conftest import LOGIT_TOL, VOCAB, adapted_model, char_tokenizer, tiny_settings, write_sums
+from .conftest import LOGIT_TOL, VOCAB, adapted_model, char_tokenizer, tiny_settings, transformers_4bit, write_sums
 from .training.test_trainer import stopped_at_4_then_resumed
 
 pytestmark = pytest.mark.cuda
@@ -202,3 +202,31 @@ def test_generation_and_sweep_on_the_device(device, cuda_run):
     for r in (0, 8):
         assert losses[r][0] == pytest.approx(one[r][0], rel=1e-5)
     assert losses[8][0] < losses[0][0]
+
+
+def test_calibration_and_an_allocation_on_the_device(device, tiny_dir, tmp_path):
+    """G and P taken on the device equal the CPU's; the allocated adapter's PEFT export (padded
+    layout) reproduces our logits on transformers' 4-bit model on the device."""
+    peft = pytest.importorskip("peft")
+    from qdylora.core.allocation import Allocation, allocate
+    from qdylora.training.calibration import calibrate, layer_errors
+
+    path = tiny_dir("llama")
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+    cpu_model = adapted_model(path, "nested")
+    on_cpu = calibrate(cpu_model, [batch])
+    model = to_device(adapted_model(path, "nested"), device)
+    stats = calibrate(model, [{k: v.to(device) for k, v in batch.items()}])
+    for p in on_cpu.G:
+        torch.testing.assert_close(stats.G[p], on_cpu.G[p], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(stats.P[p], on_cpu.P[p], rtol=1e-3, atol=1e-9)
+    costs = {p: m.in_features + m.out_features for p, m in model.adapter_layers().items()}
+    allocation = Allocation.of(allocate(layer_errors(model, "loss", stats), costs, 3 * sum(costs.values())), "a")
+    with torch.no_grad(), qdylora.at_rank(model, allocation):
+        ours = model(input_ids=x.to(device)).logits
+    out = export_peft(model, allocation, tmp_path / "peft", layout="padded")
+    base = transformers_4bit(path, torch.float32).to(device)  # CPU repacking off, as in our layers
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(base, out).eval()(input_ids=x.to(device)).logits
+    torch.testing.assert_close(theirs.float(), ours.float(), **LOGIT_TOL["float32"])

@@ -56,15 +56,16 @@ def calibrate(model: QDyLoRAModel, batches: Sequence[dict[str, torch.Tensor]], *
     The model's rank, mode and gradients are as before afterwards."""
     layers = model.adapter_layers()
     R = model.qdylora_config.max_rank
-    G = {p: torch.zeros(R, R, dtype=torch.float64) for p in layers}
-    P = {p: torch.zeros(R, R, dtype=torch.float64) for p in layers} if gradients else {}
+    device = next(model.parameters()).device  # sums stay there (no sync per layer), float64
+    G = {p: torch.zeros(R, R, dtype=torch.float64, device=device) for p in layers}
+    P = {p: torch.zeros(R, R, dtype=torch.float64, device=device) for p in layers} if gradients else {}
     mask: list[torch.Tensor] = []  # the current batch's real (non-padding) tokens, (B * T,)
     labelled = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
 
     def accumulate(grams: dict, path: str, v: torch.Tensor) -> None:
         v = v.reshape(-1, R)[mask[0]] if v.numel() // R == mask[0].numel() else v.reshape(-1, R)
         v = v.detach()
-        grams[path] += (v.T @ v).double().cpu()
+        grams[path] += (v.T @ v).to(grams[path])
 
     def hook(path: str, layer):
         def forward_hook(module, inputs, output):
@@ -93,7 +94,8 @@ def calibrate(model: QDyLoRAModel, batches: Sequence[dict[str, torch.Tensor]], *
     finally:
         for h in handles:
             h.remove()
-    return Statistics({p: g / max(tokens, 1) for p, g in G.items()}, P, rows, tokens)
+    return Statistics({p: (g / max(tokens, 1)).cpu() for p, g in G.items()}, {p: v.cpu() for p, v in P.items()},
+                      rows, tokens)
 
 
 def calibration_batches(examples: Sequence[Example], n: int, seed: int, batch_size: int, pad_id: int,
