@@ -17,6 +17,7 @@ from ._version import __version__
 # The public API, imported on first use (PEP 562): `import qdylora.cli` stays light, so the
 # command line sets up its console before torch, transformers and bitsandbytes load.
 _EXPORTS = {
+    "Allocation": "core.allocation",
     "QDyLoRAConfig": "core.config",
     "QDyLoRALinear": "core.layer",
     "load_tokenizer": "core.loading",
@@ -35,6 +36,8 @@ _EXPORTS = {
     "QDyLoRAError": "errors",
     "answer": "evaluation.generation",
     "generate_at_ranks": "evaluation.generation",
+    "AllocationRequest": "evaluation.budgets",
+    "allocate_run": "evaluation.budgets",
     "SweepResult": "evaluation.sweep",
     "run_sweep": "evaluation.sweep",
     "sweep_run": "evaluation.sweep",
@@ -70,6 +73,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly  # noqa: F401
+    from .core.allocation import Allocation
     from .core.config import QDyLoRAConfig
     from .core.layer import QDyLoRALinear
     from .core.loading import load_tokenizer, resolve_source
@@ -79,6 +83,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .core.rank import adapter_layers, at_rank, get_rank, set_rank, set_update_mode
     from .data.rows import read_rows
     from .errors import QDyLoRAError
+    from .evaluation.budgets import AllocationRequest, allocate_run
     from .evaluation.generation import answer, generate_at_ranks
     from .evaluation.sweep import SweepResult, run_sweep, sweep_run
     from .export.merge import merge
