@@ -146,7 +146,8 @@ def report(study: Path) -> str:
             for score in ("output", "loss"):
                 cells.append(mean_sd([r["orders"][score][str(int(b))] for r in runs if str(int(b)) in r["orders"][score]])
                              if b == int(b) and b <= 8 else "-")
-                cells.append(mean_sd([r["orders"][score][f"{score}-order-{score}-r{fmt_b(b)}"] for r in runs]))
+                cells.append(mean_sd([r["orders"][score][key] for r in runs
+                                      if (key := f"{score}-order-{score}-r{fmt_b(b)}") in r["orders"][score]]))
             lines.append(f"| {fmt_b(b)} | " + " | ".join(cells) + " |")
         lines.append("")
         q1 = [qlora_rank1(task, r["seed"], study) for r in runs]
@@ -161,6 +162,41 @@ def report(study: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(path: Path) -> None:
+    """Test loss against average rank (parameters / rank-1 parameters), per task: uniform ranks
+    and the allocations of each score (mean over seeds)."""
+    from matplotlib.figure import Figure
+
+    results = load_results()
+    tasks = sorted({r["task"] for r in results})
+    fig = Figure(figsize=(5 * len(tasks), 3.8))
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        runs = [r for r in results if r["task"] == task]
+        def curve(keys):
+            xs, ys = [], []
+            for key in keys:
+                vals = [r["loss"][key] for r in runs if key in r["loss"]]
+                if vals:
+                    xs.append(float(key.split("-r")[-1]) if "-r" in key else float(key))
+                    ys.append(statistics.mean(vals))
+            return xs, ys
+        ax.plot(*curve(["1", "2", "4", "8", "16", "32", "64"]), marker="o", label="uniform rank")
+        budgets = sorted({k.split("-r")[-1] for r in runs for k in r["allocations"]}, key=float)
+        for score in SCORES:
+            ax.plot(*curve([f"{score}-r{b}" for b in budgets]), marker="s", linestyle="--",
+                    label=f"per-layer ranks, {score} score")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("average rank (adapter parameters / those of rank 1)")
+        ax.set_ylabel("test answer loss (lower is better)")
+        ax.set_title(f"{task} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="asdiv")
@@ -170,11 +206,18 @@ def main() -> None:
     p.add_argument("--test-rows", type=int, default=100)
     p.add_argument("--rank-batch", type=int, default=8)
     p.add_argument("--runs", default=str(ROOT / "recipe-study" / "runs"), help="the recipe study's runs/")
-    p.add_argument("--report", action="store_true")
+    p.add_argument("--report", action="store_true", help="print the tables and put them in --doc")
+    p.add_argument("--doc", default=str(ROOT.parent / "docs" / "rank-study.md"))
     args = p.parse_args()
     study = Path(args.runs).parent
     if args.report:
-        print(report(study))
+        from recipe_study import update_doc
+
+        tables = report(study)
+        print(tables)
+        if Path(args.doc).exists():
+            update_doc(Path(args.doc), tables, marker="allocation")
+            plot(Path(args.doc).parent / "img" / "allocation-study.png")
         return
     args.budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -302,12 +302,12 @@ def plot(path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def update_doc(doc: Path, tables: str) -> None:
-    """Put the report between the <!-- table:recipes --> markers of `doc`."""
+def update_doc(doc: Path, tables: str, marker: str = "recipes") -> None:
+    """Put the report between the <!-- table:MARKER --> markers of `doc`."""
     import re
 
     page = doc.read_text()
-    page = re.sub(r"(<!-- table:recipes -->\n)(?:.*?\n)?(<!-- /table:recipes -->)",
+    page = re.sub(rf"(<!-- table:{marker} -->\n)(?:.*?\n)?(<!-- /table:{marker} -->)",
                   lambda m: m.group(1) + tables.strip() + "\n" + m.group(2), page, flags=re.S)
     doc.write_text(page)
 
