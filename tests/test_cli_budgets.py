@@ -66,9 +66,10 @@ def test_export_an_allocation_in_both_layouts_reproduces_our_logits(run, tmp_pat
 
 
 def test_merge_and_generate_take_an_allocation(run, tmp_path, capsys):
-    assert main(["merge", str(run), "--budget", "1", "--score", "svd", "--out", str(tmp_path / "m"),
-                 "--dtype", "float32"]) == 0
+    assert main(["merge", str(run), "--budget", "1", "--out", str(tmp_path / "m"), "--dtype", "float32"]) == 0
     assert (tmp_path / "m" / "config.json").is_file()
+    assert (run / "allocations" / "svd-r1.json").is_file()  # the default score: singular values, no data
+    assert not (run / "calibration.safetensors").exists()
     assert main(["generate", str(run), "--allocation", "svd-r1", "--rank", "0", "--prompt", "1+2=",
                  "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out

@@ -25,13 +25,13 @@ class PerLayer:
     """Per-layer ranks instead of one rank: an allocation the run keeps, or one made for a budget."""
 
     allocation: Optional[str] = None
-    """Per-layer ranks the run keeps, by name (e.g. output-r2; see RUN/allocations/) or an allocation file, instead of one rank."""
+    """Per-layer ranks the run keeps, by name (e.g. svd-r2; see RUN/allocations/) or an allocation file, instead of one rank."""
 
     budget: Optional[str] = None
     """Per-layer ranks that fit this budget instead of one rank: an average rank (2), a parameter count (1.5M) or a size (4MB); made once and kept as RUN/allocations/SCORE-BUDGET.json."""
 
-    score: Literal["svd", "output", "loss"] = "output"
-    """How --budget weighs each layer's components: svd (singular values), output (output-error energy on calibration rows), loss (K-FAC estimate of the loss increase; needs a backward pass)."""
+    score: Literal["svd", "output", "loss"] = "svd"
+    """How --budget weighs each layer's components: svd (singular values squared, no data: the best in docs/rank-study.md), output (output-error energy on calibration rows), loss (K-FAC estimate of the loss increase; a backward pass too)."""
 
     calibration_rows: int = 64
     """Training rows the output and loss scores are measured on (0 = all); kept as RUN/calibration.safetensors."""
@@ -185,7 +185,7 @@ class Sweep:
     budgets: Optional[str] = None
     """Also measure per-layer ranks at these budgets, e.g. "1,2,4" (average ranks: the parameter counts of uniform ranks 1, 2, 4), "1.5M" or "4MB"; each is made once per --scores and kept in RUN/allocations/."""
 
-    scores: str = "output"
+    scores: str = "svd"
     """Comma-separated scores the --budgets allocations are made with: svd, output, loss."""
 
     calibration_rows: int = 64
@@ -480,7 +480,7 @@ def _split(text: Optional[str]) -> list[str]:
 
 
 def _entry_name(entry) -> str:
-    """How generate labels an answer: "rank 4", "rank 0 = base model", "allocation output-r2"."""
+    """How generate labels an answer: "rank 4", "rank 0 = base model", "allocation svd-r2"."""
     if isinstance(entry, int):
         return f"rank {entry}{' = base model' if entry == 0 else ''}"
     return f"allocation {entry}"

@@ -5,7 +5,7 @@ and keep both in the run directory.
                                     adapter's tensors by their SHA-256; taken once, reused
     RUN/allocations/<name>.json     one allocation: per-layer ranks, the budget and score that
                                     chose them, its parameter count; <name> = <score>-<budget>,
-                                    e.g. output-r2 (average rank 2), loss-1.5M, svd-4MB
+                                    e.g. svd-r2 (average rank 2), loss-1.5M, output-4MB
 
 `export`, `merge`, `generate` and `sweep` read an allocation from there by name (or any path).
 """
@@ -32,7 +32,7 @@ from ..training.settings import RunSettings
 
 ALLOCATIONS = "allocations"
 CALIBRATION_FILE = "calibration.safetensors"
-DEFAULT_SCORE = "output"
+DEFAULT_SCORE = "svd"  # best or tied on every task of docs/rank-study.md, and needs no data
 DEFAULT_CALIBRATION_ROWS = 64
 
 

@@ -327,7 +327,7 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
               out: Optional[str | Path] = None, overwrite: bool = False, device: Optional[str] = None,
               trust_remote_code: bool = False, title: Optional[str] = None,
               prompt_template: Optional[str] = None, response_template: Optional[str] = None,
-              shots_data: Optional[str] = None, budgets: Sequence[str] = (), scores: Sequence[str] = ("output",),
+              shots_data: Optional[str] = None, budgets: Sequence[str] = (), scores: Sequence[str] = ("svd",),
               calibration_rows: int = 64, **options) -> tuple[SweepResult, dict[str, Path]]:
     """Open a training run, measure it at `ranks` (default: powers of two up to max_rank; the base
     always) on `data` (default: `eval_rows`), and write sweep.json, sweep.csv and sweep.png into
