@@ -41,7 +41,8 @@ def study_run(task: str, seed: int, args) -> dict:
     from qdylora.core.allocation import Allocation, allocate
     from qdylora.data.batching import pad_token_id
     from qdylora.core.ordering import order_by_grams
-    from qdylora.evaluation.budgets import allocate_run, layer_costs, run_statistics
+    from qdylora.core.allocation import layer_costs
+    from qdylora.evaluation.budgets import allocate_run, run_statistics
     from qdylora.evaluation.sweep import run_sweep
     from qdylora.training.calibration import calibrate, calibration_batches, layer_errors, layer_grams
     from qdylora.training.rundir import load_run, read_json

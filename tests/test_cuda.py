@@ -208,7 +208,7 @@ def test_calibration_and_an_allocation_on_the_device(device, tiny_dir, tmp_path)
     """G and P taken on the device equal the CPU's; the allocated adapter's PEFT export (padded
     layout) reproduces our logits on transformers' 4-bit model on the device."""
     peft = pytest.importorskip("peft")
-    from qdylora.core.allocation import Allocation, allocate
+    from qdylora.core.allocation import Allocation, allocate, layer_costs
     from qdylora.training.calibration import calibrate, layer_errors
 
     path = tiny_dir("llama")
@@ -221,7 +221,7 @@ def test_calibration_and_an_allocation_on_the_device(device, tiny_dir, tmp_path)
     for p in on_cpu.G:
         torch.testing.assert_close(stats.G[p], on_cpu.G[p], rtol=1e-3, atol=1e-6)
         torch.testing.assert_close(stats.P[p], on_cpu.P[p], rtol=1e-3, atol=1e-9)
-    costs = {p: m.in_features + m.out_features for p, m in model.adapter_layers().items()}
+    costs = layer_costs(model)
     allocation = Allocation.of(allocate(layer_errors(model, "loss", stats), costs, 3 * sum(costs.values())), "a")
     with torch.no_grad(), qdylora.at_rank(model, allocation):
         ours = model(input_ids=x.to(device)).logits

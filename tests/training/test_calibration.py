@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import qdylora
-from qdylora.core.allocation import allocate, tail_errors
+from qdylora.core.allocation import allocate, layer_costs, tail_errors
 from qdylora.data.rows import IGNORE
 from qdylora.training.calibration import (calibrate, layer_errors, load_statistics, save_statistics)
 from qdylora.training.losses import loss_sum
@@ -98,7 +98,7 @@ def test_scores_rank_layers_differently_and_files_round_trip(tiny_dir, tmp_path)
     c = 16 / 8**0.5
     torch.testing.assert_close(errors["svd"]["model.layers.0.mlp.up_proj"][3],
                                (c * B[:, 3:] @ A[3:]).pow(2).sum(), rtol=1e-10, atol=0)
-    costs = {p: m.in_features + m.out_features for p, m in model.adapter_layers().items()}
+    costs = layer_costs(model)
     budget = 2 * sum(costs.values())
     chosen = {s: allocate(errors[s], costs, budget) for s in errors}
     assert chosen["output"] != chosen["svd"] or chosen["loss"] != chosen["svd"]  # the data changes the choice

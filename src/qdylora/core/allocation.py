@@ -132,6 +132,12 @@ class Allocation:
         return self.name or f"allocation of {len(self.ranks)} layers"
 
 
+def layer_costs(model) -> dict[str, int]:
+    """Parameters of one component of each adapted layer of a QDyLoRAModel: a row of A (in) and a
+    column of B (out)."""
+    return {p: layer.in_features + layer.out_features for p, layer in model.adapter_layers().items()}
+
+
 def layer_rank(rank: "int | Allocation", path: str) -> int:
     """The rank layer `path` runs at under a uniform rank or an allocation."""
     return rank.rank_of(path) if isinstance(rank, Allocation) else rank

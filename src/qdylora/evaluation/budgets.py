@@ -13,12 +13,12 @@ and keep both in the run directory.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..core.allocation import (SCORES, Allocation, allocate, allocation_from_record, allocation_record,
-                               budget_label, parse_budget)
+                               budget_label, layer_costs, parse_budget)
 from ..console import log
 from ..core.model import QDyLoRAModel
 from ..data.batching import pad_token_id
@@ -34,11 +34,6 @@ ALLOCATIONS = "allocations"
 CALIBRATION_FILE = "calibration.safetensors"
 DEFAULT_SCORE = "svd"  # best or tied on every task of docs/rank-study.md, and needs no data
 DEFAULT_CALIBRATION_ROWS = 64
-
-
-def layer_costs(model: QDyLoRAModel) -> dict[str, int]:
-    """Parameters of one component of each adapted layer: a row of A and a column of B."""
-    return {p: layer.in_features + layer.out_features for p, layer in model.adapter_layers().items()}
 
 
 def check_score(score: str) -> None:
@@ -83,8 +78,6 @@ def run_statistics(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, se
 
 
 def _with_default_data(settings: RunSettings) -> RunSettings:
-    from dataclasses import replace
-
     return replace(settings, data=settings.data.with_embedded_default())
 
 

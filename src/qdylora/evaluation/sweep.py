@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..core.allocation import Allocation
+from ..core.allocation import Allocation, layer_costs
 from ..core.model import QDyLoRAModel
 from ..core.rank import evaluating
 from ..data.batching import fixed_batches, pad_token_id
@@ -211,7 +211,7 @@ def run_sweep(
             higher.update(harness_higher)
     tolerances = {v: (loss_tolerance, True) if not higher[v] else (accuracy_tolerance, False) for v in values}
     recommended = {v: recommend(vals, higher[v], *tolerances[v]) for v, vals in values.items() if v not in NOT_RECOMMENDED}
-    costs = {p: layer.in_features + layer.out_features for p, layer in model.adapter_layers().items()}
+    costs = layer_costs(model)
     params = {r: r.params(costs) if isinstance(r, Allocation) else r * sum(costs.values()) for r in ranks}
     smallest = {v: str(recommend(vals, higher[v], *tolerances[v], size=params))
                 for v, vals in values.items() if v not in NOT_RECOMMENDED} if allocations else {}
