@@ -10,11 +10,14 @@ An allocation (layer l at rank b_l) has two layouts:
 
     patterns  PEFT's own: r and lora_alpha of the most common rank, `rank_pattern` and
               `alpha_pattern` for the other layers (lora_alpha_l = s(b_l) * b_l, no rslora);
-              the smallest files, read right by PEFT
-    padded    for servers that ignore those patterns (vLLM's PEFT loader applies one
-              lora_alpha / r to every module, vllm/lora/peft_helper.py): every layer's s(b_l)
-              folded into lora_B, zero-padded to one r = max b_l, lora_alpha = r, no rslora
-              (serve with vLLM's max_lora_rank >= r: `vllm_max_lora_rank`)
+              the smallest files, read right by PEFT and by vLLM 0.32's PEFTHelper
+    padded    for servers that ignore those patterns (vLLM's PEFT loader before it read them
+              applied one lora_alpha / r to every module, vllm/lora/peft_helper.py): every
+              layer's s(b_l) folded into lora_B, zero-padded to one r = max b_l, lora_alpha = r,
+              no rslora (serve with vLLM's max_lora_rank >= r: `vllm_max_lora_rank`)
+
+Both were read with vLLM 0.32's own parser (experiments/vllm_config_check.py): the same delta
+per module as PEFT's reading, in either layout.
 
 Layers at rank 0 are left out of target_modules (PEFT has no rank-0 LoRA).
 """
