@@ -123,6 +123,15 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f} (n={len(xs)})"
 
 
+def paired(diffs: list[float]) -> str:
+    """" (-0.017 ± 0.006)": the mean paired difference and its sd over seeds; "" without pairs."""
+    if not diffs:
+        return ""
+    mean = statistics.mean(diffs)
+    sd = f" ± {statistics.stdev(diffs):.3f}" if len(diffs) > 1 else ""
+    return f" ({'+' if mean >= 0 else ''}{mean:.3f}{sd})"
+
+
 def report(study: Path) -> str:
     results = load_results()
     lines = []
@@ -142,18 +151,27 @@ def report(study: Path) -> str:
             for score in SCORES:
                 vals = [r["loss"][f"{score}-r{fmt_b(b)}"] for r in runs]
                 diffs = [v - x for v, x in zip(vals, u) if x is not None]
-                cells.append(mean_sd(vals) + (f" ({'+' if statistics.mean(diffs) >= 0 else ''}"
-                                              f"{statistics.mean(diffs):.3f})" if diffs else ""))
+                cells.append(mean_sd(vals) + paired(diffs))
             for score in ("output", "loss"):
-                cells.append(mean_sd([r["orders"][score][str(int(b))] for r in runs if str(int(b)) in r["orders"][score]])
-                             if b == int(b) and b <= 8 else "-")
-                cells.append(mean_sd([r["orders"][score][key] for r in runs
-                                      if (key := f"{score}-order-{score}-r{fmt_b(b)}") in r["orders"][score]]))
+                for key in (str(int(b)), f"{score}-order-{score}-r{fmt_b(b)}"):
+                    pairs = [(r["orders"][score][key], x) for r, x in zip(runs, u)
+                             if key in r["orders"][score] and x is not None]
+                    diffs = [v - x for v, x in pairs]
+                    cells.append(mean_sd([v for v, _ in pairs]) + paired(diffs))
             lines.append(f"| {fmt_b(b)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("(In parentheses: minus uniform rank b of the SVD order, paired by seed: mean ± sd.)")
         lines.append("")
         q1 = [qlora_rank1(task, r["seed"], study) for r in runs]
         if any(q is not None for q in q1):
-            lines.append(f"QLoRA rank-1 runs (same seeds): {mean_sd([q for q in q1 if q is not None])}.")
+            def at_rank1(r: dict, what: str) -> float:
+                return r["orders"][what[0]][what[1]] if isinstance(what, tuple) else r["loss"][what]
+            entries = {"uniform rank 1": "1", "svd score": "svd-r1", "loss score": "loss-r1",
+                       "loss order": ("loss", "1"), "loss order + own allocation": ("loss", "loss-order-loss-r1")}
+            gaps = ", ".join(f"{label}{paired([at_rank1(r, what) - q for r, q in zip(runs, q1) if q is not None])}"
+                             for label, what in entries.items())
+            lines.append(f"QLoRA rank-1 runs (same seeds): {mean_sd([q for q in q1 if q is not None])}. At the "
+                         f"parameter count of rank 1, minus the QLoRA rank-1 run of the same seed: {gaps}.")
         cal = [r["calibration_seconds"] / r["train_seconds"] for r in runs]
         fwd = [r["calibration_forward_seconds"] / r["train_seconds"] for r in runs]
         lines.append(f"Calibration on {runs[0]['calibration_rows']} training rows: "
