@@ -116,3 +116,28 @@ def test_budgets_need_an_svd_ordered_adapter(tiny_lm, tmp_path):
     model = qdylora.prepare(tiny_lm, qdylora.QDyLoRAConfig(max_rank=4, scaling="rslora", compute_dtype="float32"))
     with pytest.raises(QDyLoRAError, match="SVD order"):
         allocate_run(tmp_path, model, None, None, "1", "svd")
+
+
+def test_reorder_writes_a_new_run_in_a_data_aware_order(run, tmp_path, capsys):
+    new = tmp_path / "loss-order"
+    assert main(["reorder", str(run), "--out", str(new), "--order", "loss", "--calibration-rows", "8"]) == 0
+    assert (new / "config.json").is_file() and (new / "adapter.safetensors").is_file()
+    ours, _, _ = load_run(run)
+    theirs, _, _ = load_run(new)
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for rank, same in ((8, True), (1, False)):
+            with qdylora.at_rank(ours.eval(), rank), qdylora.at_rank(theirs.eval(), rank):
+                a, b = ours(input_ids=x).logits, theirs(input_ids=x).logits
+            if same:  # the full delta is unchanged
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            else:  # the cut is another one
+                assert (a - b).abs().max() > 1e-3
+    assert main(["export", str(new), "--budget", "1", "--out", str(tmp_path / "peft")]) == 0  # a run like any
+    for argv, message in ((["reorder", str(run), "--out", str(new)], "already exists"),
+                          (["reorder", str(run), "--out", str(run)], "new directory"),
+                          (["reorder", str(run), "--out", str(tmp_path / "x"), "--order", "magic"], "magic")):
+        capsys.readouterr()
+        assert main(argv) == 2
+        lines = errors(capsys)
+        assert len(lines) == 1 and message in lines[0], (argv, lines)

@@ -498,5 +498,44 @@ def _print_allocation(target: Path, layout: str) -> None:
         print(f"qdylora: padded to r {config['r']}: serve with vLLM --max-lora-rank {vllm_max_lora_rank(config['r'])}")
 
 
+@dataclass
+class Reorder:
+    """Write a run's adapter in a data-aware order into a new run directory: the same full-rank delta, every cut b chosen by the output error or the K-FAC loss estimate on calibration rows instead of by singular values."""
+
+    run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by qdylora train (SVD order, the default)."""
+
+    out: str
+    """New run directory for the reordered adapter (sweep, export, merge and generate read it)."""
+
+    order: Literal["output", "loss"] = "loss"
+    """output: every rank b keeps the least output error E||(dW - dW_b) x||^2; loss: the least K-FAC estimate of the loss increase (a backward pass too). In docs/rank-study.md loss helped ASDiv at every rank and hurt XSum: sweep both runs before you ship one."""
+
+    calibration_rows: int = 64
+    """Training rows the order is measured on (0 = all)."""
+
+    overwrite: bool = False
+    """Replace an earlier run in --out."""
+
+    device: Optional[str] = None
+    """Device (default: the run's, else cuda if available)."""
+
+    trust_remote_code: bool = False
+    """Run the base model's own code from its directory (never taken from the run's saved settings)."""
+
+    debug: bool = False
+    """Show full tracebacks for errors."""
+
+    def run(self) -> None:
+        from .evaluation.budgets import reorder_run
+
+        if self.calibration_rows < 0:
+            raise QDyLoRAError(f"--calibration-rows must be 0 (all) or more, got {self.calibration_rows}")
+        out = reorder_run(self.run_dir, self.out, self.order, calibration_rows=self.calibration_rows,
+                          overwrite=self.overwrite, device=self.device, trust_remote_code=self.trust_remote_code,
+                          progress=True)
+        print(f"qdylora: {self.run_dir} in the {self.order} order -> {out}; compare with: qdylora sweep {out}")
+
+
 COMMANDS = {"demo": Demo, "info": Info, "train": Train, "sweep": Sweep, "export": Export, "merge": Merge,
-            "generate": Generate}
+            "generate": Generate, "reorder": Reorder}

@@ -144,6 +144,44 @@ def describe(allocation: Allocation, costs: dict[str, int]) -> str:
             f"{sum(b == 0 for b in ranks)} of {len(ranks)} layers off")
 
 
+ORDERS = ("output", "loss")  # the data-aware orders (`core.ordering.weighted_factors`)
+
+
+def reorder_run(run_dir: Union[str, Path], out: Union[str, Path], order: str, *,
+                calibration_rows: int = DEFAULT_CALIBRATION_ROWS, overwrite: bool = False, device: Optional[str] = None,
+                trust_remote_code: bool = False, progress: bool = False) -> Path:
+    """A new run directory `out` holding the run's adapter in a data-aware `order` ("output": every
+    prefix the least output error, "loss": the least K-FAC loss estimate, on calibration rows),
+    instead of the SVD order: the same delta at full rank, other cuts. `run_dir` keeps its
+    adapter (it gains only its calibration file); every command reads `out` as a run (its sweep,
+    budgets and exports use the new order)."""
+    from ..core.ordering import order_by_grams
+    from ..training.adapter_file import save_adapter
+    from ..training.calibration import layer_grams
+    from ..training.rundir import check_out_dir, clear_run, load_run, run_record
+
+    if order not in ORDERS:
+        raise QDyLoRAError(f"unknown order {order!r}: use {', '.join(ORDERS)}")
+    out = Path(out)
+    if out.resolve() == Path(run_dir).resolve():
+        raise QDyLoRAError("--out must be a new directory: the run keeps its SVD-ordered adapter")
+    check_out_dir(out, overwrite, resume=False)
+    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
+    if model.qdylora_config.scaling != "nested":
+        raise QDyLoRAError("reordering needs an adapter saved in SVD order (train with --order svd, the default)")
+    stats = run_statistics(run_dir, model, tokenizer, settings, rows=calibration_rows, gradients=order == "loss",
+                           progress=progress)
+    order_by_grams(model, layer_grams(model, order, stats))
+    if overwrite:
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, out / "adapter.safetensors",
+                 extra={"order": order, "reordered_from": str(run_dir), "calibration_rows": calibration_rows})
+    write_json(out / "config.json", run_record(settings, model, order=order, reordered_from=str(run_dir)))
+    log.info(f"{run_dir} in the {order} order ({stats.rows} calibration rows) -> {out}")
+    return out
+
+
 @dataclass(frozen=True)
 class AllocationRequest:
     """Which per-layer ranks a command uses: an allocation the run keeps (`name`: a name such as

@@ -43,7 +43,8 @@ from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata
 from .settings import RunSettings
 
 OURS = ("config.json", "data_stats.json", "adapter.safetensors", "metrics.jsonl", "summary.json",
-        "checkpoints", "tensorboard", "sweep.json", "sweep.csv", "sweep.png", "peft")
+        "checkpoints", "tensorboard", "sweep.json", "sweep.csv", "sweep.png", "peft", "allocations",
+        "calibration.safetensors")
 
 
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
