@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional
 
 import tyro
 
+from .core.allocation import DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE
 from .core.config import QDyLoRAConfig
 from .errors import QDyLoRAError
 from .training.sampling import check_ranks, parse_ranks
@@ -30,10 +31,10 @@ class PerLayer:
     budget: Optional[str] = None
     """Per-layer ranks that fit this budget instead of one rank: an average rank (2), a parameter count (1.5M) or a size (4MB); made once and kept as RUN/allocations/SCORE-BUDGET.json."""
 
-    score: Literal["svd", "output", "loss"] = "svd"
+    score: Literal["svd", "output", "loss"] = DEFAULT_SCORE
     """How --budget weighs each layer's components: svd (singular values squared, no data: the best in docs/rank-study.md), output (output-error energy on calibration rows), loss (K-FAC estimate of the loss increase; a backward pass too)."""
 
-    calibration_rows: int = 64
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS
     """Training rows the output and loss scores are measured on (0 = all); kept as RUN/calibration.safetensors."""
 
     def request(self):
@@ -185,10 +186,10 @@ class Sweep:
     budgets: Optional[str] = None
     """Also measure per-layer ranks at these budgets, e.g. "1,2,4" (average ranks: the parameter counts of uniform ranks 1, 2, 4), "1.5M" or "4MB"; each is made once per --scores and kept in RUN/allocations/."""
 
-    scores: str = "svd"
+    scores: str = DEFAULT_SCORE
     """Comma-separated scores the --budgets allocations are made with: svd, output, loss."""
 
-    calibration_rows: int = 64
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS
     """Training rows the output and loss scores are measured on (0 = all)."""
 
     batch_size: int = 8
@@ -511,7 +512,7 @@ class Reorder:
     order: Literal["output", "loss"] = "loss"
     """output: every rank b keeps the least output error E||(dW - dW_b) x||^2; loss: the least K-FAC estimate of the loss increase (a backward pass too). In docs/rank-study.md loss helped ASDiv at every rank and hurt XSum: sweep both runs before you ship one."""
 
-    calibration_rows: int = 64
+    calibration_rows: int = DEFAULT_CALIBRATION_ROWS
     """Training rows the order is measured on (0 = all)."""
 
     overwrite: bool = False

@@ -38,6 +38,8 @@ import torch
 from ..errors import QDyLoRAError
 
 SCORES = ("svd", "output", "loss")
+DEFAULT_SCORE = "svd"  # best or tied on every task of docs/rank-study.md, and needs no data
+DEFAULT_CALIBRATION_ROWS = 64  # training rows the data-aware scores and orders are measured on
 
 
 def tail_errors(M: torch.Tensor, N: torch.Tensor, c: float) -> torch.Tensor:

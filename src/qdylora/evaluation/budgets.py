@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ..core.allocation import (SCORES, Allocation, allocate, allocation_from_record, allocation_record,
-                               budget_label, layer_costs, parse_budget)
+from ..core.allocation import (DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE, SCORES, Allocation, allocate,
+                               allocation_from_record, allocation_record, budget_label, layer_costs, parse_budget)
 from ..console import log
 from ..core.model import QDyLoRAModel
 from ..data.batching import pad_token_id
@@ -32,8 +32,6 @@ from ..training.settings import RunSettings
 
 ALLOCATIONS = "allocations"
 CALIBRATION_FILE = "calibration.safetensors"
-DEFAULT_SCORE = "svd"  # best or tied on every task of docs/rank-study.md, and needs no data
-DEFAULT_CALIBRATION_ROWS = 64
 
 
 def check_score(score: str) -> None:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..core.allocation import Allocation, layer_costs
+from ..core.allocation import DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE, Allocation, layer_costs
 from ..core.model import QDyLoRAModel
 from ..core.rank import evaluating
 from ..data.batching import fixed_batches, pad_token_id
@@ -327,8 +327,8 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
               out: Optional[str | Path] = None, overwrite: bool = False, device: Optional[str] = None,
               trust_remote_code: bool = False, title: Optional[str] = None,
               prompt_template: Optional[str] = None, response_template: Optional[str] = None,
-              shots_data: Optional[str] = None, budgets: Sequence[str] = (), scores: Sequence[str] = ("svd",),
-              calibration_rows: int = 64, **options) -> tuple[SweepResult, dict[str, Path]]:
+              shots_data: Optional[str] = None, budgets: Sequence[str] = (), scores: Sequence[str] = (DEFAULT_SCORE,),
+              calibration_rows: int = DEFAULT_CALIBRATION_ROWS, **options) -> tuple[SweepResult, dict[str, Path]]:
     """Open a training run, measure it at `ranks` (default: powers of two up to max_rank; the base
     always) on `data` (default: `eval_rows`), and write sweep.json, sweep.csv and sweep.png into
     `out` (default: the run directory). With `budgets`, per-layer allocations at each budget under
