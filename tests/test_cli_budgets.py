@@ -32,7 +32,8 @@ def errors(capsys) -> list[str]:
 
 def test_sweep_budgets_measures_allocations_beside_ranks(run, tmp_path, capsys):
     data = write_sums(tmp_path / "test.jsonl", n=12, seed=5)
-    assert main(["sweep", str(run), "--data", str(data), "--metrics", "loss", "--ranks", "1,2,8",
+    assert main(["sweep", str(run), "--data", str(data), "--metrics", "loss,exact_match", "--max-new-tokens", "3",
+                 "--ranks", "1,2,8",
                  "--budgets", "1,2", "--scores", "svd,output,loss", "--calibration-rows", "8", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "output-r2" in out and "params" in out and "smallest adapter within tolerance by loss" in out
@@ -43,6 +44,7 @@ def test_sweep_budgets_measures_allocations_beside_ranks(run, tmp_path, capsys):
         assert sweep["params"][n] <= sweep["params"][n[-1]]
         assert (run / "allocations" / f"{n}.json").is_file()
     assert sweep["recommended"]["loss"] in (1, 2, 8) and sweep["smallest"]["loss"]
+    assert "svd-r2" in sweep["values"]["exact_match"] and "svd-r2" in sweep["samples"]  # generation too
     assert (run / "calibration.safetensors").is_file()
     csv = (run / "sweep.csv").read_text().splitlines()
     assert csv[0].startswith("rank,params,loss") and any(line.startswith("loss-r2,") for line in csv)
