@@ -206,7 +206,9 @@ def plot(path: Path) -> None:
             ax.plot(*curve([f"{score}-r{b}" for b in budgets]), marker="s", linestyle="--",
                     label=f"per-layer ranks, {score} score")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        if high > 10 * max(low, 1e-9):  # the cipher spans four decades; the others a fraction of one
+            ax.set_yscale("log")
         ax.set_xlabel("average rank (adapter parameters / those of rank 1)")
         ax.set_ylabel("test answer loss (lower is better)")
         ax.set_title(f"{task} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
