@@ -16,7 +16,9 @@ For each finished default run (one rank-64 run, SVD order; `recipe-study/runs/<t
    data-aware orders (output, loss) at uniform ranks and under their own allocations (those
    recalibrated on the reordered factors, same rows).
 
-Results: experiments/allocation-study/results/<task>-seed<s>.json.
+Results: experiments/allocation-study/results/<task>-seed<s>.json; the training runs' own result
+files (test loss at ranks 1, 8, 64, training time; QLoRA rank 1 on ASDiv) in
+experiments/allocation-study/trained/.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 SCORES = ("svd", "output", "loss")
 RESULTS = ROOT / "allocation-study" / "results"
+# the recipe study's result files of the runs this study used (copied from its --out results/)
+TRAINED = ROOT / "allocation-study" / "trained"
 
 
 def study_run(task: str, seed: int, args) -> dict:
@@ -110,8 +114,8 @@ def load_results() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
 
 
-def qlora_rank1(task: str, seed: int, study: Path) -> float | None:
-    path = study / "results" / f"{task}-qlora-r1-seed{seed}.json"
+def qlora_rank1(task: str, seed: int) -> float | None:
+    path = TRAINED / f"{task}-qlora-r1-seed{seed}.json"
     return json.loads(path.read_text())["loss"]["1"] if path.exists() else None
 
 
@@ -132,7 +136,7 @@ def paired(diffs: list[float]) -> str:
     return f" ({'+' if mean >= 0 else ''}{mean:.3f}{sd})"
 
 
-def report(study: Path) -> str:
+def report() -> str:
     results = load_results()
     lines = []
     for task in sorted({r["task"] for r in results}):
@@ -162,7 +166,7 @@ def report(study: Path) -> str:
         lines.append("")
         lines.append("(In parentheses: minus uniform rank b of the SVD order, paired by seed: mean ± sd.)")
         lines.append("")
-        q1 = [qlora_rank1(task, r["seed"], study) for r in runs]
+        q1 = [qlora_rank1(task, r["seed"]) for r in runs]
         if any(q is not None for q in q1):
             def at_rank1(r: dict, what: str) -> float:
                 return r["orders"][what[0]][what[1]] if isinstance(what, tuple) else r["loss"][what]
@@ -230,11 +234,10 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="print the tables and put them in --doc")
     p.add_argument("--doc", default=str(ROOT.parent / "docs" / "rank-study.md"))
     args = p.parse_args()
-    study = Path(args.runs).parent
     if args.report:
         from recipe_study import update_doc
 
-        tables = report(study)
+        tables = report()
         print(tables)
         if Path(args.doc).exists():
             update_doc(Path(args.doc), tables, marker="allocation")
