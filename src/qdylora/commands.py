@@ -273,7 +273,7 @@ class Export:
     per_layer: Annotated[PerLayer, Flat] = field(default_factory=PerLayer)
 
     layout: Literal["patterns", "padded"] = "patterns"
-    """Per-layer ranks as PEFT's rank_pattern / alpha_pattern (patterns), or zero-padded to one r with each layer's scale folded into lora_B (padded: for servers such as vLLM that ignore the patterns)."""
+    """Per-layer ranks as PEFT's rank_pattern / alpha_pattern (patterns), or zero-padded to one r with each layer's scale folded into lora_B (padded: for servers that ignore the patterns, such as older vLLM releases)."""
 
     overwrite: bool = False
     """Replace existing output directories."""
