@@ -132,3 +132,45 @@ def _compare_with_the_harness(model, tok, tmp_path):
         assert theirs[r]["mmlu8"]["acc"] * 100 == pytest.approx(mine["acc"])
         assert theirs[r]["mmlu8"]["acc_norm"] * 100 == pytest.approx(mine["acc_norm"])
     assert not torch.allclose(ours[0], ours[64])
+
+
+def test_a_budget_on_a_real_run_is_read_right_by_peft(tmp_path):
+    """Per-layer ranks of a (short) real run under the K-FAC score, exported padded: PEFT on
+    transformers' 4-bit SmolLM2 reproduces our logits under the allocation. Compared in float32:
+    in bf16 PEFT adds its float32 adapter output to the bf16 base output and carries float32 on,
+    so even a uniform rank differs by up to ~0.6 in the logits of this 30-layer model."""
+    import dataclasses
+    import json
+
+    from peft import PeftModel
+
+    from qdylora.cli import main
+    from qdylora.evaluation.budgets import read_allocation
+    from qdylora.training.adapter_file import load_adapter
+    from qdylora.training.rundir import load_run_settings
+
+    from .conftest import transformers_4bit
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--val-examples", "4", "--test-examples", "4",
+                 "--quiet"]) == 0
+    assert main(["export", str(out), "--budget", "0.5", "--score", "loss", "--calibration-rows", "8",
+                 "--layout", "padded", "--out", str(tmp_path / "budget")]) == 0
+    config = json.loads((tmp_path / "budget" / "adapter_config.json").read_text())
+    record = json.loads((out / "allocations" / "loss-r0.5.json").read_text())
+    assert record["params"] <= record["budget_params"] == 305280 // 2 and config["r"] == max(record["ranks"].values())
+    settings, adapter = load_run_settings(out)
+    model = qdylora.prepare(settings.model, dataclasses.replace(settings.adapter, compute_dtype="float32"))
+    load_adapter(model, adapter, check_base=False)  # the fingerprint holds the run's (bf16) embedding dtype
+    allocation = read_allocation(out, "loss-r0.5", list(model.adapter_layers()), 64)
+    tok = qdylora.load_tokenizer(qdylora.resolve_source(settings.model))
+    x = tok("Seven red apples and two green apples are in the basket.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        with qdylora.at_rank(model.eval(), 0):
+            plain = model(input_ids=x).logits
+        with qdylora.at_rank(model, allocation):
+            ours = model(input_ids=x).logits
+        theirs = PeftModel.from_pretrained(transformers_4bit(settings.model, torch.float32),
+                                           tmp_path / "budget").eval()(input_ids=x).logits
+    assert (ours - plain).abs().max() > 0.1  # the allocated adapter is not a no-op
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-3)
