@@ -66,11 +66,21 @@ def atomic_dir(path: Union[str, os.PathLike], overwrite: bool = False) -> Iterat
         if path.exists():
             if not overwrite:
                 raise FileExistsError(path)
-            shutil.rmtree(path)
+            remove_tree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_tree(path: Union[str, os.PathLike]) -> None:
+    """Delete a directory so that no reader ever sees it half deleted: it is first renamed to a
+    hidden ".<name>.<random>.tmp" sibling (what a resume clears as a leftover), then removed; a
+    process killed during the removal leaves that leftover, not a partial `path`."""
+    path = Path(path)
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.replace(path, aside)  # replaces the empty directory mkdtemp made
+    shutil.rmtree(aside)
 
 
 def _umask() -> int:

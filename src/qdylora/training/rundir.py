@@ -38,7 +38,7 @@ from ..console import log
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
 from ..errors import QDyLoRAError
-from ..files import atomic_dir, atomic_write
+from ..files import atomic_dir, atomic_write, remove_tree
 from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata
 from .settings import RunSettings
 
@@ -322,7 +322,7 @@ def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last:
         else:
             shutil.copyfile(final / "adapter.safetensors", t)
     for old in checkpoint_dirs(out)[:-keep_last]:
-        shutil.rmtree(old)
+        remove_tree(old)  # a kill during the removal must not leave a partial step-N behind
     return final
 
 
