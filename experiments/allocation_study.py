@@ -235,13 +235,9 @@ def main() -> None:
     p.add_argument("--doc", default=str(ROOT.parent / "docs" / "rank-study.md"))
     args = p.parse_args()
     if args.report:
-        from recipe_study import update_doc
+        from recipe_study import publish
 
-        tables = report()
-        print(tables)
-        if Path(args.doc).exists():
-            update_doc(Path(args.doc), tables, marker="allocation")
-            plot(Path(args.doc).parent / "img" / "allocation-study.png")
+        publish(report(), Path(args.doc), "allocation", plot, "allocation-study.png")
         return
     args.budgets = [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -312,6 +312,14 @@ def update_doc(doc: Path, tables: str, marker: str = "recipes") -> None:
     doc.write_text(page)
 
 
+def publish(tables: str, doc: Path, marker: str, plot_to, image: str) -> None:
+    """Print a study's tables, put them between the doc's markers and draw its plot beside it."""
+    print(tables)
+    if doc.exists():
+        update_doc(doc, tables, marker)
+        plot_to(doc.parent / "img" / image)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("asdiv", "cipher", "xsum"), default="asdiv")
@@ -326,11 +334,7 @@ def main() -> None:
     p.add_argument("--doc", default=str(ROOT.parent / "docs" / "rank-study.md"))
     args = p.parse_args()
     if args.report:
-        tables = report()
-        print(tables)
-        if Path(args.doc).exists():
-            update_doc(Path(args.doc), tables)
-            plot(Path(args.doc).parent / "img" / "recipe-study.png")
+        publish(report(), Path(args.doc), "recipes", plot, "recipe-study.png")
         return
     args.ranks = [int(r) for r in args.ranks.split(",")]
     results = Path(args.out) / "results"
