@@ -69,7 +69,7 @@ def calibrate(model: QDyLoRAModel, batches: Sequence[dict[str, torch.Tensor]], *
 
     def hook(path: str, layer):
         def forward_hook(module, inputs, output):
-            x = inputs[0]
+            x = inputs[0].detach()  # G needs no graph
             accumulate(G, path, x.float() @ layer.lora_A.detach().float().T)  # (..., R)
             if gradients and output.requires_grad:
                 output.register_hook(lambda g: accumulate(P, path, g.float() @ layer.lora_B.detach().float()))
