@@ -138,7 +138,9 @@ def test_reorder_writes_a_new_run_in_a_data_aware_order(run, tmp_path, capsys):
     assert main(["export", str(new), "--budget", "1", "--out", str(tmp_path / "peft")]) == 0  # a run like any
     for argv, message in ((["reorder", str(run), "--out", str(new)], "already exists"),
                           (["reorder", str(run), "--out", str(run)], "new directory"),
-                          (["reorder", str(run), "--out", str(tmp_path / "x"), "--order", "magic"], "magic")):
+                          (["reorder", str(run), "--out", str(tmp_path / "x"), "--order", "magic"], "magic"),
+                          (["reorder", str(run), "--out", str(tmp_path / "x"), "--calibration-rows", "-1"],
+                           "calibration rows")):
         capsys.readouterr()
         assert main(argv) == 2
         lines = errors(capsys)

@@ -530,8 +530,6 @@ class Reorder:
     def run(self) -> None:
         from .evaluation.budgets import reorder_run
 
-        if self.calibration_rows < 0:
-            raise QDyLoRAError(f"--calibration-rows must be 0 (all) or more, got {self.calibration_rows}")
         out = reorder_run(self.run_dir, self.out, self.order, calibration_rows=self.calibration_rows,
                           overwrite=self.overwrite, device=self.device, trust_remote_code=self.trust_remote_code,
                           progress=True)

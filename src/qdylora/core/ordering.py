@@ -76,35 +76,33 @@ def weighted_factors(A: torch.Tensor, B: torch.Tensor, c: float, c_new: float,
     return A_new, B_new
 
 
-def order_by_svd(model: QDyLoRAModel) -> None:
-    """Rewrite every layer's A and B in place so that rank b is the best rank-b approximation of
-    the full delta, and switch the model's scale rule to "nested" (the full delta is unchanged)."""
-    config = model.qdylora_config
-    c_new = scale(config.alpha, config.max_rank, "nested", config.max_rank)
-    with torch.no_grad():
-        for layer in model.adapter_layers().values():
-            c = scale(layer.alpha, layer.max_rank, layer.scaling, layer.max_rank)
-            A, B = svd_factors(layer.lora_A.double(), layer.lora_B.double(), c, c_new)
-            layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B)
-            layer.scaling = "nested"
-    model.qdylora_config = replace(config, scaling="nested")
-
-
-def order_by_grams(model: QDyLoRAModel, grams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Rewrite every layer in place by `weighted_factors` with its (M, N) (a data-aware order:
-    `training.calibration.layer_grams`); the scale rule becomes "nested", the full delta stays."""
+def _refactor(model: QDyLoRAModel, factors: Callable[[str, torch.Tensor, torch.Tensor, float, float],
+                                                     tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Rewrite every layer's A, B in place with `factors(path, A, B, c, c_new)` (float64 in),
+    which keeps c B A = c_new B' A'; the scale rule becomes "nested"."""
     config = model.qdylora_config
     c_new = scale(config.alpha, config.max_rank, "nested", config.max_rank)
     with torch.no_grad():
         for path, layer in model.adapter_layers().items():
             c = scale(layer.alpha, layer.max_rank, layer.scaling, layer.max_rank)
-            M, N = grams[path]
-            A, B = weighted_factors(layer.lora_A.double().cpu(), layer.lora_B.double().cpu(), c, c_new, M, N)
+            A, B = factors(path, layer.lora_A.double(), layer.lora_B.double(), c, c_new)
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
             layer.scaling = "nested"
     model.qdylora_config = replace(config, scaling="nested")
+
+
+def order_by_svd(model: QDyLoRAModel) -> None:
+    """Rewrite every layer's A and B in place so that rank b is the best rank-b approximation of
+    the full delta, and switch the model's scale rule to "nested" (the full delta is unchanged)."""
+    _refactor(model, lambda path, A, B, c, c_new: svd_factors(A, B, c, c_new))
+
+
+def order_by_grams(model: QDyLoRAModel, grams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Rewrite every layer in place by `weighted_factors` with its (M, N) (a data-aware order:
+    `training.calibration.layer_grams`, CPU tensors); the scale rule becomes "nested", the full
+    delta stays."""
+    _refactor(model, lambda path, A, B, c, c_new: weighted_factors(A.cpu(), B.cpu(), c, c_new, *grams[path]))
 
 
 @contextlib.contextmanager

@@ -27,16 +27,24 @@ from ..training.adapter_file import tensors_digest
 from ..training.calibration import (Statistics, calibrate, calibration_batches, layer_errors, load_statistics,
                                     save_statistics)
 from ..training.losses import autocast_context
-from ..training.rundir import read_json, write_json
+from ..training.rundir import ALLOCATIONS, CALIBRATION_FILE, read_json, write_json
 from ..training.settings import RunSettings
-
-ALLOCATIONS = "allocations"
-CALIBRATION_FILE = "calibration.safetensors"
-
 
 def check_score(score: str) -> None:
     if score not in SCORES:
         raise QDyLoRAError(f"unknown score {score!r}: use {', '.join(SCORES)}")
+
+
+def check_calibration_rows(rows) -> None:
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise QDyLoRAError(f"calibration rows must be 0 (all) or more, got {rows!r}")
+
+
+def check_svd_ordered(model: QDyLoRAModel, what: str) -> None:
+    """Budgets and reorders cut an adapter whose every prefix is meant to be used unscaled."""
+    if model.qdylora_config.scaling != "nested":
+        raise QDyLoRAError(f"{what} need an adapter saved in SVD order (train with --order svd, the default), "
+                           "where every layer's first b components are its best rank-b part")
 
 
 def adapter_digest(model: QDyLoRAModel) -> str:
@@ -104,9 +112,7 @@ def allocate_run(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, sett
     from RUN/allocations/<score>-<budget>.json when it was made for this adapter and calibration,
     else made and written there."""
     check_score(score)
-    if model.qdylora_config.scaling != "nested":
-        raise QDyLoRAError("per-layer budgets need an adapter saved in SVD order (train with --order svd, the "
-                           "default), where every layer's first b components are its best rank-b part")
+    check_svd_ordered(model, "per-layer budgets")
     costs = layer_costs(model)
     params = parse_budget(budget, costs)
     name = f"{score}-{budget_label(budget)}"
@@ -160,13 +166,13 @@ def reorder_run(run_dir: Union[str, Path], out: Union[str, Path], order: str, *,
 
     if order not in ORDERS:
         raise QDyLoRAError(f"unknown order {order!r}: use {', '.join(ORDERS)}")
+    check_calibration_rows(calibration_rows)
     out = Path(out)
     if out.resolve() == Path(run_dir).resolve():
         raise QDyLoRAError("--out must be a new directory: the run keeps its SVD-ordered adapter")
     check_out_dir(out, overwrite, resume=False)
     model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
-    if model.qdylora_config.scaling != "nested":
-        raise QDyLoRAError("reordering needs an adapter saved in SVD order (train with --order svd, the default)")
+    check_svd_ordered(model, "data-aware orders")
     stats = run_statistics(run_dir, model, tokenizer, settings, rows=calibration_rows, gradients=order == "loss",
                            progress=progress)
     order_by_grams(model, layer_grams(model, order, stats))
@@ -196,9 +202,7 @@ class AllocationRequest:
         check_score(self.score)
         if self.budget is not None:
             parse_budget(self.budget, {"layer": 1})  # a malformed budget fails before any loading
-        if isinstance(self.calibration_rows, bool) or not isinstance(self.calibration_rows, int) \
-                or self.calibration_rows < 0:
-            raise QDyLoRAError(f"calibration rows must be 0 (all) or more, got {self.calibration_rows!r}")
+        check_calibration_rows(self.calibration_rows)
 
     def resolve(self, run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, settings: RunSettings, *,
                 batch_size: int = 8, progress: bool = False) -> Allocation:

@@ -42,9 +42,11 @@ from ..files import atomic_dir, atomic_write, remove_tree
 from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata
 from .settings import RunSettings
 
+ALLOCATIONS = "allocations"  # RUN/allocations/<name>.json: per-layer ranks (evaluation.budgets)
+CALIBRATION_FILE = "calibration.safetensors"  # RUN's calibration statistics (training.calibration)
 OURS = ("config.json", "data_stats.json", "adapter.safetensors", "metrics.jsonl", "summary.json",
-        "checkpoints", "tensorboard", "sweep.json", "sweep.csv", "sweep.png", "peft", "allocations",
-        "calibration.safetensors")
+        "checkpoints", "tensorboard", "sweep.json", "sweep.csv", "sweep.png", "peft", ALLOCATIONS,
+        CALIBRATION_FILE)
 
 
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
