@@ -205,10 +205,19 @@ class Sweep:
     """Use only the first N evaluation rows (0 = all)."""
 
     loss_tolerance: float = 0.01
-    """Recommended rank for loss: the smallest within this fraction of the best rank's loss."""
+    """How much worse than the best rank's loss a rank may be and still count as good enough, in nats per token (0.01: a perplexity at most 1 % higher)."""
 
-    accuracy_tolerance: float = 0.5
-    """Recommended rank for exact_match: the smallest within this many points of the best."""
+    accuracy_tolerance: float = 1.0
+    """How many points below the best rank a score in percent (exact_match, acc, rouge, bleu) may be and still count as good enough."""
+
+    confidence: float = 0.95
+    """Confidence of the intervals and of "good enough": the recommended rank is, at this confidence, within the tolerance of the best (paired bootstrap over rows)."""
+
+    exhaustive: bool = False
+    """Measure every rank on every row. By default rows are measured in rounds and ranks already decided stop being measured."""
+
+    seed: int = 0
+    """Seed of the row order and of the bootstrap resamples (a sweep is reproducible)."""
 
     out: Optional[str] = None
     """Where sweep.json, sweep.csv and sweep.png go (default: the run directory)."""
@@ -240,10 +249,13 @@ class Sweep:
             trust_remote_code=self.trust_remote_code, prompt_template=self.prompt_template,
             response_template=self.response_template, shots_data=self.shots_data, batch_size=self.batch_size,
             rank_batch=self.rank_batch, max_new_tokens=self.max_new_tokens, loss_tolerance=self.loss_tolerance,
-            accuracy_tolerance=self.accuracy_tolerance, shots=self.shots, lm_eval=tasks,
+            accuracy_tolerance=self.accuracy_tolerance, confidence=self.confidence, exhaustive=self.exhaustive,
+            seed=self.seed, shots=self.shots, lm_eval=tasks,
             lm_eval_include=self.lm_eval_include, lm_eval_limit=self.lm_eval_limit, progress=not self.quiet,
             budgets=_split(self.budgets), scores=_split(self.scores), calibration_rows=self.calibration_rows)
         print(table(result))
+        for line in result.messages():
+            print(f"qdylora: {line}")
         for metric, rank in result.recommended.items():
             print(f"qdylora: recommended rank by {metric}: {rank}")
         for metric, name in result.smallest.items():
@@ -467,6 +479,8 @@ class Demo:
         peft_dir, = export_run(out, [rank], out / "peft", one=True, overwrite=True)
         before, after = summary["val_loss_before"], summary["val_loss_after"]
         print(table(result))
+        for line in result.messages():
+            print(f"qdylora: {line}")
         print("qdylora: validation loss before -> after training: " + ", ".join(
             f"rank {r}: {before[r]:.3f} -> {after[r]:.3f}" for r in after))
         print(f"qdylora: run directory (config, adapter at every rank, metrics): {out}")

@@ -9,8 +9,10 @@ import torch
 
 import qdylora
 from qdylora import QDyLoRAConfig, QDyLoRAError
+from qdylora.core.allocation import Allocation
 from qdylora.evaluation.choice import (ChoiceQuestion, choice_accuracy, choice_examples, choice_logliks,
-                                       choice_questions, encode_pair, few_shot)
+                                       choice_logliks_shared, choice_questions, context_of, encode_pair,
+                                       encode_questions, few_shot)
 from qdylora.data.rows import IGNORE
 
 from ..conftest import char_tokenizer, tiny_model
@@ -69,8 +71,8 @@ def test_shots_come_from_the_first_rows_or_their_own_file():
         few_shot(ROWS, 5, None)
 
 
-def adapted_model(dtype: str):
-    model = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(max_rank=8, compute_dtype=dtype, dropout=0.0))
+def adapted_model(dtype: str, arch: str = "llama"):
+    model = qdylora.prepare(tiny_model(arch), QDyLoRAConfig(max_rank=8, compute_dtype=dtype, dropout=0.0))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in model.adapter_layers().values():
@@ -120,3 +122,67 @@ def test_accuracy_counts_the_first_of_tied_options():
     qs = [ChoiceQuestion("q", ("ab", "a"), 0, 0), ChoiceQuestion("q", ("x", "y"), 1, 1)]
     ll = torch.tensor([-2.0, -1.0, -3.0, -3.0])  # q0: option 1 wins acc, ties per char; q1: tie
     assert choice_accuracy(ll, qs) == {"acc": 0.0, "acc_norm": 50.0}
+
+
+def test_encoded_questions_hold_the_prompt_once_and_give_the_same_examples():
+    tok = char_tokenizer()
+    qs, shots = choice_questions(ROWS), choice_questions(ROWS[3:4])
+    for q, e in zip(qs, encode_questions(qs, tok, chat=False, shots=shots)):
+        pairs = [encode_pair(tok, context_of(q, shots), " " + o, bos=False) for o in q.options]
+        assert all(ctx == e.context for ctx, _ in pairs) and [c for _, c in pairs] == list(e.options)
+    for chat in (False, True):
+        encoded = encode_questions(qs, tok, chat=chat, shots=shots, max_length=30)
+        assert [x for e in encoded for x in e.examples()] == choice_examples(qs, tok, chat=chat, shots=shots,
+                                                                              max_length=30)
+
+
+def shared_and_old(model, qs, tok, ranks, *, chat, shots=(), cut=False, rank_batch=0):
+    """(shared path, old path) on the same questions, 2 questions (3 examples) a batch; `cut` sets
+    max_length one short of the longest question, so that question is cut (and falls back)."""
+    encoded = encode_questions(qs, tok, chat=chat, shots=shots)
+    if cut:
+        longest = max(len(e.context) + max(map(len, e.options)) for e in encoded)
+        encoded = encode_questions(qs, tok, chat=chat, shots=shots, max_length=longest - 1)
+        assert 0 < sum(e.shareable for e in encoded) < len(encoded)
+    calls = []
+    got = choice_logliks_shared(model, encoded, ranks, pad_id=tok.pad_token_id, batch_size=2,
+                                rank_batch=rank_batch, on_batch=calls.append)
+    old = choice_logliks(model, [x for e in encoded for x in e.examples()], ranks, pad_id=tok.pad_token_id,
+                         batch_size=3)
+    shared = sum(e.shareable for e in encoded)
+    others = sum(len(e.options) for e in encoded if not e.shareable)
+    groups = len(ranks) if rank_batch == 1 else 1
+    assert calls == [len(ranks) // groups] * ((-(-shared // 2) + -(-others // 2)) * groups)
+    return got, old
+
+
+@pytest.mark.parametrize("dtype, chat, rank_batch", [
+    ("float32", False, 0), ("float32", True, 0), ("float32", False, 1), ("float32", True, 1),
+    ("bfloat16", False, 0),
+])
+def test_shared_prompt_logliks_equal_the_per_option_path(dtype, chat, rank_batch):
+    """Questions of 2-4 options and prompts of different lengths (padding in every batch), a
+    solved shot, one question cut to max_length, uniform ranks and an allocation."""
+    model, tok = adapted_model(dtype), char_tokenizer()
+    mixed = Allocation.of({p: i % 9 for i, p in enumerate(model.adapter_layers())}, "mixed")
+    ranks = [0, 1, 4, 8, mixed]
+    got, old = shared_and_old(model, choice_questions(ROWS), tok, ranks, chat=chat,
+                              shots=choice_questions(ROWS[3:4]), cut=True, rank_batch=rank_batch)
+    tol = dict(rtol=2e-5, atol=2e-4) if dtype == "float32" else dict(rtol=0.05, atol=0.3)
+    assert set(got) == set(ranks)
+    for r in ranks:
+        assert got[r].dtype == torch.float64 and got[r].shape == (13,)
+        np.testing.assert_allclose(got[r].numpy(), old[r].numpy(), **tol)
+    assert not torch.allclose(got[0], got[8]) and not torch.allclose(got[8], got[mixed])  # no no-op adapter
+
+
+# Learned absolute positions (Llama's rotary ones are shift-invariant): left-padded prompts are
+# right only with explicit position_ids.
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_shared_prompt_logliks_with_absolute_positions(arch):
+    model, tok = adapted_model("float32", arch), char_tokenizer()
+    for chat in (False, True):
+        got, old = shared_and_old(model, choice_questions(ROWS), tok, [0, 3, 8], chat=chat)
+        for r in (0, 3, 8):
+            np.testing.assert_allclose(got[r].numpy(), old[r].numpy(), rtol=2e-5, atol=2e-4)
+        assert not torch.allclose(got[0], got[8])

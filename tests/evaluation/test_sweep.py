@@ -32,13 +32,13 @@ def test_default_ranks():
     assert default_ranks(12) == [0, 1, 2, 4, 8, 12]
 
 
-def test_recommend_smallest_within_tolerance():
+def test_point_estimate_rule_for_values_without_rows():  # lm-eval values: smallest within tolerance of the best
     loss = {0: 3.0, 1: 2.0, 2: 1.5, 4: 1.01, 8: 1.0}
-    assert recommend(loss, higher_is_better=False, tolerance=0.01, relative=True) == 4
-    assert recommend(loss, higher_is_better=False, tolerance=0.6, relative=True) == 2
+    assert recommend(loss, higher_is_better=False, tolerance=0.011) == 4
+    assert recommend(loss, higher_is_better=False, tolerance=0.6) == 2
     acc = {0: 10.0, 1: 40.0, 2: 59.6, 4: 60.0, 8: 58.0}
-    assert recommend(acc, higher_is_better=True, tolerance=0.5, relative=False) == 2
-    assert recommend(acc, higher_is_better=True, tolerance=0.1, relative=False) == 4
+    assert recommend(acc, higher_is_better=True, tolerance=0.5) == 2
+    assert recommend(acc, higher_is_better=True, tolerance=0.1) == 4
 
 
 def test_rank_batched_loss_equals_one_rank_at_a_time(trained):
@@ -98,7 +98,15 @@ def test_cli_sweep_writes_table_json_csv_png(trained, capsys, tmp_path):
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["ranks"] == [0, 1, 2, 8] and set(saved["values"]["loss"]) == {"0", "1", "2", "8"}
     csv = (out / "sweep.csv").read_text().splitlines()
-    assert csv[0] == "rank,params,loss,perplexity,exact_match"  # params: the adapter's size at that rank
+    columns = [f"{m}{part}" for m in ("loss", "perplexity", "exact_match") for part in ("", "_low", "_high", "_rows")]
+    assert csv[0] == ",".join(["rank", "params", *columns])  # params: the adapter's size at that rank
+    for line in csv[1:]:  # every value inside its interval
+        cells = dict(zip(columns, line.split(",")[2:]))
+        for m in ("loss", "exact_match"):
+            assert float(cells[f"{m}_low"]) <= float(cells[m]) <= float(cells[f"{m}_high"])
+    assert set(saved["intervals"]["loss"]) == {"0", "1", "2", "8"} and saved["confidence"] == 0.95
+    assert saved["decisions"]["loss"]["recommended"] == str(saved["recommended"]["loss"])
+    assert "half-width of the 95% interval" in printed and "at 95% confidence" in printed
     sizes = {line.split(",")[0]: int(line.split(",")[1]) for line in csv[1:]}
     assert sizes["0"] == 0 and sizes["2"] == 2 * sizes["1"] > 0 and saved["params"]["8"] == sizes["8"]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -51,7 +51,10 @@ def test_every_metric_at_every_rank_in_one_sweep(trained):
             one = choice_logliks(model, choice_examples(qs, tok, chat=False), [r], pad_id=tok.pad_token_id,
                                  rank_batch=1)[r]
         assert choice_accuracy(one, qs) == {"acc": result.values["acc"][r], "acc_norm": result.values["acc_norm"][r]}
-    assert result.csv().splitlines()[0] == "rank,params," + ",".join(result.values)
+    assert result.csv().splitlines()[0] == "rank,params," + ",".join(
+        f"{m}{part}" for m in result.values for part in ("", "_low", "_high", "_rows"))
+    for m, by in result.values.items():  # every value inside its interval (exact match may be 0 everywhere)
+        assert all(result.intervals[m][r][0] - 1e-9 <= v <= result.intervals[m][r][1] + 1e-9 for r, v in by.items())
 
 
 def test_the_harness_scores_every_rank_as_our_choice_metric_does(tiny_lm, choice_task):
@@ -88,7 +91,10 @@ def test_cli_sweep_with_choice_and_lm_eval(trained_run, choice_task, tmp_path, c
         assert saved["values"]["lm_eval:sums_choice:acc"][r] == pytest.approx(saved["values"]["acc"][r])
         assert saved["values"]["lm_eval:sums_choice:acc_norm"][r] == pytest.approx(saved["values"]["acc_norm"][r])
     header = (out / "sweep.csv").read_text().splitlines()[0]
-    assert header == "rank,params,acc,acc_norm,lm_eval:sums_choice:acc,lm_eval:sums_choice:acc_norm"
+    names = ["acc", "acc_norm", "lm_eval:sums_choice:acc", "lm_eval:sums_choice:acc_norm"]
+    assert header == ",".join(["rank", "params", *(f"{m}{p}" for m in names for p in ("", "_low", "_high", "_rows"))])
+    low, high = saved["intervals"]["lm_eval:sums_choice:acc"]["8"]  # the harness's standard error, as an interval
+    assert low < saved["values"]["lm_eval:sums_choice:acc"]["8"] < high
 
 
 def bad_file(tmp_path, rows):

@@ -12,14 +12,17 @@ the answer (an index, a letter, the option's text, or "B. text").
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import string
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..core.allocation import Allocation
+from ..core.rank import replicate_for_ranks
 from ..data.rows import IGNORE, Example, prompt_ids
 from ..errors import QDyLoRAError
 from ..training.losses import batch_losses_at_ranks, padded
@@ -124,13 +127,20 @@ def encode_pair(tokenizer, context: str, continuation: str, bos: bool) -> tuple[
     """(context ids, continuation ids) as lm-evaluation-harness encodes them: spaces at the end of
     the context move to the continuation, the whole text is tokenized once and the context's
     tokens are cut off, so the continuation's tokens are those the model sees in the whole text."""
+    ctx, [cont] = encode_options(tokenizer, context, [continuation], bos)
+    return ctx, cont
+
+
+def encode_options(tokenizer, context: str, continuations: Sequence[str],
+                   bos: bool) -> tuple[list[int], list[list[int]]]:
+    """`encode_pair` of one context and each continuation: the context's ids (tokenized alone, so
+    the same for every continuation) and each continuation's ids."""
     n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    context, spaces = context[:len(context) - n_spaces], context[len(context) - n_spaces:]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    prefix = [tokenizer.bos_token_id] if bos else []
-    return prefix + ctx, whole[len(ctx):]
+    conts = [tokenizer(context + spaces + c, add_special_tokens=False)["input_ids"][len(ctx):]
+             for c in continuations]
+    return ([tokenizer.bos_token_id] if bos else []) + ctx, conts
 
 
 def adds_bos(tokenizer) -> bool:
@@ -139,48 +149,81 @@ def adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def choice_examples(questions: Sequence[ChoiceQuestion], tokenizer, *, chat: bool,
-                    shots: Sequence[ChoiceQuestion] = (), max_length: int = 1024) -> list[Example]:
-    """One example per (question, option), in order: the prompt (loss off) and the option (loss on).
+@dataclass(frozen=True)
+class EncodedQuestion:
+    """A question's prompt ids, once, and each option's continuation ids (`encode_questions`)."""
 
-    Plain prompts follow lm-evaluation-harness (`context_of`, `encode_pair`); with `chat` the
-    solved shots are earlier turns, the question is the user's turn and the option is the
-    assistant's reply, rendered by the chat template as in training. Longer examples keep their
-    last `max_length` tokens."""
+    context: list[int]
+    options: tuple[list[int], ...]
+    max_length: int  # longer examples keep their last max_length tokens
+
+    def examples(self) -> list[Example]:
+        """One example per option: the prompt (loss off), then the option (loss on)."""
+        out = []
+        for cont in self.options:
+            ids = (self.context + cont)[-self.max_length:]
+            n_cont = min(len(cont), len(ids) - 1)  # the first token has no prediction
+            out.append(Example(ids, [IGNORE] * (len(ids) - n_cont) + ids[len(ids) - n_cont:]))
+        return out
+
+    @property
+    def shareable(self) -> bool:
+        """True if every option is scored whole after the whole prompt (nothing cut off), so the
+        options can share one pass over the prompt."""
+        return bool(self.context) and len(self.context) + max(map(len, self.options)) <= self.max_length
+
+
+def encode_questions(questions: Sequence[ChoiceQuestion], tokenizer, *, chat: bool,
+                     shots: Sequence[ChoiceQuestion] = (), max_length: int = 1024) -> list[EncodedQuestion]:
+    """Each question's prompt ids and its options' ids, as `choice_examples` encodes them.
+
+    Plain prompts follow lm-evaluation-harness (`context_of`, `encode_options`: the prompt is
+    tokenized alone, so its ids are the same for every option); with `chat` the solved shots are
+    earlier turns, the question is the user's turn and the option is the assistant's reply,
+    rendered by the chat template as in training."""
     bos = adds_bos(tokenizer)
     solved = [m for s in shots for m in ({"role": "user", "content": s.question},
                                          {"role": "assistant", "content": s.options[s.answer]})]
     out = []
-    for q in questions:  # the prompt once per question, each option after it
+    for q in questions:
         if chat:
-            chat_ctx = prompt_ids(tokenizer, [*solved, {"role": "user", "content": q.question}], chat=True)
-        else:
-            context = context_of(q, shots)
-        for option in q.options:
-            if chat:
-                ctx, cont = chat_ctx, tokenizer(option, add_special_tokens=False)["input_ids"]
-            else:  # the whole text is tokenized per option, as the harness does
-                ctx, cont = encode_pair(tokenizer, context, TARGET_DELIMITER + option, bos)
-            if not cont:
-                raise QDyLoRAError(f"row {q.row}: an option is empty: every option needs text to score")
-            ids = (ctx + cont)[-max_length:]
-            n_cont = min(len(cont), len(ids) - 1)  # the first token has no prediction
-            out.append(Example(ids, [IGNORE] * (len(ids) - n_cont) + ids[len(ids) - n_cont:]))
+            ctx = prompt_ids(tokenizer, [*solved, {"role": "user", "content": q.question}], chat=True)
+            conts = [tokenizer(option, add_special_tokens=False)["input_ids"] for option in q.options]
+        else:  # the whole text is tokenized per option, as the harness does
+            ctx, conts = encode_options(tokenizer, context_of(q, shots),
+                                        [TARGET_DELIMITER + o for o in q.options], bos)
+        if not all(conts):
+            raise QDyLoRAError(f"row {q.row}: an option is empty: every option needs text to score")
+        out.append(EncodedQuestion(ctx, tuple(conts), max_length))
     return out
 
 
-def choice_accuracy(loglik: torch.Tensor, questions: Sequence[ChoiceQuestion]) -> dict[str, float]:
-    """{"acc", "acc_norm"} in percent from the options' summed log-likelihoods (one per option,
-    in `choice_examples` order). Ties go to the first option, as numpy's argmax does."""
-    hits = {"acc": 0, "acc_norm": 0}
+def choice_examples(questions: Sequence[ChoiceQuestion], tokenizer, *, chat: bool,
+                    shots: Sequence[ChoiceQuestion] = (), max_length: int = 1024) -> list[Example]:
+    """One example per (question, option), in order: the prompt (loss off) and the option (loss on)
+    (`encode_questions`). Longer examples keep their last `max_length` tokens."""
+    encoded = encode_questions(questions, tokenizer, chat=chat, shots=shots, max_length=max_length)
+    return [e for q in encoded for e in q.examples()]
+
+
+def choice_hits(loglik: torch.Tensor, questions: Sequence[ChoiceQuestion]) -> dict[str, torch.Tensor]:
+    """{"acc", "acc_norm"}: (n_questions,) float64, 1.0 where the question was answered right, from
+    the options' summed log-likelihoods (one per option, in `choice_examples` order). Ties go to
+    the first option, as numpy's argmax does."""
+    hits = {"acc": [], "acc_norm": []}
     at = 0
     for q in questions:
         ll = loglik[at:at + len(q.options)].double()  # (k,)
         at += len(q.options)
         chars = torch.tensor([float(len(o)) for o in q.options], dtype=torch.float64)  # (k,)
-        hits["acc"] += int(_first_argmax(ll) == q.answer)
-        hits["acc_norm"] += int(_first_argmax(ll / chars) == q.answer)
-    return {k: 100.0 * v / max(len(questions), 1) for k, v in hits.items()}
+        hits["acc"].append(float(_first_argmax(ll) == q.answer))
+        hits["acc_norm"].append(float(_first_argmax(ll / chars) == q.answer))
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in hits.items()}
+
+
+def choice_accuracy(loglik: torch.Tensor, questions: Sequence[ChoiceQuestion]) -> dict[str, float]:
+    """{"acc", "acc_norm"} in percent (`choice_hits` averaged)."""
+    return {k: 100.0 * float(v.sum()) / max(len(questions), 1) for k, v in choice_hits(loglik, questions).items()}
 
 
 def _first_argmax(x: torch.Tensor) -> int:
@@ -221,3 +264,91 @@ def choice_logliks(model: nn.Module, examples: Sequence[Example], ranks: Sequenc
         ll[position] = -loss
         out[r] = ll
     return out
+
+
+@torch.no_grad()
+def choice_logliks_shared(model: nn.Module, questions: Sequence[EncodedQuestion],
+                          ranks: Sequence[Union[int, Allocation]], *, pad_id: int, batch_size: int = 8,
+                          rank_batch: int = 0, autocast=contextlib.nullcontext,
+                          on_batch=None) -> dict[Union[int, Allocation], torch.Tensor]:
+    """`choice_logliks` of the questions' examples ({rank: (N options,) float64}, question by
+    question, option by option), each question's prompt run once per rank instead of once per option.
+
+    A batch is `batch_size` questions: their prompts (left-padded) run at up to `rank_batch` ranks
+    at a time (0 = all; rank-batched as `batch_losses_at_ranks`), which gives each option's first
+    token; the prompts' KV cache is then copied to every (rank, option) row and all options' tokens
+    run in one more pass (k ranks * the batch's options rows, each over its prompt's cache).
+    Questions whose examples are cut to max_length (`shareable` is False), and every question of a
+    model whose forward takes no KV cache, are scored as `choice_logliks` scores them.
+    `on_batch(k)` follows each batch at k ranks: ceil(shareable questions / batch_size), then
+    ceil(options of the others / batch_size) batches per group of ranks.
+    """
+    params = inspect.signature(model.forward).parameters
+    cache_arg = next((a for a in ("cache", "past_key_values") if a in params), None)  # named cache since 5.x
+    caches = cache_arg is not None and "use_cache" in params
+    starts = [0]  # question i's options are starts[i]..starts[i+1]-1
+    for q in questions:
+        starts.append(starts[-1] + len(q.options))
+    out = {r: torch.empty(starts[-1], dtype=torch.float64) for r in ranks}
+    rest = [i for i, q in enumerate(questions) if not (caches and q.shareable)]
+    if rest:
+        where = torch.tensor([o for i in rest for o in range(starts[i], starts[i + 1])])
+        old = choice_logliks(model, [e for i in rest for e in questions[i].examples()], ranks, pad_id=pad_id,
+                             batch_size=batch_size, rank_batch=rank_batch, autocast=autocast, on_batch=on_batch)
+        for r in ranks:
+            out[r][where] = old[r]
+    device = next(model.parameters()).device
+    shared = sorted(set(range(len(questions))) - set(rest), key=lambda i: -len(questions[i].context))
+    group = rank_batch if rank_batch > 0 else len(ranks)
+    for s in range(0, len(shared), batch_size):  # similar prompt lengths together
+        batch = shared[s:s + batch_size]
+        where = torch.tensor([o for i in batch for o in range(starts[i], starts[i + 1])])
+        for start in range(0, len(ranks), group):
+            chunk = list(ranks[start:start + group])
+            with autocast():
+                ll = _shared_batch(model, [questions[i] for i in batch], chunk, pad_id, device, cache_arg,
+                                   "logits_to_keep" in params)  # (k, options)
+            for j, r in enumerate(chunk):
+                out[r][where] = ll[j].cpu()
+            if on_batch is not None:
+                on_batch(len(chunk))
+    return out
+
+
+def _shared_batch(model: nn.Module, questions: Sequence[EncodedQuestion], ranks: list, pad_id: int,
+                  device: torch.device, cache_arg: str, keeps_logits: bool) -> torch.Tensor:
+    """(k ranks, m options) float64 summed log-likelihoods of the options of `questions`."""
+    n, k = len(questions), len(ranks)
+    lengths = torch.tensor([len(q.context) for q in questions], device=device)  # (n,)
+    T = int(lengths.max())
+    ctx = torch.full((n, T), pad_id, dtype=torch.long)
+    for i, q in enumerate(questions):  # left-padded: every prompt's next token comes at T-1
+        ctx[i, T - len(q.context):] = torch.tensor(q.context)
+    ctx_mask = (torch.arange(T, device=device) >= T - lengths[:, None]).long()  # (n, T)
+    ctx_pos = (ctx_mask.cumsum(1) - 1).clamp(min=0)  # (n, T): 0.. from each prompt's first token
+    options = [o for q in questions for o in q.options]
+    owner = torch.tensor([i for i, q in enumerate(questions) for _ in q.options], device=device)  # (m,)
+    L = max(map(len, options))
+    opt = torch.full((len(options), L), pad_id, dtype=torch.long)
+    for i, o in enumerate(options):  # right-padded
+        opt[i, :len(o)] = torch.tensor(o)
+    opt_len = torch.tensor([len(o) for o in options], device=device)  # (m,)
+    opt_mask = (torch.arange(L, device=device) < opt_len[:, None]).long()  # (m, L)
+    opt_pos = lengths[owner][:, None] + torch.arange(L, device=device)  # (m, L): after each prompt's tokens
+
+    ids, mask, pos = replicate_for_ranks(model, ranks, ctx.to(device), ctx_mask, ctx_pos)  # (k*n, T)
+    keep = {"logits_to_keep": 1} if keeps_logits else {}
+    result = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+    first = torch.log_softmax(result.logits[:, -1].float(), dim=-1)  # (k*n, V): after each prompt
+    rows = (torch.arange(k, device=device)[:, None] * n + owner).flatten()  # (k*m,): prompt row of each
+    ll = first[rows, opt[:, 0].to(device).repeat(k)].double()  # (k*m,): each option's first token
+    if L > 1:  # the other tokens, each option over its own prompt's cache
+        cache = getattr(result, cache_arg)
+        cache.reorder_cache(rows)  # every layer's keys and values (k*n, ...) -> (k*m, ...), on its device
+        ids, opt_mask, pos = replicate_for_ranks(model, ranks, opt.to(device), opt_mask, opt_pos)  # (k*m, L)
+        keep = {"logits_to_keep": torch.arange(L - 1, device=device)} if keeps_logits else {}
+        logits = model(input_ids=ids, attention_mask=torch.cat([mask[rows], opt_mask], dim=1), position_ids=pos,
+                       use_cache=True, **{cache_arg: cache}, **keep).logits[:, :L - 1]  # (k*m, L-1, V)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (k*m, L-1)
+        ll += torch.where(opt_mask[:, 1:].bool(), logp, 0.0).double().sum(dim=1)
+    return ll.view(k, -1)

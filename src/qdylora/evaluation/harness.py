@@ -92,7 +92,7 @@ def task_manager(tasks: Sequence[str], include: Optional[str | Path] = None):
 def harness_at_ranks(model: QDyLoRAModel, tokenizer, tasks: Sequence[str], ranks: Sequence[int], *,
                      include: Optional[str | Path] = None, manager=None, limit: Optional[int] = None,
                      num_fewshot: Optional[int] = None, batch_size: int = 8,
-                     on_rank: Optional[Callable[[int], None]] = None,
+                     on_rank: Optional[Callable[[int], None]] = None, with_stderr: bool = False,
                      ) -> tuple[dict[int, dict[str, dict[str, float]]], dict[str, dict[str, bool]]]:
     """({rank: {task: {metric: value}}}, {task: {metric: higher is better}}) of
     lm-evaluation-harness on `tasks` at each rank.
@@ -100,7 +100,8 @@ def harness_at_ranks(model: QDyLoRAModel, tokenizer, tasks: Sequence[str], ranks
     The harness gets the model in memory (loaded and quantized once) and the tokenizer; a BOS
     token is put first exactly when the tokenizer puts one first, as training and our `choice`
     metric do. `limit` caps the documents per task (the harness's --limit); `manager` is a
-    `task_manager(tasks, include)` made before (indexing the harness's tasks takes seconds)."""
+    `task_manager(tasks, include)` made before (indexing the harness's tasks takes seconds).
+    `with_stderr` adds the harness's standard error of each metric as "METRIC_stderr"."""
     lm_eval, HFLM, _ = _harness()
     manager = manager or task_manager(tasks, include)
     device = next(model.parameters()).device
@@ -113,18 +114,19 @@ def harness_at_ranks(model: QDyLoRAModel, tokenizer, tasks: Sequence[str], ranks
             result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                              num_fewshot=num_fewshot, log_samples=False, verbosity="ERROR")
         higher.update(result.get("higher_is_better", {}))
-        scores[rank] = {task: _numbers(values, higher.get(task, {})) for task, values in result["results"].items()}
+        scores[rank] = {task: _numbers(values, higher.get(task, {}), with_stderr) for task, values in result["results"].items()}
         if on_rank is not None:
             on_rank(rank)
     return scores, higher
 
 
-def _numbers(values: dict, metrics: dict[str, bool]) -> dict[str, float]:
+def _numbers(values: dict, metrics: dict[str, bool], with_stderr: bool = False) -> dict[str, float]:
     """A task's scores ("acc,none" -> "acc"; another filter: "exact_match[strict-match]"), only
-    its metrics (no standard errors, sample counts or labels)."""
+    its metrics (no sample counts or labels; standard errors as "acc_stderr" if `with_stderr`)."""
     out = {}
     for key, value in values.items():
         metric, _, filt = key.partition(",")
-        if metric in metrics and isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[metric if filt in ("", "none") else f"{metric}[{filt}]"] = float(value)
+        name = metric.removesuffix("_stderr") if with_stderr else metric
+        if name in metrics and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[metric if filt in ("", "none") else f"{name}[{filt}]{metric[len(name):]}"] = float(value)
     return out

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -25,13 +25,16 @@ from ..data.rows import (EMBEDDED_PREFIX, generation_prompts, read_rows, row_for
                          tokenize)
 from ..errors import QDyLoRAError
 from ..files import atomic_write
-from ..training.losses import autocast_context, losses_at_ranks
+from ..training.losses import autocast_context
 from ..training.rundir import load_run, read_json
 from ..training.sampling import check_ranks
 from ..training.settings import DataSettings, RunSettings
-from .choice import choice_accuracy, choice_examples, choice_logliks, choice_questions, few_shot
+from ..training.losses import batch_losses_at_ranks, padded
+from .adaptive import early_confidence, judge_by, measure, row_order, rows_measured
+from .choice import choice_examples, choice_hits, choice_logliks, choice_questions, few_shot
+from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, exp_ratio, ratio)
 from .generation import generate_at_ranks
-from .text_metrics import ROUGE_TYPES, bleu, exact_match, rouge
+from .text_metrics import bleu_from_stats, bleu_stats, exact_match_rows, rouge_rows
 
 # What `--metrics` takes (the values each reports: `SweepResult`).
 METRICS = ("loss", "exact_match", "choice", "rouge", "bleu")
@@ -39,6 +42,10 @@ GENERATED = ("exact_match", "rouge", "bleu")  # metrics of one shared greedy gen
 SWEEP_FILES = {"json": "sweep.json", "csv": "sweep.csv", "png": "sweep.png"}
 LOWER_IS_BETTER = ("loss", "perplexity")
 NOT_RECOMMENDED = ("perplexity",)  # the same ranking as loss
+LOSS_TOLERANCE = 0.01  # nats per token: a perplexity at most e^0.01 = 1.01 times the best rank's
+ACCURACY_TOLERANCE = 1.0  # points of a score in percent
+PERCENT = ratio(100.0)  # a score in percent from per-row statistics (score 0..1, 1)
+REDUCE = {"loss": ratio(), "perplexity": exp_ratio, "bleu": bleu_from_stats}  # the others: PERCENT
 
 
 Entry = Union[int, Allocation]  # a uniform rank, or per-layer ranks (`core.allocation`)
@@ -46,36 +53,58 @@ Entry = Union[int, Allocation]  # a uniform rank, or per-layer ranks (`core.allo
 
 @dataclass
 class SweepResult:
-    """Per-value scores at each rank (rank 0 = base model) and the recommended rank of each.
+    """Per-value scores at each rank (rank 0 = base model), their intervals, and the recommended
+    rank of each value with the decision behind it.
 
     values: "loss" (mean response-token loss), "perplexity", "exact_match", "acc", "acc_norm",
     "rouge1", "rouge2", "rougeL", "bleu" (percent), and "lm_eval:TASK:METRIC" (as the harness
     reports them; fractions in [0, 1] as percent). `ranks` may hold allocations after the
     uniform ranks (keyed by their name in files); `params` is each entry's adapter size, and
-    `smallest` the smallest entry by parameters within the tolerance of the best (with
-    allocations)."""
+    `smallest` the smallest entry by parameters shown good enough (with allocations).
+    `intervals` are two-sided at `confidence` (bootstrap over rows; for lm-eval values the
+    harness's standard error); `rows` how many rows each value of each entry was measured on
+    (fewer than `examples` where an adaptive sweep stopped measuring it); `decisions` the
+    paired comparisons behind `recommended` (`confidence.Decision`)."""
 
     ranks: list[Entry]
     values: dict[str, dict[Entry, float]]
-    recommended: dict[str, int]
+    recommended: dict[str, Entry]
     examples: int
     seconds: dict[str, float] = field(default_factory=dict)
     samples: dict[Entry, list[str]] = field(default_factory=dict)  # first generations per rank
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     params: dict[Entry, int] = field(default_factory=dict)
     smallest: dict[str, str] = field(default_factory=dict)
+    intervals: dict[str, dict[Entry, tuple[float, float]]] = field(default_factory=dict)
+    rows: dict[str, dict[Entry, int]] = field(default_factory=dict)
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    smallest_decisions: dict[str, Decision] = field(default_factory=dict)
+    confidence: float = DEFAULT_CONFIDENCE
+    adaptive: bool = False
 
     @property
     def allocations(self) -> list[Allocation]:
         return [r for r in self.ranks if isinstance(r, Allocation)]
+
+    def messages(self) -> list[str]:
+        """One line per decision: what is recommended, how sure, what more rows would settle."""
+        lines = [d.message(str) for d in self.decisions.values()]
+        return lines + [d.message(str).replace(": rank ", ": adapter ", 1) for d in self.smallest_decisions.values()]
 
     def to_dict(self) -> dict:
         return {
             "ranks": [str(r) if isinstance(r, Allocation) else r for r in self.ranks],
             "examples": self.examples,
             "values": {m: {str(r): v for r, v in vals.items()} for m, vals in self.values.items()},
-            "recommended": self.recommended,
+            "recommended": {m: r if isinstance(r, int) else str(r) for m, r in self.recommended.items()},
             **({"smallest": self.smallest} if self.smallest else {}),
+            "confidence": self.confidence,
+            "adaptive": self.adaptive,
+            "intervals": {m: {str(r): list(i) for r, i in vals.items()} for m, vals in self.intervals.items()},
+            "rows": {m: {str(r): n for r, n in vals.items()} for m, vals in self.rows.items()},
+            "decisions": {m: d.to_dict(str) for m, d in self.decisions.items()},
+            **({"smallest_decisions": {m: d.to_dict(str) for m, d in self.smallest_decisions.items()}}
+               if self.smallest_decisions else {}),
             "params": {str(r): n for r, n in self.params.items()},
             "higher_is_better": self.higher_is_better,
             "seconds": self.seconds,
@@ -83,33 +112,23 @@ class SweepResult:
         }
 
     def csv(self) -> str:
+        """One row per entry: its parameters, then each value with its interval and rows."""
         buf = io.StringIO()
         writer = csv.writer(buf)
         metrics = list(self.values)
-        writer.writerow(["rank", "params", *metrics])
+        writer.writerow(["rank", "params", *(f"{m}{part}" for m in metrics for part in ("", "_low", "_high", "_rows"))])
         for r in self.ranks:
-            writer.writerow([r, self.params.get(r, ""), *(f"{self.values[m][r]:.6g}" for m in metrics)])
+            cells = []
+            for m in metrics:
+                low, high = self.intervals.get(m, {}).get(r, (math.nan, math.nan))
+                cells += [f"{self.values[m][r]:.6g}", f"{low:.6g}", f"{high:.6g}", self.rows.get(m, {}).get(r, "")]
+            writer.writerow([r, self.params.get(r, ""), *cells])
         return buf.getvalue()
 
 
 def default_ranks(max_rank: int) -> list[int]:
     """0 (the base) and the powers of two up to max_rank, plus max_rank itself."""
     return sorted({0, max_rank} | {2**k for k in range(max_rank.bit_length()) if 2**k <= max_rank})
-
-
-def recommend(values: dict[Entry, float], higher_is_better: bool, tolerance: float, relative: bool,
-              size: Optional[dict[Entry, int]] = None) -> Entry:
-    """The smallest rank (> 0) within `tolerance` of the best rank's value: relative (a fraction
-    of the best) for losses, absolute (points) for accuracies. With `size` (parameters of each
-    entry) allocations compete too and the smallest by size wins; without, uniform ranks only."""
-    adapted = {r: v for r, v in values.items()
-               if (size is not None or isinstance(r, int)) and r != 0 and not math.isnan(v)}
-    if not adapted:
-        raise QDyLoRAError("no rank above 0 was measured")
-    best = max(adapted.values()) if higher_is_better else min(adapted.values())
-    slack = abs(best) * tolerance if relative else tolerance
-    good = [r for r, v in adapted.items() if (v >= best - slack if higher_is_better else v <= best + slack)]
-    return min(good, key=lambda r: (size[r], str(r))) if size is not None else min(good)
 
 
 def eval_rows(settings: RunSettings, data: Optional[str]) -> list[dict]:
@@ -161,8 +180,11 @@ def run_sweep(
     batch_size: int = 8,
     rank_batch: int = 0,
     max_new_tokens: int = 32,
-    loss_tolerance: float = 0.01,
-    accuracy_tolerance: float = 0.5,
+    loss_tolerance: float = LOSS_TOLERANCE,
+    accuracy_tolerance: float = ACCURACY_TOLERANCE,
+    confidence: float = DEFAULT_CONFIDENCE,
+    exhaustive: bool = False,
+    seed: int = DEFAULT_SEED,
     shots: int = 0,
     shots_rows: Optional[Sequence[dict]] = None,
     lm_eval: Sequence[str] = (),
@@ -172,10 +194,18 @@ def run_sweep(
 ) -> SweepResult:
     """Measure `metrics` (and lm-evaluation-harness `lm_eval` tasks) at every rank of `ranks` (0 is
     added; allocations are measured beside the ranks, in the same batches) on `rows`, formatted as
-    in training; `shots` solved questions lead each `choice` prompt."""
+    in training; `shots` solved questions lead each `choice` prompt.
+
+    Every value gets a seeded bootstrap interval at `confidence`, and each recommendation is the
+    smallest rank shown (at that confidence) to be worse than the best by at most the tolerance:
+    `loss_tolerance` nats per token for the loss, `accuracy_tolerance` points for scores in
+    percent (`confidence.decide`). Unless `exhaustive`, rows are measured in rounds and ranks
+    already decided stop being measured (`adaptive`)."""
     for name, value in (("loss_tolerance", loss_tolerance), ("accuracy_tolerance", accuracy_tolerance)):
         if not 0 <= value < float("inf"):  # false for nan too
             raise QDyLoRAError(f"{name} must be a finite number, not negative, got {value}")
+    if not 0.5 <= confidence < 1:
+        raise QDyLoRAError(f"confidence must be at least 0.5 and below 1, got {confidence}")
     if metrics or not lm_eval:
         check_metrics(metrics)
     allocations = list(dict.fromkeys(r for r in ranks if isinstance(r, Allocation)))
@@ -190,32 +220,118 @@ def run_sweep(
 
         manager = task_manager(lm_eval, lm_eval_include)  # an unknown task or no harness: before any work
     ctx = _Context(model, tokenizer, list(ranks), batch_size, rank_batch, progress)
-    rf = row_format(data, rows[0].keys(), data.data or "the evaluation data") if any(
-        m in metrics for m in ("loss", *GENERATED)) else None
-    values: dict[str, dict[int, float]] = {}
-    samples: dict[int, list[str]] = {}
-    with evaluating(model):
-        if "loss" in metrics:
-            values.update(ctx.timed("loss", lambda: _loss_values(ctx, rows, rf, data)))
-        if any(m in metrics for m in GENERATED):
-            generated, samples = ctx.timed("generation", lambda: _generated_values(
-                ctx, rows, rf, data, [m for m in GENERATED if m in metrics], max_new_tokens))
-            values.update(generated)
-        if "choice" in metrics:
-            values.update(ctx.timed("choice", lambda: _choice_values(ctx, rows, data, shots, shots_rows)))
-        higher = {v: v not in LOWER_IS_BETTER for v in values}
-        if lm_eval:
-            harness, harness_higher = ctx.timed("lm_eval", lambda: _harness_values(
-                ctx, lm_eval, manager, lm_eval_limit))
-            values.update(harness)
-            higher.update(harness_higher)
-    tolerances = {v: (loss_tolerance, True) if not higher[v] else (accuracy_tolerance, False) for v in values}
-    recommended = {v: recommend(vals, higher[v], *tolerances[v]) for v, vals in values.items() if v not in NOT_RECOMMENDED}
     costs = layer_costs(model)
     params = {r: r.params(costs) if isinstance(r, Allocation) else r * sum(costs.values()) for r in ranks}
-    smallest = {v: str(recommend(vals, higher[v], *tolerances[v], size=params))
-                for v, vals in values.items() if v not in NOT_RECOMMENDED} if allocations else {}
-    return SweepResult(ranks, values, recommended, len(rows), ctx.seconds, samples, higher, params, smallest)
+    rule = _Rule(loss_tolerance, accuracy_tolerance, Bootstrap(confidence, seed=seed),
+                 Bootstrap(early_confidence(confidence), seed=seed), params if allocations else None)
+    rf = row_format(data, rows[0].keys(), data.data or "the evaluation data") if any(
+        m in metrics for m in ("loss", *GENERATED)) else None
+    families = []
+    if "loss" in metrics:
+        families.append(_loss_family(ctx, rows, rf, data))
+    if any(m in metrics for m in GENERATED):
+        families.append(_generation_family(ctx, rows, rf, data, [m for m in GENERATED if m in metrics],
+                                           max_new_tokens))
+    if "choice" in metrics:
+        families.append(_choice_family(ctx, rows, data, shots, shots_rows))
+    stats: dict[str, dict[Entry, torch.Tensor]] = {}
+    with evaluating(model):
+        for family in families:
+            stats.update(ctx.timed(family.name, lambda: _measure(ctx, family, rule, exhaustive, seed)))
+        values = {v: {r: float(REDUCE.get(v, PERCENT)(s.sum(0))) if s.shape[0] else math.nan for r, s in by.items()}
+                  for v, by in stats.items()}
+        intervals = {v: {r: rule.boot.interval(s, REDUCE.get(v, PERCENT)) for r, s in by.items()}
+                     for v, by in stats.items()}
+        higher = {v: v not in LOWER_IS_BETTER for v in values}
+        decisions = {v: d for v, d in rule.decisions(stats, rule.boot).items()}
+        smallest = {v: d for v, d in rule.decisions(stats, rule.boot, sized=True).items()} if allocations else {}
+        if lm_eval:
+            harness, harness_higher, harness_intervals = ctx.timed("lm_eval", lambda: _harness_values(
+                ctx, lm_eval, manager, lm_eval_limit, confidence))
+            values.update(harness)
+            higher.update(harness_higher)
+            intervals.update(harness_intervals)
+    recommended = {v: d.recommended for v, d in decisions.items()}
+    for v in values:  # lm-eval values: no per-row scores, the smallest within tolerance of the best estimate
+        if v not in recommended and v not in NOT_RECOMMENDED:
+            recommended[v] = recommend(values[v], higher[v], rule.tolerance(v, higher[v]))
+    samples = next((f.samples for f in families if f.samples), {})
+    return SweepResult(ranks, values, recommended, len(rows), ctx.seconds, samples, higher, params,
+                       {v: str(d.recommended) for v, d in smallest.items()}, intervals,
+                       rows_measured(stats), decisions, smallest, confidence, not exhaustive)
+
+
+def recommend(values: dict[Entry, float], higher_is_better: bool, tolerance: float) -> Entry:
+    """The smallest rank (> 0) whose value is within `tolerance` (absolute) of the best rank's:
+    the point-estimate rule, for values without per-row scores (lm-evaluation-harness's)."""
+    adapted = {r: v for r, v in values.items() if isinstance(r, int) and r != 0 and not math.isnan(v)}
+    if not adapted:
+        raise QDyLoRAError("no rank above 0 was measured")
+    best = max(adapted.values()) if higher_is_better else min(adapted.values())
+    return min(r for r, v in adapted.items() if (v >= best - tolerance if higher_is_better else v <= best + tolerance))
+
+
+@dataclass
+class _Rule:
+    """How a sweep decides: the tolerances, the bootstraps of final and early verdicts, and the
+    entries' sizes (with allocations: the smallest adapter by parameters is decided too)."""
+
+    loss_tolerance: float
+    accuracy_tolerance: float
+    boot: Bootstrap
+    early: Bootstrap
+    params: Optional[dict[Entry, int]]
+
+    def tolerance(self, value: str, higher_is_better: bool) -> float:
+        return self.accuracy_tolerance if higher_is_better else self.loss_tolerance
+
+    def decisions(self, stats: dict[str, dict[Entry, torch.Tensor]], boot: Bootstrap,
+                  sized: bool = False) -> dict[str, Decision]:
+        """{value: decision} of every recommended value: among uniform ranks, or (`sized`) among
+        every entry by parameters."""
+        out = {}
+        for v, by in stats.items():
+            if v in NOT_RECOMMENDED:
+                continue
+            higher = v not in LOWER_IS_BETTER
+            if sized:
+                out[v] = decide(v, by, REDUCE.get(v, PERCENT), higher, self.tolerance(v, higher), boot,
+                                size=self.params)
+            else:
+                out[v] = decide(v, by, REDUCE.get(v, PERCENT), higher, self.tolerance(v, higher), boot,
+                                candidate=lambda r: isinstance(r, int) and r != 0)
+        return out
+
+    def judge(self, entries: Sequence[Entry]):
+        """A judge for `adaptive.measure`: early verdicts on the ranks, and on the allocations."""
+        def decide_all(stats):
+            found = list(self.decisions(stats, self.early).values())
+            return found + (list(self.decisions(stats, self.early, sized=True).values()) if self.params else [])
+
+        return judge_by(decide_all, entries)
+
+
+@dataclass
+class _Family:
+    """One way of scoring rows (the loss passes, one greedy generation, multiple choice): `score`
+    gives the per-row statistics of each of its values at some entries on some rows."""
+
+    name: str
+    rows: int
+    score: Callable[[list, list[int]], dict[str, dict[Entry, torch.Tensor]]]
+    samples: dict = field(default_factory=dict)
+
+
+def _measure(ctx: "_Context", family: _Family, rule: _Rule, exhaustive: bool, seed: int):
+    """The family's per-row statistics at every entry: on every row, or adaptively."""
+    order = row_order(family.rows, seed)
+    with ctx.bar(family.name) as bar:
+        def on_round(rows: int, entries: int) -> None:
+            bar.total += math.ceil(rows / ctx.batch_size) * math.ceil(entries / (ctx.rank_batch or entries))
+            bar.refresh()
+
+        ctx.on_batch = lambda k: bar.update(1)
+        return measure(family.score, ctx.ranks, order, None if exhaustive else rule.judge(ctx.ranks), on_round)
 
 
 @dataclass
@@ -224,23 +340,23 @@ class _Context:
 
     model: QDyLoRAModel
     tokenizer: object
-    ranks: list[int]
+    ranks: list[Entry]
     batch_size: int
     rank_batch: int
     progress: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    on_batch: Optional[Callable[[int], None]] = None
 
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
         dtype = self.model.qdylora_config.torch_compute_dtype
         self.autocast = lambda: autocast_context(self.device, dtype, dtype != torch.float32)
         self.pad_id = pad_token_id(self.tokenizer)
-        self.chunks = math.ceil(len(self.ranks) / (self.rank_batch or len(self.ranks)))
 
-    def bar(self, batches: int, desc: str):
+    def bar(self, desc: str):
         from tqdm.auto import tqdm
 
-        return tqdm(total=batches * self.chunks, desc=desc, unit="batch", disable=not self.progress)
+        return tqdm(total=0, desc=desc, unit="batch", disable=not self.progress)
 
     def timed(self, name: str, work):
         start = time.perf_counter()
@@ -249,77 +365,120 @@ class _Context:
         return result
 
 
-def _loss_values(ctx: _Context, rows, rf, data: DataSettings) -> dict[str, dict[int, float]]:
-    """Mean response-token loss (of the first reference where a row has several) and perplexity."""
+def _stats(per_row: torch.Tensor) -> torch.Tensor:
+    """(n,) per-row scores -> (n, 2) statistics (score, 1) of their mean."""
+    per_row = per_row.double()
+    return torch.stack([per_row, torch.ones_like(per_row)], dim=1)
+
+
+def _loss_family(ctx: _Context, rows, rf, data: DataSettings) -> _Family:
+    """Mean response-token loss (of the first reference where a row has several) and perplexity:
+    per-row statistics (summed token loss, tokens)."""
     rows = [split_references(row, i, rf)[0] for i, row in enumerate(rows)]
     examples, _ = tokenize(rows, ctx.tokenizer, rf, max_source_length=data.max_source_length,
                            max_target_length=data.max_target_length)
     if not examples:
         raise QDyLoRAError("no evaluation example is left after tokenization")
-    batches = fixed_batches(examples, ctx.batch_size)
-    with ctx.bar(len(batches), "loss") as bar:
-        sums = losses_at_ranks(ctx.model, batches, ctx.ranks, ctx.pad_id, ctx.device, ctx.rank_batch,
-                               ctx.autocast, on_batch=lambda k: bar.update(1))
-    loss = {r: s / max(c, 1) for r, (s, c) in sums.items()}
-    return {"loss": loss, "perplexity": {r: math.exp(min(v, 50.0)) for r, v in loss.items()}}
+
+    def score(entries: list, idx: list[int]) -> dict[str, dict[Entry, torch.Tensor]]:
+        order = sorted(range(len(idx)), key=lambda i: -len(examples[idx[i]]))  # least padding
+        batches = [[examples[idx[i]] for i in order[s:s + ctx.batch_size]] for s in range(0, len(order), ctx.batch_size)]
+        sums = batch_losses_at_ranks(ctx.model, padded(batches, ctx.pad_id, ctx.device), entries, ctx.rank_batch,
+                                     ctx.autocast, ctx.on_batch)  # {entry: ((n,), (n,)) in batch order}
+        position = torch.tensor(order)
+        out = {}
+        for r, (loss, count) in sums.items():
+            out[r] = torch.empty(len(idx), 2, dtype=torch.float64)
+            out[r][position] = torch.stack([loss, count.double()], dim=1)
+        return {"loss": out, "perplexity": out}
+
+    return _Family("loss", len(examples), score)
 
 
-def _generated_values(ctx: _Context, rows, rf, data: DataSettings, metrics: list[str],
-                      max_new_tokens: int) -> tuple[dict[str, dict[int, float]], dict[int, list[str]]]:
-    """exact_match, rouge and bleu of one greedy generation per row and rank."""
+def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: list[str], max_new_tokens: int) -> _Family:
+    """exact_match, rouge and bleu of one greedy generation per row and entry."""
     prompts, refs = generation_prompts(rows, ctx.tokenizer, rf, max_source_length=data.max_source_length)
-    with ctx.bar(math.ceil(len(prompts) / ctx.batch_size), "generation") as bar, ctx.autocast():
-        outputs = generate_at_ranks(ctx.model, ctx.tokenizer, prompts, ctx.ranks, batch_size=ctx.batch_size,
-                                    max_new_tokens=max_new_tokens, rank_batch=ctx.rank_batch,
-                                    device=ctx.device, on_batch=lambda k: bar.update(1))
-    values: dict[str, dict[int, float]] = {}
-    if "exact_match" in metrics:
-        values["exact_match"] = {r: exact_match(outs, refs) for r, outs in outputs.items()}
-    if "rouge" in metrics:
-        by_rank = {r: rouge(outs, refs) for r, outs in outputs.items()}
-        values.update({kind: {r: by_rank[r][kind] for r in outputs} for kind in ROUGE_TYPES})
-    if "bleu" in metrics:
-        values["bleu"] = {r: bleu(outs, refs) for r, outs in outputs.items()}
-    return values, {r: outs[:3] for r, outs in outputs.items()}
+    family = _Family("generation", len(prompts), lambda entries, idx: {})
+
+    def score(entries: list, idx: list[int]) -> dict[str, dict[Entry, torch.Tensor]]:
+        with ctx.autocast():
+            outputs = generate_at_ranks(ctx.model, ctx.tokenizer, [prompts[i] for i in idx], entries,
+                                        batch_size=ctx.batch_size, max_new_tokens=max_new_tokens,
+                                        rank_batch=ctx.rank_batch, device=ctx.device, on_batch=ctx.on_batch)
+        references = [refs[i] for i in idx]
+        values: dict[str, dict[Entry, torch.Tensor]] = {}
+        for r, outs in outputs.items():
+            family.samples.setdefault(r, outs[:3])
+            if "exact_match" in metrics:
+                values.setdefault("exact_match", {})[r] = _stats(torch.tensor(exact_match_rows(outs, references)))
+            if "rouge" in metrics:
+                for kind, f1 in rouge_rows(outs, references).items():
+                    values.setdefault(kind, {})[r] = _stats(torch.tensor(f1))
+            if "bleu" in metrics:
+                values.setdefault("bleu", {})[r] = bleu_stats(outs, references)
+        return values
+
+    family.score = score
+    return family
 
 
-def _choice_values(ctx: _Context, rows, data: DataSettings, shots: int,
-                   shots_rows: Optional[Sequence[dict]]) -> dict[str, dict[int, float]]:
-    """acc and acc_norm: every option of every question scored in the same rank-batched passes."""
+def _choice_family(ctx: _Context, rows, data: DataSettings, shots: int,
+                   shots_rows: Optional[Sequence[dict]]) -> _Family:
+    """acc and acc_norm: every option of a question scored in the same rank-batched passes."""
     solved, rows, first = few_shot(rows, shots, shots_rows)
     questions = choice_questions(rows, first_row=first)
     chat = data.chat_template and data.format != "text"
     examples = choice_examples(questions, ctx.tokenizer, chat=chat, shots=solved,
                                max_length=data.max_source_length + data.max_target_length)
-    with ctx.bar(math.ceil(len(examples) / ctx.batch_size), "choice") as bar:
-        logliks = choice_logliks(ctx.model, examples, ctx.ranks, pad_id=ctx.pad_id, batch_size=ctx.batch_size,
-                                 rank_batch=ctx.rank_batch, autocast=ctx.autocast,
-                                 on_batch=lambda k: bar.update(1))
-    by_rank = {r: choice_accuracy(ll, questions) for r, ll in logliks.items()}
-    return {kind: {r: by_rank[r][kind] for r in by_rank} for kind in ("acc", "acc_norm")}
+    starts = [0]
+    for q in questions:
+        starts.append(starts[-1] + len(q.options))
+
+    def score(entries: list, idx: list[int]) -> dict[str, dict[Entry, torch.Tensor]]:
+        chosen = [examples[k] for i in idx for k in range(starts[i], starts[i + 1])]
+        logliks = choice_logliks(ctx.model, chosen, entries, pad_id=ctx.pad_id, batch_size=ctx.batch_size,
+                                 rank_batch=ctx.rank_batch, autocast=ctx.autocast, on_batch=ctx.on_batch)
+        hits = {r: choice_hits(ll, [questions[i] for i in idx]) for r, ll in logliks.items()}
+        return {kind: {r: _stats(h[kind]) for r, h in hits.items()} for kind in ("acc", "acc_norm")}
+
+    return _Family("choice", len(questions), score)
 
 
-def _harness_values(ctx: _Context, tasks: Sequence[str], manager, limit) -> tuple[dict, dict[str, bool]]:
-    """lm-evaluation-harness scores as "lm_eval:TASK:METRIC" values; fractions become percent."""
+def _harness_values(ctx: _Context, tasks: Sequence[str], manager, limit, confidence: float,
+                    ) -> tuple[dict, dict[str, bool], dict]:
+    """lm-evaluation-harness scores as "lm_eval:TASK:METRIC" values (fractions become percent),
+    their directions, and intervals of +- z * the harness's standard error (normal approximation;
+    nan where the harness gives none)."""
+    from statistics import NormalDist
+
     from tqdm.auto import tqdm
 
     from .harness import harness_at_ranks
 
     with tqdm(total=len(ctx.ranks), desc="lm-eval", unit="rank", disable=not ctx.progress) as bar:
         scores, higher = harness_at_ranks(ctx.model, ctx.tokenizer, tasks, ctx.ranks, manager=manager, limit=limit,
-                                          batch_size=ctx.batch_size, on_rank=lambda r: bar.update(1))
+                                          batch_size=ctx.batch_size, on_rank=lambda r: bar.update(1),
+                                          with_stderr=True)
     values: dict[str, dict[int, float]] = {}
+    errors: dict[str, dict[int, float]] = {}
     for r, by_task in scores.items():
         for task, metrics in by_task.items():
             for metric, value in metrics.items():
-                values.setdefault(f"lm_eval:{task}:{metric}", {})[r] = value
-    directions = {}
+                if metric.endswith("_stderr"):
+                    errors.setdefault(f"lm_eval:{task}:{metric.removesuffix('_stderr')}", {})[r] = value
+                else:
+                    values.setdefault(f"lm_eval:{task}:{metric}", {})[r] = value
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    directions, intervals = {}, {}
     for name, vals in values.items():
         _, task, metric = name.split(":", 2)
-        if all(0.0 <= v <= 1.0 for v in vals.values()):
-            values[name] = {r: 100.0 * v for r, v in vals.items()}
+        scale = 100.0 if all(0.0 <= v <= 1.0 for v in vals.values()) else 1.0
+        values[name] = {r: scale * v for r, v in vals.items()}
+        se = errors.get(name, {})
+        intervals[name] = {r: (scale * (v - z * se.get(r, math.nan)), scale * (v + z * se.get(r, math.nan)))
+                           for r, v in vals.items()}
         directions[name] = higher.get(task, {}).get(metric.split("[")[0], True)
-    return values, directions
+    return values, directions, intervals
 
 
 def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optional[Sequence[int]] = None,
@@ -403,14 +562,18 @@ def plot(result: SweepResult, path: Path, title: str = "") -> None:
     for ax, metric in zip(axes, shown):
         vals = result.values[metric]
         xs = [r for r in result.ranks if isinstance(r, int) and r > 0]
-        ax.plot(xs, [vals[r] for r in xs], marker="o", label="QDyLoRA adapter at rank b")
+        ax.errorbar(xs, [vals[r] for r in xs], yerr=_yerr(result, metric, xs), marker="o", capsize=3,
+                    label=f"QDyLoRA adapter at rank b ({result.confidence:.0%} interval)")
         per_rank = result.params.get(1) or (result.params[xs[0]] / xs[0] if xs and result.params else None)
         for score in dict.fromkeys(a.name.split("-")[0] for a in result.allocations):
             group = sorted((a for a in result.allocations if a.name.split("-")[0] == score),
                            key=lambda a: result.params[a])
-            ax.plot([result.params[a] / per_rank for a in group], [vals[a] for a in group], marker="s",
-                    linestyle="--", label=f"per-layer ranks ({score} score), at their average rank")
+            ax.errorbar([result.params[a] / per_rank for a in group], [vals[a] for a in group],
+                        yerr=_yerr(result, metric, group), marker="s", capsize=3, linestyle="--", label=f"per-layer ranks ({score} score), at their average rank")
         ax.axhline(vals[0], linestyle="--", color="gray", label="base model (rank 0)")
+        base_low, base_high = result.intervals.get(metric, {}).get(0, (math.nan, math.nan))
+        if not math.isnan(base_high - base_low):
+            ax.axhspan(base_low, base_high, color="gray", alpha=0.12)
         rec = result.recommended.get(metric)
         if rec is not None:
             ax.plot([rec], [vals[rec]], marker="*", markersize=14, color="tab:red", linestyle="none",
@@ -430,12 +593,22 @@ def plot(result: SweepResult, path: Path, title: str = "") -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
+def _yerr(result: SweepResult, metric: str, entries: Sequence[Entry]) -> list[list[float]]:
+    """(2, k) distances from each value down and up to its interval's ends, for errorbar."""
+    spans = [result.intervals.get(metric, {}).get(r, (math.nan, math.nan)) for r in entries]
+    vals = [result.values[metric][r] for r in entries]
+    return [[max(v - lo, 0.0) if not math.isnan(lo) else 0.0 for v, (lo, _) in zip(vals, spans)],
+            [max(hi - v, 0.0) if not math.isnan(hi) else 0.0 for v, (_, hi) in zip(vals, spans)]]
+
+
 def table(result: SweepResult) -> str:
-    """The sweep as a plain-text table (rank 0 is the base model): losses to 4 decimals, scores
-    (percent) to 2; long lm-eval names are shortened to TASK:METRIC."""
+    """The sweep as a plain-text table (rank 0 is the base model): each value +- the half-width of
+    its interval, losses to 4 decimals, scores (percent) to 2, "@n" where an entry was measured on
+    fewer rows than the others (decided early); long lm-eval names are shortened to TASK:METRIC."""
     cols = list(result.values)
     names = [c.removeprefix("lm_eval:") for c in cols]
-    width = max([12, *(len(n) for n in names)])
+    cells = {c: {r: _cell(result, c, r) for r in result.ranks} for c in cols}
+    width = max([12, *(len(n) for n in names), *(len(x) for by in cells.values() for x in by.values())])
     first = max([6, *(len(str(a)) for a in result.allocations)])
     sized = bool(result.allocations)  # a params column when allocations stand beside the ranks
     head = f"{'rank':>{first}}  " + (f"{'params':>12}  " if sized else "") + "  ".join(f"{n:>{width}}" for n in names)
@@ -444,8 +617,22 @@ def table(result: SweepResult) -> str:
         marks = [m.removeprefix("lm_eval:") for m, rec in result.recommended.items() if rec == r]
         marks += [f"smallest by {m.removeprefix('lm_eval:')}" for m, name in result.smallest.items()
                   if name == str(r) and isinstance(r, Allocation)]
-        cells = "  ".join(f"{result.values[c][r]:>{width}.{4 if c in LOWER_IS_BETTER else 2}f}" for c in cols)
+        row = "  ".join(f"{cells[c][r]:>{width}}" for c in cols)
         name = "base" if r == 0 else str(r)
         size = f"{result.params.get(r, 0):>12,}  " if sized else ""
-        lines.append(f"{name:>{first}}  {size}{cells}" + (f"   <- recommended ({', '.join(marks)})" if marks else ""))
-    return "\n".join(lines)
+        lines.append(f"{name:>{first}}  {size}{row}" + (f"   <- recommended ({', '.join(marks)})" if marks else ""))
+    note = f"+-: half-width of the {result.confidence:.0%} interval over rows"
+    if any("@" in x for by in cells.values() for x in by.values()):
+        note += "; @n: measured on n rows only (decided early; --exhaustive measures every rank on every row)"
+    return "\n".join([*lines, note])
+
+
+def _cell(result: SweepResult, value: str, entry: Entry) -> str:
+    places = 4 if value in LOWER_IS_BETTER else 2
+    v = result.values[value][entry]
+    low, high = result.intervals.get(value, {}).get(entry, (math.nan, math.nan))
+    text = f"{v:.{places}f}" + (f" +-{(high - low) / 2:.{places}f}" if not math.isnan(high - low) else "")
+    rows = result.rows.get(value, {})
+    if rows and rows.get(entry, 0) < max(rows.values()):
+        text += f" @{rows[entry]}"
+    return text

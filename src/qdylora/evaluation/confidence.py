@@ -1,0 +1,205 @@
+"""How sure a sweep is: intervals over rows, paired comparisons with the best rank, and the smallest
+rank that is good enough at a stated confidence.
+
+Every metric is a function of per-row statistics summed over rows, `value = reduce(stats.sum(0))`
+for `stats` of shape (n, S): the token loss is (summed token loss, tokens) -> s0 / s1, exact match
+(100 * hit, 1) -> s0 / s1, corpus BLEU sacrebleu's n-gram counts -> its formula. That one form
+lets a single resampling serve every metric: a bootstrap draw is a vector of row counts w (n,),
+and the metric on it is reduce(w @ stats). Ranks are measured on the same rows, so drawing the
+same w for two ranks gives the paired comparison, which is far tighter than two separate
+intervals (adapters at neighbouring ranks err on mostly the same rows).
+
+The decision is a non-inferiority test: rank b is *good enough* when, at `confidence`, it is
+worse than the best rank by at most `tolerance` (in the metric's own units): the one-sided
+upper bound of its deficit is <= tolerance. It is *worse* when the lower bound exceeds the
+tolerance, else *undecided*, and then more rows would tell: the bound's width shrinks as
+1/sqrt(rows), which gives the rows needed. Draws are seeded: a sweep is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Mapping, Optional
+
+import torch
+
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_DRAWS = 2000  # bootstrap resamples; percentiles of 2000 draws move by ~0.3 % of the width
+DEFAULT_SEED = 0
+GOOD, WORSE, UNDECIDED = "good enough", "worse", "undecided"
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # summed stats (..., S) -> metric (...)
+
+
+def ratio(scale: float = 1.0) -> Reduce:
+    """scale * s0 / s1: a mean over rows (stats (value, 1)) or over tokens (stats (sum, count))."""
+    return lambda s: scale * s[..., 0] / s[..., 1]
+
+
+def exp_ratio(s: torch.Tensor) -> torch.Tensor:
+    """exp(s0 / s1): perplexity from (summed token loss, tokens), capped as the sweep caps it."""
+    return torch.exp((s[..., 0] / s[..., 1]).clamp(max=50.0))
+
+
+def resample_counts(n: int, draws: int, seed: int) -> torch.Tensor:
+    """(draws, n) float64: how often each of n rows appears in each bootstrap resample of n rows."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(n, (draws, n), generator=g)  # (D, n) row indices
+    return torch.zeros(draws, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(draws, n, dtype=torch.float64))
+
+
+def _quantile(x: torch.Tensor, q: float) -> float:
+    finite = x[torch.isfinite(x)]
+    return float(torch.quantile(finite, q)) if finite.numel() else math.nan
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Seeded resampling of rows, shared by every rank and metric of a sweep (the same rows drawn
+    for every rank: paired)."""
+
+    confidence: float = DEFAULT_CONFIDENCE
+    draws: int = DEFAULT_DRAWS
+    seed: int = DEFAULT_SEED
+    _counts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+
+    def counts(self, n: int) -> torch.Tensor:
+        """(draws, n) resample counts of the first n rows (made once per n)."""
+        if n not in self._counts:
+            self._counts[n] = resample_counts(n, self.draws, self.seed + n)
+        return self._counts[n]
+
+    def values(self, stats: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+        """(draws,) the metric on each resample of `stats` (n, S)."""
+        return reduce(self.counts(stats.shape[0]) @ stats.double())
+
+    def interval(self, stats: torch.Tensor, reduce: Reduce) -> tuple[float, float]:
+        """Two-sided percentile interval of the metric at `confidence`."""
+        if stats.shape[0] == 0:
+            return math.nan, math.nan
+        v, tail = self.values(stats, reduce), (1 - self.confidence) / 2
+        return _quantile(v, tail), _quantile(v, 1 - tail)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One entry against the best: `difference` = its value minus the best's (the metric's units),
+    `interval` its two-sided interval, `deficit_bounds` the one-sided bounds (at the confidence)
+    of how much worse it is, on the `rows` both were measured on; `verdict` GOOD / WORSE /
+    UNDECIDED against the tolerance, and for UNDECIDED the rows that would likely decide."""
+
+    difference: float
+    interval: tuple[float, float]
+    deficit_bounds: tuple[float, float]
+    verdict: str
+    rows: int
+    rows_needed: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        out = {"difference": self.difference, "interval": list(self.interval), "verdict": self.verdict,
+               "rows": self.rows}
+        return out | ({"rows_needed": self.rows_needed} if self.rows_needed is not None else {})
+
+
+def compare(stats: torch.Tensor, best: torch.Tensor, reduce: Reduce, higher_is_better: bool, tolerance: float,
+            boot: Bootstrap) -> Comparison:
+    """Paired comparison of an entry's per-row stats with the best's, on the rows both have (the
+    first min(n, n_best): rows are measured in one fixed order)."""
+    m = min(stats.shape[0], best.shape[0])
+    a, b = stats[:m].double(), best[:m].double()
+    diff = float(reduce(a.sum(0)) - reduce(b.sum(0)))
+    draws = boot.values(a, reduce) - boot.values(b, reduce)  # (D,) paired: the same rows for both
+    sign = -1.0 if higher_is_better else 1.0  # deficit = how much worse, in the metric's units
+    deficit, deficits = sign * diff, sign * draws
+    alpha, tail = 1 - boot.confidence, (1 - boot.confidence) / 2
+    low, high = _quantile(deficits, alpha), _quantile(deficits, 1 - alpha)  # one-sided bounds
+    interval = (_quantile(draws, tail), _quantile(draws, 1 - tail))
+    if math.isnan(high):
+        return Comparison(diff, interval, (low, high), UNDECIDED, m)
+    if high <= tolerance:
+        return Comparison(diff, interval, (low, high), GOOD, m)
+    if low > tolerance:
+        return Comparison(diff, interval, (low, high), WORSE, m)
+    return Comparison(diff, interval, (low, high), UNDECIDED, m, rows_needed(m, deficit, (low, high), tolerance))
+
+
+def rows_needed(rows: int, deficit: float, bounds: tuple[float, float], tolerance: float, cap: int = 100) -> int:
+    """Rows at which the one-sided bound on the side of the tolerance would likely clear it: the
+    bound's distance from the estimate shrinks as 1/sqrt(rows). At most `cap` times `rows`."""
+    low, high = bounds
+    spread = (high - deficit) if deficit <= tolerance else (deficit - low)
+    gap = abs(tolerance - deficit)
+    if gap <= 0 or spread <= 0:
+        return rows * cap
+    return min(rows * cap, math.ceil(round(rows * (spread / gap) ** 2, 6)))  # round: no 25.000000001 -> 26
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The recommendation for one metric: the smallest entry shown good enough (by rank, or by
+    parameters with `size`), the best by point estimate, every entry's comparison with it, and
+    the smaller entries the rows could not decide."""
+
+    metric: str
+    recommended: Hashable
+    best: Hashable
+    tolerance: float
+    confidence: float
+    comparisons: dict
+    undecided: list
+
+    @property
+    def sure(self) -> bool:
+        """True when no smaller entry may still be good enough."""
+        return not self.undecided
+
+    def message(self, name=str) -> str:
+        """One line: what is recommended, how sure, and what more rows would settle."""
+        head = (f"{self.metric}: rank {name(self.recommended)} is the smallest within {self.tolerance:g} of the best "
+                f"(rank {name(self.best)}) at {self.confidence:.0%} confidence")
+        if self.sure:
+            return head
+        needed = max(self.comparisons[r].rows_needed or 0 for r in self.undecided)
+        rows = self.comparisons[self.undecided[0]].rows
+        smaller = ", ".join(name(r) for r in self.undecided)
+        if all(c.verdict != WORSE for r, c in self.comparisons.items() if r != 0):
+            return (f"{self.metric}: the {rows} rows cannot tell the ranks apart (none is surely worse than the best, "
+                    f"rank {name(self.best)}, by more than {self.tolerance:g}); rank {name(self.recommended)} is the "
+                    f"smallest shown good enough; about {needed:,} rows would decide rank {smaller}")
+        return f"{head}; rank {smaller} may be good enough too: about {needed:,} rows would tell"
+
+    def to_dict(self, name=str) -> dict:
+        return {"recommended": name(self.recommended), "best": name(self.best), "tolerance": self.tolerance,
+                "confidence": self.confidence, "sure": self.sure, "undecided": [name(r) for r in self.undecided],
+                "message": self.message(name),
+                "vs_best": {name(r): c.to_dict() for r, c in self.comparisons.items()}}
+
+
+def decide(metric: str, stats: Mapping[Hashable, torch.Tensor], reduce: Reduce, higher_is_better: bool,
+           tolerance: float, boot: Bootstrap, size: Optional[Mapping[Hashable, float]] = None,
+           candidate: Callable[[Hashable], bool] = lambda r: r != 0) -> Decision:
+    """Compare every entry of `stats` ({entry: (n_entry, S) per-row stats}) with the best candidate
+    and recommend the smallest candidate that is good enough (by entry order, or by `size`).
+    Rank 0 (the base) is compared but never recommended. The best is taken among the entries
+    measured on the most rows (an entry dropped early by an adaptive sweep cannot be best)."""
+    if tolerance < 0 or not math.isfinite(tolerance):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    values = {r: float(reduce(s.double().sum(0))) for r, s in stats.items() if s.shape[0]}
+    cands = [r for r in values if candidate(r) and not math.isnan(values[r])]
+    if not cands:
+        raise ValueError("no rank above 0 was measured")
+    most = max(stats[r].shape[0] for r in cands)
+    full = [r for r in cands if stats[r].shape[0] == most]
+    best = (max if higher_is_better else min)(full, key=lambda r: values[r])
+    comparisons = {r: compare(stats[r], stats[best], reduce, higher_is_better, tolerance, boot) for r in values}
+    key = (lambda r: (size[r], str(r))) if size is not None else (lambda r: r)
+    good = sorted((r for r in cands if comparisons[r].verdict == GOOD), key=key)
+    recommended = good[0]  # the best itself is always good enough: its deficit is 0
+    undecided = [r for r in sorted(cands, key=key)
+                 if key(r) < key(recommended) and comparisons[r].verdict == UNDECIDED]
+    return Decision(metric, recommended, best, tolerance, boot.confidence, comparisons, undecided)

@@ -1,0 +1,69 @@
+"""Adaptive measuring: rounds, which entries stay open, and the same decision as measuring every
+entry on every row where the answer is clear (for less)."""
+
+from __future__ import annotations
+
+import torch
+
+from qdylora.evaluation.adaptive import early_confidence, judge_by, measure, open_entries, round_sizes, row_order
+from qdylora.evaluation.confidence import Bootstrap, decide, ratio
+
+from .test_confidence import losses
+
+RANKS = [0, 1, 2, 4, 8, 16, 32, 64]
+
+
+def stored(stats: dict[int, torch.Tensor], calls: list):
+    """A score function that reads precomputed per-row stats (and logs what it was asked)."""
+    def score(entries, rows):
+        calls.append((list(entries), len(rows)))
+        return {"loss": {e: stats[e][rows] for e in entries}}
+    return score
+
+
+def decisions(stats, boot):
+    return [decide("loss", stats["loss"], ratio(), False, 0.01, boot)]
+
+
+def test_round_sizes_double_the_rows_measured():
+    assert round_sizes(800) == [100, 100, 200, 400]
+    assert round_sizes(100) == [32, 32, 36]
+    assert round_sizes(20) == [20]
+    assert sum(round_sizes(1237)) == 1237
+    assert sorted(row_order(50, 0)) == list(range(50)) and row_order(50, 0) == row_order(50, 0) != row_order(50, 1)
+
+
+def test_open_entries_are_the_best_and_the_undecided_smaller_ones():
+    stats = losses({0: 0.5, 1: 0.3, 2: 0.008, 4: 0.0, 8: 0.0}, n=40, noise=0.03)
+    d = decide("loss", stats, ratio(), False, 0.01, Bootstrap())
+    assert 2 in d.undecided and 1 not in d.undecided
+    assert open_entries([0, 1, 2, 4, 8], [d]) == sorted({d.best, *d.undecided})
+    sure = decide("loss", losses({1: 0.3, 4: 0.0}, n=400, noise=0.001), ratio(), False, 0.01, Bootstrap())
+    assert sure.sure and open_entries([1, 4], [sure]) == []  # all settled: stop
+
+
+def test_adaptive_equals_exhaustive_on_clear_cases_for_less():
+    """Monotone quality in rank, a clear boundary at rank 8: both modes recommend 8, the adaptive
+    one measuring a fraction of the (entry, row) cells."""
+    effects = {0: 0.6, 1: 0.3, 2: 0.12, 4: 0.05, 8: 0.004, 16: 0.001, 32: 0.0, 64: 0.0}
+    for seed in range(3):
+        stats = losses(effects, n=800, noise=0.02, seed=seed)
+        order = row_order(800, seed)
+        boot, early = Bootstrap(), Bootstrap(early_confidence(0.95))
+        full_calls, calls = [], []
+        full = measure(stored(stats, full_calls), RANKS, order)
+        quick = measure(stored(stats, calls), RANKS, order, judge_by(lambda s: decisions(s, early), RANKS))
+        assert all(v.shape[0] == 800 for v in full["loss"].values())
+        assert decisions(full, boot)[0].recommended == decisions(quick, boot)[0].recommended == 8
+        cells = sum(len(e) * n for e, n in calls)
+        assert cells < 0.4 * 8 * 800, calls
+        assert all(quick["loss"][r].shape[0] < 800 for r in (0, 1, 2))  # clearly worse: dropped early
+
+
+def test_undecided_entries_get_every_row():
+    """Rank 2 sits at the tolerance: it is measured on every row, as the exhaustive sweep would."""
+    effects = {0: 0.6, 1: 0.3, 2: 0.01, 4: 0.0, 8: 0.0}
+    stats = losses(effects, n=300, noise=0.05)
+    early = Bootstrap(early_confidence(0.95))
+    quick = measure(stored(stats, []), [0, 1, 2, 4, 8], row_order(300, 0), judge_by(lambda s: decisions(s, early), [0, 1, 2, 4, 8]))
+    assert quick["loss"][2].shape[0] == 300
