@@ -170,7 +170,8 @@ class EncodedQuestion:
     def shareable(self) -> bool:
         """True if every option is scored whole after the whole prompt (nothing cut off), so the
         options can share one pass over the prompt."""
-        return bool(self.context) and len(self.context) + max(map(len, self.options)) <= self.max_length
+        return (bool(self.context) and all(self.options)
+                and len(self.context) + max(map(len, self.options)) <= self.max_length)
 
 
 def encode_questions(questions: Sequence[ChoiceQuestion], tokenizer, *, chat: bool,

@@ -31,7 +31,7 @@ from ..training.sampling import check_ranks
 from ..training.settings import DataSettings, RunSettings
 from ..training.losses import batch_losses_at_ranks, padded
 from .adaptive import early_confidence, judge_by, measure, row_order, rows_measured
-from .choice import choice_examples, choice_hits, choice_logliks, choice_questions, few_shot
+from .choice import choice_hits, choice_logliks_shared, choice_questions, encode_questions, few_shot
 from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, exp_ratio, ratio)
 from .generation import generate_at_ranks
 from .text_metrics import bleu_from_stats, bleu_stats, exact_match_rows, rouge_rows
@@ -81,6 +81,7 @@ class SweepResult:
     smallest_decisions: dict[str, Decision] = field(default_factory=dict)
     confidence: float = DEFAULT_CONFIDENCE
     adaptive: bool = False
+    row_stats: dict[str, dict[Entry, torch.Tensor]] = field(default_factory=dict, repr=False)  # not saved
 
     @property
     def allocations(self) -> list[Allocation]:
@@ -222,8 +223,7 @@ def run_sweep(
     ctx = _Context(model, tokenizer, list(ranks), batch_size, rank_batch, progress)
     costs = layer_costs(model)
     params = {r: r.params(costs) if isinstance(r, Allocation) else r * sum(costs.values()) for r in ranks}
-    rule = _Rule(loss_tolerance, accuracy_tolerance, Bootstrap(confidence, seed=seed),
-                 Bootstrap(early_confidence(confidence), seed=seed), params if allocations else None)
+    rule = DecisionRule.make(loss_tolerance, accuracy_tolerance, confidence, seed, params if allocations else None)
     rf = row_format(data, rows[0].keys(), data.data or "the evaluation data") if any(
         m in metrics for m in ("loss", *GENERATED)) else None
     families = []
@@ -258,7 +258,7 @@ def run_sweep(
     samples = next((f.samples for f in families if f.samples), {})
     return SweepResult(ranks, values, recommended, len(rows), ctx.seconds, samples, higher, params,
                        {v: str(d.recommended) for v, d in smallest.items()}, intervals,
-                       rows_measured(stats), decisions, smallest, confidence, not exhaustive)
+                       rows_measured(stats), decisions, smallest, confidence, not exhaustive, stats)
 
 
 def recommend(values: dict[Entry, float], higher_is_better: bool, tolerance: float) -> Entry:
@@ -272,15 +272,23 @@ def recommend(values: dict[Entry, float], higher_is_better: bool, tolerance: flo
 
 
 @dataclass
-class _Rule:
+class DecisionRule:
     """How a sweep decides: the tolerances, the bootstraps of final and early verdicts, and the
-    entries' sizes (with allocations: the smallest adapter by parameters is decided too)."""
+    entries' sizes (with allocations: the smallest adapter by parameters is decided too). Public
+    so that a study can replay a sweep's decisions on stored per-row statistics."""
 
     loss_tolerance: float
     accuracy_tolerance: float
     boot: Bootstrap
     early: Bootstrap
     params: Optional[dict[Entry, int]]
+
+    @classmethod
+    def make(cls, loss_tolerance: float = LOSS_TOLERANCE, accuracy_tolerance: float = ACCURACY_TOLERANCE,
+             confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED,
+             params: Optional[dict[Entry, int]] = None) -> "DecisionRule":
+        return cls(loss_tolerance, accuracy_tolerance, Bootstrap(confidence, seed=seed),
+                   Bootstrap(early_confidence(confidence), seed=seed), params)
 
     def tolerance(self, value: str, higher_is_better: bool) -> float:
         return self.accuracy_tolerance if higher_is_better else self.loss_tolerance
@@ -322,7 +330,7 @@ class _Family:
     samples: dict = field(default_factory=dict)
 
 
-def _measure(ctx: "_Context", family: _Family, rule: _Rule, exhaustive: bool, seed: int):
+def _measure(ctx: "_Context", family: _Family, rule: DecisionRule, exhaustive: bool, seed: int):
     """The family's per-row statistics at every entry: on every row, or adaptively."""
     order = row_order(family.rows, seed)
     with ctx.bar(family.name) as bar:
@@ -424,20 +432,18 @@ def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: lis
 
 def _choice_family(ctx: _Context, rows, data: DataSettings, shots: int,
                    shots_rows: Optional[Sequence[dict]]) -> _Family:
-    """acc and acc_norm: every option of a question scored in the same rank-batched passes."""
+    """acc and acc_norm: each question's prompt run once (its cache shared by the options), every
+    option of every question at every entry in the same rank-batched passes."""
     solved, rows, first = few_shot(rows, shots, shots_rows)
     questions = choice_questions(rows, first_row=first)
     chat = data.chat_template and data.format != "text"
-    examples = choice_examples(questions, ctx.tokenizer, chat=chat, shots=solved,
+    encoded = encode_questions(questions, ctx.tokenizer, chat=chat, shots=solved,
                                max_length=data.max_source_length + data.max_target_length)
-    starts = [0]
-    for q in questions:
-        starts.append(starts[-1] + len(q.options))
 
     def score(entries: list, idx: list[int]) -> dict[str, dict[Entry, torch.Tensor]]:
-        chosen = [examples[k] for i in idx for k in range(starts[i], starts[i + 1])]
-        logliks = choice_logliks(ctx.model, chosen, entries, pad_id=ctx.pad_id, batch_size=ctx.batch_size,
-                                 rank_batch=ctx.rank_batch, autocast=ctx.autocast, on_batch=ctx.on_batch)
+        logliks = choice_logliks_shared(ctx.model, [encoded[i] for i in idx], entries, pad_id=ctx.pad_id,
+                                        batch_size=ctx.batch_size, rank_batch=ctx.rank_batch, autocast=ctx.autocast,
+                                        on_batch=ctx.on_batch)
         hits = {r: choice_hits(ll, [questions[i] for i in idx]) for r, ll in logliks.items()}
         return {kind: {r: _stats(h[kind]) for r, h in hits.items()} for kind in ("acc", "acc_norm")}
 

@@ -1,0 +1,177 @@
+"""What the sweep's decision costs and how stable it is: exhaustive vs adaptive vs one rank, and
+multiple choice from a shared prompt vs each option scored whole.
+
+    .venv/bin/python benchmarks/sweep_decision.py RUN_DIR [--rows 300] [--questions 120] \
+        [--repeats 1] [--resamples 200] --json benchmarks/results/sweep_decision.json
+
+On one loaded run, interleaved (`--repeats` rounds, each running every way once, so machine noise
+hits all alike):
+- ASDiv test rows, loss + exact match (16 new tokens), ranks 1-64 and the base: `run_sweep`
+  exhaustive, adaptive (the default), and one rank (64; the base is always measured too, so
+  "one rank" is rank 64 + base: two entries);
+- MMLU test questions, choice (acc, acc_norm): today's path before this change (every option
+  scored as prompt + option: `choice_logliks` on `choice_examples`), the shared-prompt path
+  exhaustive and adaptive, and one rank.
+Then, on the exhaustive per-row statistics, the agreement rate: `--resamples` seeded bootstrap
+resamples of the rows, each decided exhaustively and adaptively (the same `measure` and
+`DecisionRule` as the sweep, replayed on the stored statistics), and how often the recommended
+rank agrees, with the share of (rank, row) cells the adaptive mode measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+
+from qdylora.core.rank import evaluating
+from qdylora.data.batching import pad_token_id
+from qdylora.data.rows import read_rows
+from qdylora.evaluation.adaptive import measure, row_order
+from qdylora.evaluation.choice import choice_accuracy, choice_examples, choice_logliks, choice_questions
+from qdylora.evaluation.sweep import DecisionRule, eval_format, run_sweep
+from qdylora.training.losses import autocast_context
+from qdylora.training.rundir import load_run
+
+RANKS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def timed(work):
+    start = time.perf_counter()
+    out = work()
+    return time.perf_counter() - start, out
+
+
+def agreement(stats: dict, rule: DecisionRule, resamples: int) -> dict:
+    """How often the adaptive decision equals the exhaustive one on bootstrap resamples of the
+    rows, per recommended value, and the share of (entry, row) cells adaptive measured."""
+    n = next(iter(next(iter(stats.values())).values())).shape[0]
+    entries = list(next(iter(stats.values())))
+    same: dict[str, int] = {}
+    cells, changed = [], {}
+    for seed in range(resamples):
+        pick = torch.randint(n, (n,), generator=torch.Generator().manual_seed(10_000 + seed))
+        sample = {v: {e: s[pick] for e, s in by.items()} for v, by in stats.items()}
+        full = rule.decisions(sample, rule.boot)
+        count = [0]
+
+        def score(live, rows, sample=sample, count=count):
+            count[0] += len(live) * len(rows)
+            return {v: {e: by[e][rows] for e in live} for v, by in sample.items()}
+
+        quick = measure(score, entries, row_order(n, seed), rule.judge(entries))
+        for v, d in rule.decisions(quick, rule.boot).items():
+            agree = d.recommended == full[v].recommended
+            same[v] = same.get(v, 0) + agree
+            if not agree:
+                changed.setdefault(v, []).append([str(full[v].recommended), str(d.recommended)])
+        cells.append(count[0] / (len(entries) * n))
+    return {"resamples": resamples, "agreement": {v: k / resamples for v, k in same.items()},
+            "cells_measured_mean": round(statistics.mean(cells), 3),
+            "disagreements (exhaustive -> adaptive)": {v: c[:10] for v, c in changed.items()}}
+
+
+def summary(result) -> dict:
+    return {"values": {v: {str(r): round(x, 4) for r, x in by.items()} for v, by in result.values.items()},
+            "intervals": {v: {str(r): [round(a, 4), round(b, 4)] for r, (a, b) in by.items()}
+                          for v, by in result.intervals.items()},
+            "rows": {v: {str(r): n for r, n in by.items()} for v, by in result.rows.items()},
+            "recommended": {v: str(r) for v, r in result.recommended.items()},
+            "messages": result.messages(), "seconds": {k: round(x, 1) for k, x in result.seconds.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("--rows", type=int, default=300)
+    ap.add_argument("--questions", type=int, default=120)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--resamples", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: asdiv, mmlu")
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    model, tok, settings = load_run(args.run)
+    report: dict = {"machine": machine.facts(), "run": args.run, "ranks": RANKS, "batch_size": args.batch_size,
+                    "compute_dtype": model.qdylora_config.compute_dtype, "repeats": args.repeats}
+    opts = dict(batch_size=args.batch_size, progress=False)
+    ways: dict = {}
+    if "asdiv" not in skip:
+        rows = read_rows("asdiv:test")[:args.rows]
+        fmt = eval_format(settings.data, "asdiv:test")
+        asdiv = lambda ranks, exhaustive: run_sweep(model, tok, rows, fmt, ranks, ["loss", "exact_match"],  # noqa: E731
+                                                    max_new_tokens=16, exhaustive=exhaustive, **opts)
+        ways |= {"asdiv exhaustive": lambda: asdiv(RANKS, True), "asdiv adaptive": lambda: asdiv(RANKS, False),
+                 "asdiv one rank": lambda: asdiv([64], True)}
+        report["asdiv_rows"] = len(rows)
+    if "mmlu" not in skip:
+        qrows = read_rows("mmlu:test")[:args.questions]
+        qfmt = eval_format(settings.data, "mmlu:test")
+        questions = choice_questions(qrows)
+        chat = qfmt.chat_template and qfmt.format != "text"
+        examples = choice_examples(questions, tok, chat=chat, max_length=qfmt.max_source_length + qfmt.max_target_length)
+        dtype = model.qdylora_config.torch_compute_dtype
+        device = next(model.parameters()).device
+
+        def whole_options():  # the path before shared prompts: every option as prompt + option
+            with evaluating(model):
+                ll = choice_logliks(model, examples, [0, *RANKS], pad_id=pad_token_id(tok), batch_size=args.batch_size,
+                                    autocast=lambda: autocast_context(device, dtype, dtype != torch.float32))
+            return {r: choice_accuracy(x, questions) for r, x in ll.items()}
+
+        mmlu = lambda ranks, exhaustive: run_sweep(model, tok, qrows, qfmt, ranks, ["choice"],  # noqa: E731
+                                                   exhaustive=exhaustive, **opts)
+        ways |= {"mmlu whole options": whole_options, "mmlu exhaustive": lambda: mmlu(RANKS, True),
+                 "mmlu adaptive": lambda: mmlu(RANKS, False), "mmlu one rank": lambda: mmlu([64], True)}
+        report["mmlu_questions"] = len(questions)
+    times: dict = {w: [] for w in ways}
+    results: dict = {}
+    for _ in range(args.repeats):
+        for name, work in ways.items():
+            seconds, results[name] = timed(work)
+            times[name].append(seconds)
+            print(f"{name}: {seconds:.1f} s", flush=True)
+    median = {w: statistics.median(t) for w, t in times.items()}
+    report["seconds"] = {w: {"median": round(m, 1), "all": [round(t, 1) for t in times[w]]} for w, m in median.items()}
+    for part in ("asdiv", "mmlu"):
+        if f"{part} exhaustive" not in results:
+            continue
+        full, quick = results[f"{part} exhaustive"], results[f"{part} adaptive"]
+        one = median[f"{part} one rank"]
+        report[part] = {
+            "exhaustive": summary(full), "adaptive": summary(quick), "one_rank": summary(results[f"{part} one rank"]),
+            "exhaustive_over_one_rank": round(median[f"{part} exhaustive"] / one, 2),
+            "adaptive_over_one_rank": round(median[f"{part} adaptive"] / one, 2),
+            "same_recommendation_on_these_rows": {v: str(full.recommended[v]) == str(quick.recommended[v])
+                                                  for v in full.decisions},
+            "agreement_on_resamples": agreement(full.row_stats, DecisionRule.make(), args.resamples),
+        }
+    if "mmlu whole options" in results:
+        whole, shared = results["mmlu whole options"], results["mmlu exhaustive"]
+        report["mmlu"]["whole_options_over_shared_prompt"] = round(median["mmlu whole options"]
+                                                                   / median["mmlu exhaustive"], 2)
+        report["mmlu"]["whole_options_scores"] = {str(r): s for r, s in whole.items()}
+        report["mmlu"]["scores_equal"] = all(abs(whole[r][k] - shared.values[k][r]) < 1e-9
+                                             for r in whole for k in ("acc", "acc_norm"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("asdiv", "mmlu")}, indent=1))
+    for part in ("asdiv", "mmlu"):
+        if part in report:
+            print(part, json.dumps({k: v for k, v in report[part].items()
+                                    if k not in ("exhaustive", "adaptive", "one_rank", "whole_options_scores")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
