@@ -121,6 +121,10 @@ def test_cli_sweep_bad_input(trained, tmp_path, capsys, tiny_dir):
         (["sweep", str(run), "--ranks", "1,99", "--out", str(tmp_path / "a")], "outside 1..8"),
         (["sweep", str(tmp_path), "--out", str(tmp_path / "b")], "not a qdylora run directory"),
         (["sweep", str(run), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "c")], "does not exist"),
+        (["sweep", str(run), "--confidence", "1.5", "--out", str(tmp_path / "d")], "--confidence must be at least 0.5"),
+        (["sweep", str(run), "--confidence", "nan", "--out", str(tmp_path / "d")], "--confidence must be"),
+        (["sweep", str(run), "--loss-tolerance", "-1", "--out", str(tmp_path / "d")], "--loss-tolerance must be"),
+        (["sweep", str(run), "--accuracy-tolerance", "inf", "--out", str(tmp_path / "d")], "--accuracy-tolerance must"),
     ]
     empty_run = tmp_path / "empty_run"
     empty_run.mkdir()
@@ -134,6 +138,27 @@ def test_cli_sweep_bad_input(trained, tmp_path, capsys, tiny_dir):
     cases.append((["sweep", str(other)], "another base model"))
     for argv, message in cases:
         assert main(argv + ["--quiet"]) == 2, argv
+        assert not (tmp_path / "d").exists()
         err = capsys.readouterr().err
         lines = [x for x in err.splitlines() if x.startswith("qdylora: error:")]
         assert len(lines) == 1 and message in lines[0], (argv, err)
+
+
+def test_adaptive_sweep_measures_a_subset_of_the_exhaustive_cells(trained):
+    """On 200 rows: the adaptive sweep's entries measured on every row have exactly the
+    exhaustive values (same rows, same order), the others were measured on a prefix of at least
+    the first round, and nothing was measured twice."""
+    run, model, tok, s = trained
+    rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(1, 11) for b in range(1, 21)]
+    full = run_sweep(model, tok, rows, s.data, [1, 2, 4, 8], ["loss"], progress=False, exhaustive=True)
+    quick = run_sweep(model, tok, rows, s.data, [1, 2, 4, 8], ["loss"], progress=False)
+    assert not full.adaptive and quick.adaptive
+    assert all(n == 200 for n in full.rows["loss"].values())
+    assert all(32 <= n <= 200 for n in quick.rows["loss"].values())
+    assert sum(quick.rows["loss"].values()) < sum(full.rows["loss"].values())  # something was decided early
+    for r, n in quick.rows["loss"].items():
+        head = full.row_stats["loss"][r][:n]  # the same seeded row order in both modes
+        assert torch.allclose(quick.row_stats["loss"][r], head, rtol=1e-5, atol=1e-6)
+        if n == 200:
+            assert quick.values["loss"][r] == pytest.approx(full.values["loss"][r], rel=1e-5)
+    assert quick.decisions["loss"].best in quick.ranks

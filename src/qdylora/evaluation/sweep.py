@@ -162,6 +162,16 @@ def eval_format(settings: DataSettings, data: Optional[str], prompt_template: Op
                    response_template=response_template)
 
 
+def check_decision(loss_tolerance: float = LOSS_TOLERANCE, accuracy_tolerance: float = ACCURACY_TOLERANCE,
+                   confidence: float = DEFAULT_CONFIDENCE) -> None:
+    """One-line errors for tolerances and a confidence the decision cannot use."""
+    for name, value in (("loss-tolerance", loss_tolerance), ("accuracy-tolerance", accuracy_tolerance)):
+        if not 0 <= value < float("inf"):  # false for nan too
+            raise QDyLoRAError(f"--{name} must be a finite number, not negative, got {value}")
+    if not 0.5 <= confidence < 1:  # false for nan too
+        raise QDyLoRAError(f"--confidence must be at least 0.5 and below 1 (e.g. 0.95), got {confidence}")
+
+
 def check_metrics(metrics: Sequence[str]) -> None:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -202,11 +212,7 @@ def run_sweep(
     `loss_tolerance` nats per token for the loss, `accuracy_tolerance` points for scores in
     percent (`confidence.decide`). Unless `exhaustive`, rows are measured in rounds and ranks
     already decided stop being measured (`adaptive`)."""
-    for name, value in (("loss_tolerance", loss_tolerance), ("accuracy_tolerance", accuracy_tolerance)):
-        if not 0 <= value < float("inf"):  # false for nan too
-            raise QDyLoRAError(f"{name} must be a finite number, not negative, got {value}")
-    if not 0.5 <= confidence < 1:
-        raise QDyLoRAError(f"confidence must be at least 0.5 and below 1, got {confidence}")
+    check_decision(loss_tolerance, accuracy_tolerance, confidence)
     if metrics or not lm_eval:
         check_metrics(metrics)
     allocations = list(dict.fromkeys(r for r in ranks if isinstance(r, Allocation)))
@@ -509,6 +515,9 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
         raise QDyLoRAError(f"{out} already holds {', '.join(existing)}: use --overwrite or another --out")
     if metrics or not options.get("lm_eval"):
         check_metrics(metrics)
+    check_decision(*(options.get(k, d) for k, d in (("loss_tolerance", LOSS_TOLERANCE),
+                                                      ("accuracy_tolerance", ACCURACY_TOLERANCE),
+                                                      ("confidence", DEFAULT_CONFIDENCE))))
     model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
     fmt = eval_format(settings.data, data, prompt_template, response_template)
     rows = eval_rows(settings, data)
