@@ -25,11 +25,10 @@ from ..data.rows import (EMBEDDED_PREFIX, generation_prompts, read_rows, row_for
                          tokenize)
 from ..errors import QDyLoRAError
 from ..files import atomic_write
-from ..training.losses import autocast_context
+from ..training.losses import autocast_context, batch_losses_at_ranks, padded
 from ..training.rundir import load_run, read_json
 from ..training.sampling import check_ranks
 from ..training.settings import DataSettings, RunSettings
-from ..training.losses import batch_losses_at_ranks, padded
 from .adaptive import early_confidence, judge_by, measure, row_order, rows_measured
 from .choice import choice_hits, choice_logliks, choice_questions, encode_questions, few_shot
 from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, exp_ratio, ratio)
@@ -249,8 +248,8 @@ def run_sweep(
         intervals = {v: {r: rule.boot.interval(s, REDUCE.get(v, PERCENT)) for r, s in by.items()}
                      for v, by in stats.items()}
         higher = {v: v not in LOWER_IS_BETTER for v in values}
-        decisions = {v: d for v, d in rule.decisions(stats, rule.boot).items()}
-        smallest = {v: d for v, d in rule.decisions(stats, rule.boot, sized=True).items()} if allocations else {}
+        decisions = rule.decisions(stats, rule.boot)
+        smallest = rule.decisions(stats, rule.boot, sized=True) if allocations else {}
         if lm_eval:
             harness, harness_higher, harness_intervals = ctx.timed("lm_eval", lambda: _harness_values(
                 ctx, lm_eval, manager, lm_eval_limit, confidence))
@@ -303,18 +302,10 @@ class DecisionRule:
                   sized: bool = False) -> dict[str, Decision]:
         """{value: decision} of every recommended value: among uniform ranks, or (`sized`) among
         every entry by parameters."""
-        out = {}
-        for v, by in stats.items():
-            if v in NOT_RECOMMENDED:
-                continue
-            higher = v not in LOWER_IS_BETTER
-            if sized:
-                out[v] = decide(v, by, REDUCE.get(v, PERCENT), higher, self.tolerance(v, higher), boot,
-                                size=self.params)
-            else:
-                out[v] = decide(v, by, REDUCE.get(v, PERCENT), higher, self.tolerance(v, higher), boot,
-                                candidate=lambda r: isinstance(r, int) and r != 0)
-        return out
+        among = dict(size=self.params) if sized else dict(candidate=lambda r: isinstance(r, int) and r != 0)
+        return {v: decide(v, by, REDUCE.get(v, PERCENT), v not in LOWER_IS_BETTER,
+                          self.tolerance(v, v not in LOWER_IS_BETTER), boot, **among)
+                for v, by in stats.items() if v not in NOT_RECOMMENDED}
 
     def judge(self, entries: Sequence[Entry]):
         """A judge for `adaptive.measure`: early verdicts on the ranks, and on the allocations."""
@@ -412,7 +403,7 @@ def _loss_family(ctx: _Context, rows, rf, data: DataSettings) -> _Family:
 def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: list[str], max_new_tokens: int) -> _Family:
     """exact_match, rouge and bleu of one greedy generation per row and entry."""
     prompts, refs = generation_prompts(rows, ctx.tokenizer, rf, max_source_length=data.max_source_length)
-    family = _Family("generation", len(prompts), lambda entries, idx: {})
+    samples: dict[Entry, list[str]] = {}  # the first generations of each entry
 
     def score(entries: list, idx: list[int]) -> dict[str, dict[Entry, torch.Tensor]]:
         with ctx.autocast():
@@ -422,7 +413,7 @@ def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: lis
         references = [refs[i] for i in idx]
         values: dict[str, dict[Entry, torch.Tensor]] = {}
         for r, outs in outputs.items():
-            family.samples.setdefault(r, outs[:3])
+            samples.setdefault(r, outs[:3])
             if "exact_match" in metrics:
                 values.setdefault("exact_match", {})[r] = _stats(torch.tensor(exact_match_rows(outs, references)))
             if "rouge" in metrics:
@@ -432,8 +423,7 @@ def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: lis
                 values.setdefault("bleu", {})[r] = bleu_stats(outs, references)
         return values
 
-    family.score = score
-    return family
+    return _Family("generation", len(prompts), score, samples)
 
 
 def _choice_family(ctx: _Context, rows, data: DataSettings, shots: int,
