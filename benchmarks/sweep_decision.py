@@ -10,9 +10,10 @@ hits all alike):
   exhaustive, adaptive (the default), and one rank (64; the base is always measured too, so
   "one rank" is rank 64 + base: two entries);
 - MMLU test questions, choice (acc, acc_norm): `run_sweep` exhaustive, adaptive and one rank
-  (every option scored as prompt + option), and the two scoring paths alone at every rank:
-  whole options (`choice_logliks`, what the sweep uses) and the shared prompt
-  (`choice_logliks_shared`: each prompt once, the options from its KV cache).
+  (the sweep scores each prompt once, its options packed after it), and the two scoring paths
+  alone at every rank: whole options (`choice_logliks`: prompt + option per option, what the
+  sweep did before) and the shared prompt (`choice_logliks_shared`, what it does now), with the
+  largest difference of their summed log-likelihoods.
 Then, on the exhaustive per-row statistics, the agreement rate: `--resamples` seeded bootstrap
 resamples of the rows, each decided exhaustively and adaptively (the same `measure` and
 `DecisionRule` as the sweep, replayed on the stored statistics), and how often the recommended
@@ -132,7 +133,7 @@ def main() -> None:
             with evaluating(model):
                 ll = (choice_logliks_shared(model, encoded, [0, *RANKS], **scoring) if shared
                       else choice_logliks(model, examples, [0, *RANKS], **scoring))
-            return {r: choice_accuracy(x, questions) for r, x in ll.items()}
+            return {r: choice_accuracy(x, questions) for r, x in ll.items()}, ll
 
         mmlu = lambda ranks, exhaustive: run_sweep(model, tok, qrows, qfmt, ranks, ["choice"],  # noqa: E731
                                                    exhaustive=exhaustive, **opts)
@@ -163,7 +164,10 @@ def main() -> None:
             "agreement_on_resamples": agreement(full.row_stats, DecisionRule.make(), args.resamples),
         }
     if "mmlu whole options" in results:
-        whole, shared = results["mmlu whole options"], results["mmlu shared prompt"]
+        (whole, whole_ll), (shared, shared_ll) = results["mmlu whole options"], results["mmlu shared prompt"]
+        gaps = torch.cat([(whole_ll[r] - shared_ll[r]).abs() for r in whole_ll])  # (entries * options,)
+        report["mmlu"]["loglik_difference"] = {"max": round(float(gaps.max()), 4), "mean": round(float(gaps.mean()), 4),
+                                               "compute_dtype": report["compute_dtype"]}
         report["mmlu"]["whole_options_over_shared_prompt"] = round(median["mmlu whole options"]
                                                                    / median["mmlu shared prompt"], 2)
         report["mmlu"]["whole_options_scores"] = {str(r): s for r, s in whole.items()}

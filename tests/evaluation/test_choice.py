@@ -12,7 +12,9 @@ from qdylora import QDyLoRAConfig, QDyLoRAError
 from qdylora.core.allocation import Allocation
 from qdylora.evaluation.choice import (ChoiceQuestion, choice_accuracy, choice_examples, choice_logliks,
                                        choice_logliks_shared, choice_questions, context_of, encode_pair,
-                                       encode_questions, few_shot)
+                                       encode_questions, few_shot, packs_options,
+                                       shared_batch_count)
+from qdylora.evaluation.choice import MAX_PADDING, EncodedQuestion, _option_batches
 from qdylora.data.rows import IGNORE
 
 from ..conftest import char_tokenizer, tiny_model
@@ -136,8 +138,9 @@ def test_encoded_questions_hold_the_prompt_once_and_give_the_same_examples():
                                                                               max_length=30)
 
 
-def shared_and_old(model, qs, tok, ranks, *, chat, shots=(), cut=False, rank_batch=0):
-    """(shared path, old path) on the same questions, 2 questions (3 examples) a batch; `cut` sets
+def shared_and_old(model, qs, tok, ranks, *, chat, shots=(), cut=False, rank_batch=0, expect_packed=True):
+    """(shared path, old path) on the same questions, batches of 5 options (3 examples for the old
+    path); `cut` sets
     max_length one short of the longest question, so that question is cut (and falls back)."""
     encoded = encode_questions(qs, tok, chat=chat, shots=shots)
     if cut:
@@ -145,14 +148,13 @@ def shared_and_old(model, qs, tok, ranks, *, chat, shots=(), cut=False, rank_bat
         encoded = encode_questions(qs, tok, chat=chat, shots=shots, max_length=longest - 1)
         assert 0 < sum(e.shareable for e in encoded) < len(encoded)
     calls = []
-    got = choice_logliks_shared(model, encoded, ranks, pad_id=tok.pad_token_id, batch_size=2,
+    got = choice_logliks_shared(model, encoded, ranks, pad_id=tok.pad_token_id, batch_size=5,
                                 rank_batch=rank_batch, on_batch=calls.append)
     old = choice_logliks(model, [x for e in encoded for x in e.examples()], ranks, pad_id=tok.pad_token_id,
                          batch_size=3)
-    shared = sum(e.shareable for e in encoded)
-    others = sum(len(e.options) for e in encoded if not e.shareable)
     groups = len(ranks) if rank_batch == 1 else 1
-    assert calls == [len(ranks) // groups] * ((-(-shared // 2) + -(-others // 2)) * groups)
+    batches = shared_batch_count(model, encoded, 5)  # what the sweep's progress bar expects
+    assert calls == [len(ranks) // groups] * (batches * groups)
     return got, old
 
 
@@ -176,13 +178,38 @@ def test_shared_prompt_logliks_equal_the_per_option_path(dtype, chat, rank_batch
     assert not torch.allclose(got[0], got[8]) and not torch.allclose(got[8], got[mixed])  # no no-op adapter
 
 
-# Learned absolute positions (Llama's rotary ones are shift-invariant): left-padded prompts are
-# right only with explicit position_ids.
-@pytest.mark.parametrize("arch", ["gpt2", "opt"])
-def test_shared_prompt_logliks_with_absolute_positions(arch):
+# Learned absolute positions (gpt2, opt: right only with explicit position_ids), q/k/v biases
+# (qwen2), and eager attention, which adds a float mask instead of taking a boolean one.
+@pytest.mark.parametrize("arch, attention", [("gpt2", "sdpa"), ("opt", "sdpa"), ("mistral", "sdpa"),
+                                             ("qwen2", "sdpa"), ("falcon", "sdpa"), ("llama", "eager")])
+def test_shared_prompt_logliks_on_other_architectures(arch, attention):
     model, tok = adapted_model("float32", arch), char_tokenizer()
+    model.set_attn_implementation(attention)
+    assert packs_options(model)
     for chat in (False, True):
         got, old = shared_and_old(model, choice_questions(ROWS), tok, [0, 3, 8], chat=chat)
         for r in (0, 3, 8):
             np.testing.assert_allclose(got[r].numpy(), old[r].numpy(), rtol=2e-5, atol=2e-4)
         assert not torch.allclose(got[0], got[8])
+
+
+def test_packed_batches_hold_whole_questions_with_little_padding():
+    lengths = [40, 39, 38, 30, 29, 10, 10, 10, 10, 9]  # packed lengths, longest first
+    qs = [EncodedQuestion([1] * (n - 4), ([2], [3], [4], [5]), 1024) for n in lengths]  # 4 options each
+    batches = _option_batches(list(range(len(qs))), qs, 8)
+    assert [i for b in batches for i in b] == list(range(len(qs)))  # every question once, in order
+    assert batches == [[0, 1], [2], [3, 4], [5, 6], [7, 8], [9]]  # 2 questions (8 options) at most
+    for b in batches:
+        padded = len(b) * qs[b[0]].packed_length
+        assert padded - sum(qs[i].packed_length for i in b) <= MAX_PADDING * padded
+    assert _option_batches([0], qs, 2) == [[0]]  # a question of more options than the batch: alone
+
+
+def test_models_that_cannot_pack_score_options_whole():
+    """ALiBi builds its bias from a 2D mask: such a model gets the whole-option path."""
+    model, tok = adapted_model("float32", "falcon"), char_tokenizer()
+    model.config.alibi = True
+    assert not packs_options(model)
+    got, old = shared_and_old(model, choice_questions(ROWS), tok, [0, 8], chat=False, expect_packed=False)
+    for r in (0, 8):
+        np.testing.assert_allclose(got[r].numpy(), old[r].numpy(), rtol=2e-5, atol=2e-4)

@@ -5,6 +5,7 @@ bad input (one line, exit 2, nothing written)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,23 @@ def test_every_metric_at_every_rank_in_one_sweep(trained):
         f"{m}{part}" for m in result.values for part in ("", "_low", "_high", "_rows"))
     for m, by in result.values.items():  # every value inside its interval (exact match may be 0 everywhere)
         assert all(result.intervals[m][r][0] - 1e-9 <= v <= result.intervals[m][r][1] + 1e-9 for r, v in by.items())
+
+
+@pytest.mark.parametrize("exhaustive", [True, False])
+def test_progress_bars_end_full(trained, capsys, exhaustive):
+    """Each metric family's bar counts the batches it runs: it ends at its total, adaptive or not."""
+    model, tok, s = trained
+    rows = [{"question": f"{a}+{b}=", "answer": str(a + b), "choices": [str(a + b), "0", f"{a}{b}"], "gold": 0}
+            for a in range(1, 9) for b in range(1, 9)]  # 64 rows: two adaptive rounds at least
+    run_sweep(model, tok, rows, s.data, [1, 2, 4, 8], ["loss", "exact_match", "choice"], max_new_tokens=2,
+              batch_size=4, exhaustive=exhaustive)
+    ends = {}
+    for line in capsys.readouterr().err.replace("\r", "\n").splitlines():
+        m = re.match(r"(\w+): .*?(\d+)/(\d+) ", line)
+        if m:
+            ends[m[1]] = (int(m[2]), int(m[3]))
+    assert set(ends) == {"loss", "generation", "choice"}
+    assert all(done == total > 0 for done, total in ends.values()), ends
 
 
 def test_the_harness_scores_every_rank_as_our_choice_metric_does(tiny_lm, choice_task):

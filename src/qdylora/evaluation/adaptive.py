@@ -55,19 +55,20 @@ def round_sizes(n: int, first_fraction: float = FIRST_FRACTION, first_rows: int 
 
 
 def measure(score: Score, entries: Sequence[Hashable], order: Sequence[int],
-            judge: Optional[Callable[[Stats], list]] = None, on_round: Optional[Callable[[int, int], None]] = None,
+            judge: Optional[Callable[[Stats], list]] = None, on_round: Optional[Callable[[list[int], int], None]] = None,
             ) -> Stats:
     """Per-row statistics of every value at every entry, rows in `order`. Without `judge`: every
     entry on every row, in one round. With it: in `round_sizes` rounds, and after each round
     only the entries `judge(stats so far)` returns are measured further. `on_round(rows,
-    entries)` is told each round's size before it runs (for a progress bar)."""
+    entries)` is told each round's rows and number of entries before it runs (for a progress bar)."""
     sizes = [len(order)] if judge is None else round_sizes(len(order))
     parts: dict[str, dict[Hashable, list[torch.Tensor]]] = {}
     live, done = list(entries), 0
     for size in sizes:
+        rows = list(order[done:done + size])
         if on_round is not None:
-            on_round(size, len(live))
-        for value, by_entry in score(live, list(order[done:done + size])).items():
+            on_round(rows, len(live))
+        for value, by_entry in score(live, rows).items():
             for entry, stats in by_entry.items():
                 parts.setdefault(value, {}).setdefault(entry, []).append(stats)
         done += size

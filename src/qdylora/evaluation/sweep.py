@@ -30,7 +30,8 @@ from ..training.rundir import load_run, read_json
 from ..training.sampling import check_ranks
 from ..training.settings import DataSettings, RunSettings
 from .adaptive import early_confidence, judge_by, measure, row_order, rows_measured
-from .choice import choice_hits, choice_logliks, choice_questions, encode_questions, few_shot
+from .choice import (choice_hits, choice_logliks_shared, choice_questions, encode_questions, few_shot,
+                     shared_batch_count)
 from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, exp_ratio, ratio)
 from .generation import generate_at_ranks
 from .text_metrics import bleu_from_stats, bleu_stats, exact_match_rows, rouge_rows
@@ -325,14 +326,16 @@ class _Family:
     rows: int
     score: Callable[[list, list[int]], dict[str, dict[Entry, torch.Tensor]]]
     samples: dict = field(default_factory=dict)
+    batches: Optional[Callable[[list[int]], int]] = None  # batches per rank group on these rows; else rows / batch size
 
 
 def _measure(ctx: "_Context", family: _Family, rule: DecisionRule, exhaustive: bool, seed: int):
     """The family's per-row statistics at every entry: on every row, or adaptively."""
     order = row_order(family.rows, seed)
     with ctx.bar(family.name) as bar:
-        def on_round(rows: int, entries: int) -> None:
-            bar.total += math.ceil(rows / ctx.batch_size) * math.ceil(entries / (ctx.rank_batch or entries))
+        def on_round(rows: list[int], entries: int) -> None:
+            batches = family.batches(rows) if family.batches else math.ceil(len(rows) / ctx.batch_size)
+            bar.total += batches * math.ceil(entries / (ctx.rank_batch or entries))
             bar.refresh()
 
         ctx.on_batch = lambda k: bar.update(1)
@@ -428,10 +431,8 @@ def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: lis
 
 def _choice_family(ctx: _Context, rows, data: DataSettings, shots: int,
                    shots_rows: Optional[Sequence[dict]]) -> _Family:
-    """acc and acc_norm: every option of a question scored whole (prompt + option) in the same
-    rank-batched passes. (`choice.choice_logliks_shared`, the prompt once from the KV cache, gives
-    the same scores but was measured slower on SmolLM2-135M on a 2-core CPU: 138 s against 114 s
-    for 40 MMLU questions at 8 ranks, bf16; padded options and the head over padded positions.)"""
+    """acc and acc_norm: each question's prompt run once and its options packed after it
+    (`choice.choice_logliks_shared`), every rank in the same rank-batched passes."""
     solved, rows, first = few_shot(rows, shots, shots_rows)
     questions = choice_questions(rows, first_row=first)
     chat = data.chat_template and data.format != "text"
@@ -439,13 +440,14 @@ def _choice_family(ctx: _Context, rows, data: DataSettings, shots: int,
                                max_length=data.max_source_length + data.max_target_length)
 
     def score(entries: list, idx: list[int]) -> dict[str, dict[Entry, torch.Tensor]]:
-        examples = [e for i in idx for e in encoded[i].examples()]
-        logliks = choice_logliks(ctx.model, examples, entries, pad_id=ctx.pad_id, batch_size=ctx.batch_size,
-                                 rank_batch=ctx.rank_batch, autocast=ctx.autocast, on_batch=ctx.on_batch)
+        logliks = choice_logliks_shared(ctx.model, [encoded[i] for i in idx], entries, pad_id=ctx.pad_id,
+                                        batch_size=ctx.batch_size, rank_batch=ctx.rank_batch,
+                                        autocast=ctx.autocast, on_batch=ctx.on_batch)
         hits = {r: choice_hits(ll, [questions[i] for i in idx]) for r, ll in logliks.items()}
         return {kind: {r: _stats(h[kind]) for r, h in hits.items()} for kind in ("acc", "acc_norm")}
 
-    return _Family("choice", len(questions), score)
+    return _Family("choice", len(questions), score,
+                   batches=lambda idx: shared_batch_count(ctx.model, [encoded[i] for i in idx], ctx.batch_size))
 
 
 def _harness_values(ctx: _Context, tasks: Sequence[str], manager, limit, confidence: float,
