@@ -3,6 +3,8 @@ multiple choice from a shared prompt vs each option scored whole.
 
     .venv/bin/python benchmarks/sweep_decision.py RUN_DIR [--rows 300] [--questions 120] \
         [--repeats 1] [--resamples 200] --json benchmarks/results/sweep_decision.json
+    .venv/bin/python benchmarks/sweep_decision.py RUN_DIR --replay --json ...   # agreement only, from the
+        per-row statistics the full run saved beside the JSON (sweep_decision.stats.pt)
 
 On one loaded run, interleaved (`--repeats` rounds, each running every way once, so machine noise
 hits all alike):
@@ -70,7 +72,7 @@ def agreement(stats: dict, rule: DecisionRule, resamples: int) -> dict:
             count[0] += len(live) * len(rows)
             return {v: {e: by[e][rows] for e in live} for v, by in sample.items()}
 
-        quick = measure(score, entries, row_order(n, seed), rule.judge(entries))
+        quick = measure(score, entries, row_order(n, seed), rule.judge(entries, n))
         for v, d in rule.decisions(quick, rule.boot).items():
             agree = d.recommended == full[v].recommended
             same[v] = same.get(v, 0) + agree
@@ -101,8 +103,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: asdiv, mmlu")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--replay", action="store_true",
+                    help="only recompute the agreement from the per-row statistics an earlier run saved beside --json")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    stats_path = os.path.splitext(args.json)[0] + ".stats.pt"
+    if args.replay:
+        saved = torch.load(stats_path)
+        for part, stats in saved.items():
+            print(part, json.dumps(agreement(stats, DecisionRule.make(), args.resamples), indent=1))
+        return
 
     model, tok, settings = load_run(args.run)
     report: dict = {"machine": machine.facts(), "run": args.run, "ranks": RANKS, "batch_size": args.batch_size,
@@ -163,6 +173,8 @@ def main() -> None:
                                                   for v in full.decisions},
             "agreement_on_resamples": agreement(full.row_stats, DecisionRule.make(), args.resamples),
         }
+    torch.save({part: results[f"{part} exhaustive"].row_stats for part in ("asdiv", "mmlu")
+                if f"{part} exhaustive" in results}, stats_path)  # for --replay
     if "mmlu whole options" in results:
         (whole, whole_ll), (shared, shared_ll) = results["mmlu whole options"], results["mmlu shared prompt"]
         gaps = torch.cat([(whole_ll[r] - shared_ll[r]).abs() for r in whole_ll])  # (entries * options,)

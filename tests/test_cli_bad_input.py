@@ -125,3 +125,14 @@ def test_short_dtype_names_are_accepted(trained_run, tmp_path, capsys):
     assert main(["merge", str(trained_run), "--rank", "2", "--out", str(out), "--dtype", "fp32"]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert "(float32)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_run_saved_on_a_gpu_opens_on_a_cpu(trained_run, tmp_path, capsys):
+    """The saved device is a preference: generate, sweep and export use this machine's device."""
+    run = copy_run(trained_run, tmp_path, lambda r: r["settings"].update(device="cuda"))
+    assert main(["generate", str(run), "--prompt", "1+1=", "--max-new-tokens", "2"]) == 0
+    assert main(["export", str(run), "--rank", "2", "--out", str(tmp_path / "peft")]) == 0
+    from qdylora.cli import _usable
+
+    assert _usable("cuda") is None and _usable("cpu") == "cpu"  # a resumed run goes on here too

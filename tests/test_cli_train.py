@@ -70,8 +70,8 @@ def bad_cases(tmp_path):
         (["--data", data] + tpl + ["--min-rank", "9"], "", "min_rank"),
         (["--data", data] + tpl + ["--ranks", "2,99"], "", "99"),
         (["--data", data] + tpl + ["--eval-ranks", "99"], "", "eval_ranks"),
-        (["--data", data] + tpl + ["--lr", "0"], "", "lr must be a positive finite number"),
-        (["--data", data] + tpl + ["--max-steps", "0"], "", "max_steps must be positive"),
+        (["--data", data] + tpl + ["--lr", "0"], "", "lr must be above 0, got 0.0"),
+        (["--data", data] + tpl + ["--max-steps", "0"], "", "max_steps must be at least 1, got 0"),
         (["--data", data] + tpl + ["--config", str(tmp_path / "bad.yaml")], "", "unknown setting 'bogus'"),
         (["--data", data] + tpl + ["--config", str(tmp_path / "none.yaml")], "", "cannot read config file"),
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Optional
 
 from .console import shown_on_console
 from .errors import QDyLoRAError, TrainingInterrupted
+
+MAX_CONFIG_BYTES = 2**20
 
 # Everything else (torch, transformers, bitsandbytes, the commands) is imported inside `main`,
 # under the console it sets up: bitsandbytes logs at import time.
@@ -39,10 +42,20 @@ def _read_settings_file(path: str) -> dict:
     dashes or underscores) are sorted into their groups; a run's config.json works as is."""
     import yaml
 
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/zero is endless, a FIFO blocks
+        raise QDyLoRAError(f"config file {path} is not a regular file")
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise QDyLoRAError(f"cannot read config file {path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise QDyLoRAError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: a settings file "
+                           "is a few lines of flag names and values")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QDyLoRAError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     try:
         values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -84,6 +97,7 @@ def _train_defaults(argv: list[str]):
         if not run_config.is_file():
             raise QDyLoRAError(f"cannot resume: {resume} is not a qdylora run directory (no config.json)")
         values = _read_settings_file(str(run_config))
+        values["device"] = _usable(values.get("device"))
     if config:
         for key, value in _read_settings_file(config).items():
             if key in groups:
@@ -94,6 +108,18 @@ def _train_defaults(argv: list[str]):
     # trust_remote_code only from the command line: a settings file may come from someone else
     return Train(model=s.model, data=s.data, adapter=s.adapter, train=s.train, device=s.device,
                  trust_remote_code=False)
+
+
+def _usable(saved: Optional[str]) -> Optional[str]:
+    """A resumed run's saved device, or None (the default device) where this machine lacks it:
+    a run started on a GPU goes on on a CPU."""
+    import torch
+
+    from .core.devices import resolve_device
+
+    if saved is None or not isinstance(saved, str):
+        return saved  # the settings check names a wrong type
+    return saved if resolve_device(saved, preference=True) == torch.device(saved) else None
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import tyro
 
 from .core.allocation import DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE
 from .core.config import QDyLoRAConfig
+from .core.fields import AT_LEAST_ONE, NOT_NEGATIVE, SEED, Checked, Range
 from .errors import QDyLoRAError
 from .training.sampling import check_ranks, parse_ranks
 from .training.settings import DataSettings, RunSettings, TrainSettings
@@ -22,7 +23,7 @@ Flat = tyro.conf.arg(name="")  # a settings group whose fields become top-level 
 
 
 @dataclass
-class PerLayer:
+class PerLayer(Checked):
     """Per-layer ranks instead of one rank: an allocation the run keeps, or one made for a budget."""
 
     allocation: Optional[str] = None
@@ -34,7 +35,7 @@ class PerLayer:
     score: Literal["svd", "output", "loss"] = DEFAULT_SCORE
     """How --budget weighs each layer's components: svd (singular values squared, no data: the best in docs/rank-study.md), output (output-error energy on calibration rows), loss (K-FAC estimate of the loss increase; a backward pass too)."""
 
-    calibration_rows: int = DEFAULT_CALIBRATION_ROWS
+    calibration_rows: Annotated[int, NOT_NEGATIVE] = DEFAULT_CALIBRATION_ROWS
     """Training rows the output and loss scores are measured on (0 = all); kept as RUN/calibration.safetensors."""
 
     def request(self):
@@ -49,7 +50,7 @@ class PerLayer:
 
 
 @dataclass
-class Info:
+class Info(Checked):
     """Prepare a model (NF4 base + adapters) and print where its memory goes."""
 
     model: Optional[str] = None
@@ -86,7 +87,7 @@ class Info:
 
 
 @dataclass
-class Train:
+class Train(Checked):
     """Train a QDyLoRA adapter: one run trains every rank from --min-rank to --max-rank."""
 
     out: Optional[str] = None
@@ -147,7 +148,7 @@ class Train:
 
 
 @dataclass
-class Sweep:
+class Sweep(Checked):
     """Measure a trained run at many ranks (rank 0 = the base model) and recommend the smallest good one."""
 
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
@@ -162,7 +163,7 @@ class Sweep:
     metrics: str = "loss,exact_match"
     """Comma-separated: loss (mean token loss and perplexity on responses), exact_match (greedy answer vs reference: final number for numeric answers, normalised text otherwise; a list of references matches any), choice (multiple choice by log-likelihood: acc and acc_norm, as lm-evaluation-harness), rouge (rouge-1/2/L F1 of greedy answers), bleu (sacrebleu corpus BLEU)."""
 
-    shots: int = 0
+    shots: Annotated[int, NOT_NEGATIVE] = 0
     """choice: solved questions before each question (from --shots-data, else the first rows, then not evaluated)."""
 
     shots_data: Optional[str] = None
@@ -180,7 +181,7 @@ class Sweep:
     lm_eval_include: Optional[str] = None
     """Directory of your own lm-eval task YAMLs (the harness's --include_path), e.g. for local data offline."""
 
-    lm_eval_limit: Optional[int] = None
+    lm_eval_limit: Annotated[Optional[int], AT_LEAST_ONE] = None
     """At most this many documents per lm-eval task (the harness's --limit)."""
 
     budgets: Optional[str] = None
@@ -189,34 +190,34 @@ class Sweep:
     scores: str = DEFAULT_SCORE
     """Comma-separated scores the --budgets allocations are made with: svd, output, loss."""
 
-    calibration_rows: int = DEFAULT_CALIBRATION_ROWS
+    calibration_rows: Annotated[int, NOT_NEGATIVE] = DEFAULT_CALIBRATION_ROWS
     """Training rows the output and loss scores are measured on (0 = all)."""
 
-    batch_size: int = 8
+    batch_size: Annotated[int, AT_LEAST_ONE] = 8
     """Examples per batch (each is replicated once per rank in a rank batch)."""
 
-    rank_batch: int = 0
+    rank_batch: Annotated[int, NOT_NEGATIVE] = 0
     """Ranks evaluated together in one forward pass (0 = all; 1 = one after another, for low memory)."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: Annotated[int, AT_LEAST_ONE] = 32
     """Longest generated answer for exact_match."""
 
-    max_examples: int = 0
+    max_examples: Annotated[int, NOT_NEGATIVE] = 0
     """Use only the first N evaluation rows (0 = all)."""
 
-    loss_tolerance: float = 0.01
+    loss_tolerance: Annotated[float, NOT_NEGATIVE] = 0.01
     """How much worse than the best rank's loss a rank may be and still count as good enough, in nats per token (0.01: a perplexity at most 1 % higher)."""
 
-    accuracy_tolerance: float = 1.0
+    accuracy_tolerance: Annotated[float, NOT_NEGATIVE] = 1.0
     """How many points below the best rank a score in percent (exact_match, acc, rouge, bleu) may be and still count as good enough."""
 
-    confidence: float = 0.95
+    confidence: Annotated[float, Range(0, 1, open_low=True, open_high=True)] = 0.95
     """Confidence of the intervals and of "good enough": the recommended rank is, at this confidence, within the tolerance of the best (paired bootstrap over rows)."""
 
     exhaustive: bool = False
     """Measure every rank on every row. By default rows are measured in rounds and ranks already decided stop being measured."""
 
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     """Seed of the row order and of the bootstrap resamples (a sweep is reproducible)."""
 
     out: Optional[str] = None
@@ -267,7 +268,7 @@ class Sweep:
 
 
 @dataclass
-class Export:
+class Export(Checked):
     """Write one rank (or a family of ranks) of a trained run as standard PEFT LoRA adapters."""
 
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
@@ -276,7 +277,7 @@ class Export:
     out: str
     """Output directory: the PEFT adapter (with --ranks: one subdirectory rank-<b> per rank)."""
 
-    rank: Optional[int] = None
+    rank: Annotated[Optional[int], NOT_NEGATIVE] = None
     """Rank to export (e.g. the sweep's recommendation)."""
 
     ranks: Optional[str] = None
@@ -317,7 +318,7 @@ class Export:
 
 
 @dataclass
-class Merge:
+class Merge(Checked):
     """Merge one rank into the dequantized base and save a plain Hugging Face model directory."""
 
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
@@ -326,7 +327,7 @@ class Merge:
     out: str
     """Output model directory (safetensors, config, generation config, tokenizer)."""
 
-    rank: Optional[int] = None
+    rank: Annotated[Optional[int], NOT_NEGATIVE] = None
     """Rank to merge (e.g. the sweep's recommendation)."""
 
     per_layer: Annotated[PerLayer, Flat] = field(default_factory=PerLayer)
@@ -363,7 +364,7 @@ class Merge:
 
 
 @dataclass
-class Generate:
+class Generate(Checked):
     """Answer a prompt with a trained run at one or several ranks (several: side by side, one batch)."""
 
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
@@ -377,16 +378,16 @@ class Generate:
     prompt: Optional[str] = None
     """The prompt (default: read from standard input)."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: Annotated[int, AT_LEAST_ONE] = 256
     """Longest answer in tokens."""
 
-    temperature: float = 0.0
+    temperature: Annotated[float, NOT_NEGATIVE] = 0.0
     """Sampling temperature; 0 = greedy."""
 
-    top_p: float = 1.0
+    top_p: Annotated[float, Range(0, 1, open_low=True)] = 1.0
     """Nucleus sampling threshold (with --temperature > 0)."""
 
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     """Seed for sampling."""
 
     chat_template: bool = True
@@ -413,7 +414,7 @@ class Generate:
         check_ranks(ranks, R, lowest=0)
         if not (0 <= self.temperature < float("inf")) or not 0 < self.top_p <= 1:  # nan fails both
             raise QDyLoRAError("temperature must be >= 0 and top_p in (0, 1]")
-        prompt = self.prompt if self.prompt is not None else sys.stdin.read()
+        prompt = self.prompt if self.prompt is not None else _stdin_text()
         if not prompt.strip():
             raise QDyLoRAError("empty prompt: pass --prompt TEXT or pipe it on standard input")
         model, tokenizer, settings = load_run(self.run_dir, self.device, self.trust_remote_code)
@@ -434,19 +435,19 @@ class Generate:
 
 
 @dataclass
-class Demo:
+class Demo(Checked):
     """The whole story on the embedded SmolLM2-135M-Instruct and ASDiv: train one QDyLoRA run, sweep ranks 1-64 and the base on held-out test rows, export the recommended rank for PEFT."""
 
     out: str = "demo-run"
     """Run directory of the demo (sweep files and the PEFT adapter go into it too)."""
 
-    steps: int = 48
+    steps: Annotated[int, AT_LEAST_ONE] = 48
     """Training steps (8 examples each)."""
 
-    val_examples: int = 32
+    val_examples: Annotated[int, AT_LEAST_ONE] = 32
     """Validation rows for the loss before and after training (at ranks 1, 8, 64)."""
 
-    test_examples: int = 32
+    test_examples: Annotated[int, AT_LEAST_ONE] = 32
     """Held-out test rows for the sweep (loss and exact match at every rank)."""
 
     overwrite: bool = False
@@ -489,6 +490,16 @@ class Demo:
         print(f"qdylora: demo finished in {(time.perf_counter() - start) / 60:.1f} min")
 
 
+def _stdin_text() -> str:
+    """Standard input as UTF-8 text (one line of error otherwise)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QDyLoRAError(f"the prompt on standard input is not UTF-8 text (byte {e.start}): "
+                           "convert it (iconv -t utf-8) or pass --prompt TEXT") from None
+
+
 def _split(text: Optional[str]) -> list[str]:
     """"a, b" -> ["a", "b"]; None -> []."""
     return [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -514,7 +525,7 @@ def _print_allocation(target: Path, layout: str) -> None:
 
 
 @dataclass
-class Reorder:
+class Reorder(Checked):
     """Write a run's adapter in a data-aware order into a new run directory: the same full-rank delta, every cut b chosen by the output error or the K-FAC loss estimate on calibration rows instead of by singular values."""
 
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
@@ -526,7 +537,7 @@ class Reorder:
     order: Literal["output", "loss"] = "loss"
     """output: every rank b keeps the least output error E||(dW - dW_b) x||^2; loss: the least K-FAC estimate of the loss increase (a backward pass too). In docs/rank-study.md loss helped ASDiv at every rank and hurt XSum: sweep both runs before you ship one."""
 
-    calibration_rows: int = DEFAULT_CALIBRATION_ROWS
+    calibration_rows: Annotated[int, NOT_NEGATIVE] = DEFAULT_CALIBRATION_ROWS
     """Training rows the order is measured on (0 = all)."""
 
     overwrite: bool = False

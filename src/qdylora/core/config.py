@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import torch
 
 from ..errors import QDyLoRAError
 from .devices import fast_compute_dtype
+from .fields import AT_LEAST_ONE, FRACTION, POSITIVE, SEED, check_fields, checked
 from .scaling import RULES as SCALE_RULES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -26,16 +26,16 @@ def dtype_name(name: str) -> str:
 class QDyLoRAConfig:
     """Adapter and quantization settings, fixed when the model is prepared."""
 
-    max_rank: int = 64
+    max_rank: Annotated[int, AT_LEAST_ONE] = 64
     """Largest LoRA rank R. A is (R x in_features), B is (out_features x R); every rank 1..R is usable."""
 
-    alpha: float = 16.0
+    alpha: Annotated[float, POSITIVE] = 16.0
     """LoRA alpha. The adapter at rank b is scaled by alpha / b (or alpha / sqrt(b) with rslora)."""
 
     scaling: Literal["standard", "rslora", "nested"] = "rslora"
     """Scale rule s(b): "rslora" is alpha / sqrt(b) (the default: with alpha / b high ranks learn more slowly at one learning rate, docs/rank-study.md), "standard" is alpha / b (LoRA, DyLoRA, QDyLoRA), "nested" is alpha / sqrt(max_rank) at every rank (rank b is the first b components of the full adapter, unscaled)."""
 
-    dropout: float = 0.05
+    dropout: Annotated[float, FRACTION] = 0.05
     """Dropout on the adapter's input (the frozen base path sees the undropped input)."""
 
     target_modules: Union[str, list[str]] = "all-linear"
@@ -50,20 +50,13 @@ class QDyLoRAConfig:
     frozen_dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = "auto"
     """Dtype in which the frozen weights that stay unquantized (embeddings, norms, output head) are stored when the model is loaded from a path. "auto": the compute dtype. "bfloat16" halves them where the compute dtype is float32 (a CPU without fast bf16): the NF4 and adapter products still run in float32, the hidden states between them are bfloat16, as in QLoRA on a GPU."""
 
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero) and, when training, for the validation split, data order, rank sampling and dropout."""
 
     def __post_init__(self) -> None:
-        if self.max_rank < 1:
-            raise QDyLoRAError(f"max_rank must be at least 1, got {self.max_rank}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):  # nan and inf pass a plain "<= 0" test
-            raise QDyLoRAError(f"alpha must be a positive finite number, got {self.alpha}")
+        check_fields(self)  # types, finiteness and bounds (core/fields.py)
         if self.scaling not in SCALE_RULES:
             raise QDyLoRAError(f"scaling must be one of {', '.join(SCALE_RULES)}, got {self.scaling!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise QDyLoRAError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.update_mode not in ("full", "frozen"):
-            raise QDyLoRAError(f"update_mode must be 'full' or 'frozen', got {self.update_mode!r}")
         self.compute_dtype = dtype_name(self.compute_dtype)
         if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
             raise QDyLoRAError(
@@ -108,9 +101,7 @@ class QDyLoRAConfig:
 
 
 def from_dict(cls, values: dict, where: str):
-    """Build the dataclass `cls` from a dict, naming unknown keys (a config file, a saved run)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise QDyLoRAError(f"{where}: unknown settings {', '.join(unknown)}")
-    return cls(**values)
+    """Build the dataclass `cls` from a dict (a config file, a saved run, an adapter file's
+    metadata): unknown keys and every value's type and bounds are checked first, each error one
+    line naming `where` and the field."""
+    return cls(**checked(cls, values, where))

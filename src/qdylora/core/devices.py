@@ -19,6 +19,42 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: Union[str, torch.device, None], preference: bool = False) -> torch.device:
+    """The device `name` names (None: `default_device()`). A name torch does not know, or a
+    device this machine lacks, is a one-line error; with `preference` (the device a run was
+    saved with: a run trained on a GPU opens on a CPU) a missing device gives the default one."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise QDyLoRAError(f"unknown device {str(name)!r}: use cpu, cuda or cuda:N") from None
+    problem = _missing(device)
+    if problem is None:
+        return device
+    if preference:
+        return default_device()
+    raise QDyLoRAError(f"device {str(name)!r}: {problem}; use --device cpu (or leave it out)")
+
+
+def _missing(device: torch.device) -> Union[str, None]:
+    """Why this machine cannot run on `device`, or None."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no CUDA device (or this torch build has no CUDA)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else "this machine has no MPS device"
+    backend = getattr(torch, device.type, None)
+    if backend is not None and getattr(backend, "is_available", lambda: False)():
+        return None
+    return f"this machine has no {device.type} device"
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import QDyLoRAError
 from .config import QDyLoRAConfig
-from .devices import default_device
+from .devices import resolve_device
 from .layer import QDyLoRALinear
 from .loading import load_causal_lm, release_freed_heap, resolve_source
 from .quantize import QUANT_TYPE, guard_cpu_repacking, quantize_linear
@@ -159,7 +159,7 @@ def prepare(
         hf, name = model, getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     else:
         src = resolve_source(str(model), gguf_file)
-        target_device = torch.device(device) if device is not None else default_device()
+        target_device = resolve_device(device)
         config = config.resolved_for(target_device)
         hf = load_causal_lm(src, config.torch_compute_dtype, target_device, trust_remote_code,
                             frozen_dtype=config.torch_frozen_dtype)

@@ -239,11 +239,25 @@ def detect_format(columns: Iterable[str], source: str) -> str:
 
 
 def template_fields(template: str) -> list[str]:
-    """The field names a template such as "{passage} {question}" uses."""
+    """The field names a template such as "{passage} {question}" uses. Plain fields only: a
+    format spec ({n:>2000000000} pads every row before it is cut), a conversion ({n!r}) or an
+    index ({n[0]}) is refused."""
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        parts = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise QDyLoRAError(f"bad template {template!r}: {e}") from None
+        raise QDyLoRAError(f"bad template {_short(template)}: {e}; write {{{{ and }}}} for literal braces") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name or spec or conversion or any(c in name for c in ".[]"):
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise QDyLoRAError(f"template {_short(template)}: {_short(field)} is not a plain field: use fields "
+                               "such as {question} (no format specs, conversions or indexing)")
+    return [name for _, name, _, _ in parts if name]
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
 
 
 def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] | list[dict]:

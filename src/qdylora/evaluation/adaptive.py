@@ -29,6 +29,7 @@ Stats = dict[str, dict[Hashable, torch.Tensor]]
 
 FIRST_FRACTION = 1 / 8  # the first round measures every entry on this share of the rows ...
 FIRST_ROWS = 32  # ... and on at least this many
+FUTILE = 4  # an entry that would need more than this many times all the rows stops being measured
 
 
 def early_confidence(confidence: float) -> float:
@@ -83,19 +84,27 @@ def _joined(parts: dict[str, dict[Hashable, list[torch.Tensor]]]) -> Stats:
     return {v: {e: torch.cat(chunks) for e, chunks in by.items()} for v, by in parts.items()}
 
 
-def open_entries(entries: Sequence[Hashable], decisions: Sequence[Decision]) -> list:
+def open_entries(entries: Sequence[Hashable], decisions: Sequence[Decision], rows: Optional[int] = None) -> list:
     """The entries some decision still depends on, in `entries` order: each decision's best and
-    its undecided smaller entries. Nothing when every decision is settled (only the best left)."""
+    its undecided smaller entries. Nothing when every decision is settled (only the best left).
+
+    With `rows` (all the rows there are), an undecided entry that would need more than FUTILE
+    times as many rows to be decided is dropped too: all the rows would very likely leave it
+    undecided, as an exhaustive sweep would (a metric at chance, where every rank stays
+    undecided, would otherwise cost every rank on every row)."""
     keep: set = set()
     for d in decisions:
-        if d.undecided:
-            keep |= {d.best, *d.undecided}
+        live = [r for r in d.undecided if rows is None or d.comparisons[r].rows_needed <= FUTILE * rows]
+        if live:
+            keep |= {d.best, *live}
     return [e for e in entries if e in keep]
 
 
-def judge_by(decide_all: Callable[[Stats], Sequence[Decision]], entries: Sequence[Hashable]) -> Callable[[Stats], list]:
-    """A `measure` judge from a function that makes every decision of a sweep from its stats."""
-    return lambda stats: open_entries(entries, decide_all(stats))
+def judge_by(decide_all: Callable[[Stats], Sequence[Decision]], entries: Sequence[Hashable],
+             rows: Optional[int] = None) -> Callable[[Stats], list]:
+    """A `measure` judge from a function that makes every decision of a sweep from its stats
+    (`rows`: all the rows there are, for `open_entries`)."""
+    return lambda stats: open_entries(entries, decide_all(stats), rows)
 
 
 def rows_measured(stats: Mapping[str, Mapping[Hashable, torch.Tensor]]) -> dict[str, dict[Hashable, int]]:

@@ -308,13 +308,14 @@ class DecisionRule:
                           self.tolerance(v, v not in LOWER_IS_BETTER), boot, **among)
                 for v, by in stats.items() if v not in NOT_RECOMMENDED}
 
-    def judge(self, entries: Sequence[Entry]):
-        """A judge for `adaptive.measure`: early verdicts on the ranks, and on the allocations."""
+    def judge(self, entries: Sequence[Entry], rows: Optional[int] = None):
+        """A judge for `adaptive.measure` on `rows` rows in all: early verdicts on the ranks, and
+        on the allocations."""
         def decide_all(stats):
             found = list(self.decisions(stats, self.early).values())
             return found + (list(self.decisions(stats, self.early, sized=True).values()) if self.params else [])
 
-        return judge_by(decide_all, entries)
+        return judge_by(decide_all, entries, rows)
 
 
 @dataclass
@@ -339,7 +340,8 @@ def _measure(ctx: "_Context", family: _Family, rule: DecisionRule, exhaustive: b
             bar.refresh()
 
         ctx.on_batch = lambda k: bar.update(1)
-        return measure(family.score, ctx.ranks, order, None if exhaustive else rule.judge(ctx.ranks), on_round)
+        return measure(family.score, ctx.ranks, order, None if exhaustive else rule.judge(ctx.ranks, family.rows),
+                       on_round)
 
 
 @dataclass

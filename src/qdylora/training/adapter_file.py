@@ -76,9 +76,23 @@ def read_adapter_metadata(path: Union[str, os.PathLike]) -> dict:
         raise QDyLoRAError(f"adapter file {path} is damaged or not a safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         raise QDyLoRAError(f"{path} is not a qdylora adapter (format {meta.get('format')!r})")
-    meta["config"] = QDyLoRAConfig.from_dict(json.loads(meta["config"]))
-    meta["extra"] = json.loads(meta.get("extra", "{}"))
+    missing = [k for k in ("config", "base_fingerprint") if k not in meta]
+    if missing:
+        raise QDyLoRAError(f"adapter file {path} is damaged: its metadata has no {' and no '.join(missing)}")
+    meta["config"] = QDyLoRAConfig.from_dict(_json(meta["config"], path, "config"), f"adapter file {path} config")
+    meta["extra"] = _json(meta.get("extra", "{}"), path, "extra")
     return meta
+
+
+def _json(text: str, path, key: str) -> dict:
+    """A JSON object of the adapter file's metadata."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QDyLoRAError(f"adapter file {path} is damaged: its metadata {key!r} is not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise QDyLoRAError(f"adapter file {path} is damaged: its metadata {key!r} is not a JSON object")
+    return value
 
 
 def load_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], check_base: bool = True) -> dict:

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 from ..console import log
+from ..core.devices import resolve_device
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
 from ..errors import QDyLoRAError
@@ -409,7 +410,9 @@ def load_run(run_dir: str | Path, device: Optional[str] = None,
     Refuses a run without an adapter and a base model whose fingerprint differs from the run's.
     """
     settings, adapter = load_run_settings(run_dir, trust_remote_code)
-    model = prepare(settings.model, settings.adapter, device=device or settings.device,
+    # the run's saved device is a preference: a run trained on a GPU opens on a CPU
+    where = resolve_device(device) if device else resolve_device(settings.device, preference=True)
+    model = prepare(settings.model, settings.adapter, device=where,
                     trust_remote_code=settings.trust_remote_code)
     load_adapter(model, adapter)  # checks the base fingerprint
     tokenizer = load_tokenizer(resolve_source(settings.model), settings.trust_remote_code)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from ..core.config import QDyLoRAConfig, from_dict
-from ..data.rows import FORMATS
+from ..core.fields import AT_LEAST_ONE, FRACTION, NOT_NEGATIVE, POSITIVE, check_fields
+from ..data.rows import FORMATS, template_fields
 from ..errors import QDyLoRAError
 from .optimizers import OPTIMIZERS
 from .sampling import RULES, RankSampler, check_ranks, parse_ranks
@@ -41,35 +42,35 @@ class DataSettings:
     val_data: Optional[str] = None
     """Separate validation data (same format); default: hold out --val-fraction of the training rows."""
 
-    val_fraction: float = 0.05
+    val_fraction: Annotated[float, FRACTION] = 0.05
     """Fraction of the training rows held out for validation (a seeded permutation) when --val-data is not given."""
 
-    val_max_examples: int = 200
+    val_max_examples: Annotated[int, NOT_NEGATIVE] = 200
     """At most this many validation rows: the cap on the held-out rows (the rest stay in training), or the first rows of --val-data; 0 = no cap."""
 
-    max_source_length: int = 512
+    max_source_length: Annotated[int, AT_LEAST_ONE] = 512
     """Prompt tokens kept (longer prompts are cut and counted); chat and text rows are cut at the sum of both lengths."""
 
-    max_target_length: int = 256
+    max_target_length: Annotated[int, AT_LEAST_ONE] = 256
     """Response tokens kept, EOS included (longer responses are cut and counted)."""
 
     train_on_prompt: bool = False
     """Put the loss on prompt tokens too (default: response / assistant tokens only)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, finiteness and bounds (core/fields.py)
         if self.format not in FORMATS:
             raise QDyLoRAError(f"unknown data format {self.format!r}: use one of {', '.join(FORMATS)}")
         if self.prompt_template is not None and self.format == "auto":
             self.format = "template"
+        for template in (self.prompt_template, self.response_template):
+            if template is not None:
+                template_fields(template)  # plain {fields} only
         if self.format == "template" and not (self.prompt_template and self.response_template):
             raise QDyLoRAError(
                 "format 'template' needs --prompt-template and --response-template, "
                 "e.g. --prompt-template '{question}' --response-template '{answer}'"
             )
-        if not 0.0 <= self.val_fraction < 1.0:  # false for nan too
-            raise QDyLoRAError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_source_length < 1 or self.max_target_length < 1:
-            raise QDyLoRAError("max_source_length and max_target_length must be at least 1")
 
     def with_embedded_default(self) -> "DataSettings":
         """Without --data: the embedded ASDiv train split, validated on its validation split, as
@@ -87,34 +88,34 @@ class DataSettings:
 class TrainSettings:
     """The optimisation: steps, batches, learning rate, rank sampling, evaluation, checkpoints."""
 
-    max_steps: Optional[int] = None
+    max_steps: Annotated[Optional[int], AT_LEAST_ONE] = None
     """Optimizer steps (default: --epochs passes over the training examples)."""
 
-    epochs: float = 1.0
+    epochs: Annotated[float, POSITIVE] = 1.0
     """Passes over the training data when --max-steps is not given."""
 
-    micro_batch_size: int = 4
+    micro_batch_size: Annotated[int, AT_LEAST_ONE] = 4
     """Examples per forward/backward pass."""
 
-    grad_accumulation: int = 4
+    grad_accumulation: Annotated[int, AT_LEAST_ONE] = 4
     """Micro-batches per optimizer step (one rank for all of them)."""
 
-    lr: float = 2e-4
+    lr: Annotated[float, POSITIVE] = 2e-4
     """Peak learning rate of AdamW (QLoRA's 2e-4)."""
 
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule after warmup (QLoRA: constant)."""
 
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, NOT_NEGATIVE] = 0
     """Steps of linear warmup from 0 to --lr."""
 
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, NOT_NEGATIVE] = 0.0
     """AdamW weight decay on A and B."""
 
     optim: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
     """Optimizer of A and B: adamw (torch), adamw-8bit (bitsandbytes: both moments in 8 bits, about a quarter of the state), paged-adamw / paged-adamw-8bit (bitsandbytes' paged state in CUDA unified memory, as QLoRA; the non-paged one on a CPU)."""
 
-    max_grad_norm: float = 0.3
+    max_grad_norm: Annotated[float, NOT_NEGATIVE] = 0.3
     """Gradients are clipped to this global norm (QLoRA's 0.3); 0 = no clipping."""
 
     optimizer_in_backward: bool = False
@@ -129,7 +130,7 @@ class TrainSettings:
     rank_distribution: Literal["uniform", "log-uniform"] = "uniform"
     """p_B over [min_rank, max_rank]: uniform, or log-uniform (p(b) proportional to 1/b: as much weight on 1-8 as on 8-64)."""
 
-    min_rank: int = 1
+    min_rank: Annotated[int, AT_LEAST_ONE] = 1
     """Smallest rank sampled; rank b is drawn uniformly from [min_rank, max_rank] each step. min_rank == max_rank is plain QLoRA at that rank."""
 
     ranks: Optional[str] = None
@@ -138,19 +139,19 @@ class TrainSettings:
     rank_weights: Optional[str] = None
     """Sampling weights for --ranks, comma separated (default: equal)."""
 
-    eval_every: int = 100
+    eval_every: Annotated[int, NOT_NEGATIVE] = 100
     """Validation loss every this many steps (also before the first and after the last); 0 = only before and after."""
 
     eval_ranks: Optional[str] = None
     """Ranks the validation loss is measured at (default: smallest, a middle power of two, largest)."""
 
-    save_every: int = 100
+    save_every: Annotated[int, NOT_NEGATIVE] = 100
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
 
-    keep_last: int = 2
+    keep_last: Annotated[int, AT_LEAST_ONE] = 2
     """Checkpoints kept in RUN/checkpoints (older ones are removed)."""
 
-    log_every: int = 1
+    log_every: Annotated[int, AT_LEAST_ONE] = 1
     """Write a metrics line every this many steps."""
 
     grad_checkpointing: bool = False
@@ -166,24 +167,14 @@ class TrainSettings:
     """Skip (and log) an optimizer step whose loss or gradient norm is NaN or infinite; default: stop with an error at that step, keeping the last checkpoint."""
 
     def __post_init__(self) -> None:
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise QDyLoRAError(f"max_steps must be positive, got {self.max_steps}")
-        for name, value in (("epochs", self.epochs), ("lr", self.lr)):
-            if not (math.isfinite(value) and value > 0):  # nan and inf pass a plain "<= 0" test
-                raise QDyLoRAError(f"{name} must be a positive finite number, got {value}")
-        for name in ("micro_batch_size", "grad_accumulation", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise QDyLoRAError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_fields(self)  # types, finiteness and bounds (core/fields.py)
         if self.rank_rule not in RULES:
             raise QDyLoRAError(f"rank_rule must be one of {', '.join(RULES)}, got {self.rank_rule!r}")
         if self.optim not in OPTIMIZERS:
             raise QDyLoRAError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.order not in ORDERS:
             raise QDyLoRAError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "max_grad_norm", "weight_decay"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise QDyLoRAError(f"{name} must be a finite number, not negative, got {value}")
+        self._check_ranks()
 
         if self.optimizer_in_backward:
             clash = [flag for flag, bad in (("--grad-accumulation > 1", self.grad_accumulation > 1),
@@ -194,20 +185,36 @@ class TrainSettings:
                     f"--optimizer-in-backward updates each parameter during backward, which rules out "
                     f"{' and '.join(clash)}: add --grad-accumulation 1 --max-grad-norm 0 (and no --skip-nonfinite)")
 
+    def _check_ranks(self) -> None:
+        """The rank lists and weights parse, and the weights are finite, not negative, not all 0
+        (checked here, before a run starts or an old one is replaced)."""
+        if self.ranks is not None:
+            parse_ranks(self.ranks)
+        if self.eval_ranks is not None:
+            parse_ranks(self.eval_ranks)
+        if self.rank_weights is not None:
+            if self.ranks is None:
+                raise QDyLoRAError("rank_weights needs --ranks")
+            weights = self.weights()
+            if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+                raise QDyLoRAError(f"rank_weights must be finite numbers, not negative and not all 0, "
+                                   f"got {self.rank_weights!r}")
+
+    def weights(self) -> Optional[tuple[float, ...]]:
+        """--rank-weights as numbers (None: equal weights)."""
+        if self.rank_weights is None:
+            return None
+        try:
+            return tuple(float(w) for w in self.rank_weights.split(","))
+        except ValueError:
+            raise QDyLoRAError(f"rank_weights must be numbers, got {self.rank_weights!r}") from None
+
     def rank_sampler(self, max_rank: int, seed: int) -> RankSampler:
         """p_B for a model whose adapters have `max_rank` components."""
         if self.ranks is not None:
             ranks = tuple(parse_ranks(self.ranks))
-            weights = None
-            if self.rank_weights is not None:
-                try:
-                    weights = tuple(float(w) for w in self.rank_weights.split(","))
-                except ValueError:
-                    raise QDyLoRAError(f"rank_weights must be numbers, got {self.rank_weights!r}") from None
-            return RankSampler(max_rank, min_rank=min(ranks), ranks=ranks, weights=weights, seed=seed,
+            return RankSampler(max_rank, min_rank=min(ranks), ranks=ranks, weights=self.weights(), seed=seed,
                                distribution=self.rank_distribution)
-        if self.rank_weights is not None:
-            raise QDyLoRAError("rank_weights needs --ranks")
         return RankSampler(max_rank, min_rank=self.min_rank, seed=seed, distribution=self.rank_distribution)
 
     def validation_ranks(self, sampler: RankSampler) -> list[int]:
@@ -239,6 +246,9 @@ class RunSettings:
     adapter: QDyLoRAConfig = field(default_factory=QDyLoRAConfig)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import get_scheduler
 
 from ..console import log
-from ..core.devices import default_device
+from ..core.devices import resolve_device
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
 from ..core.ordering import order_by_svd, svd_ordered
@@ -102,8 +102,9 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     settings = replace(settings, data=settings.data.with_embedded_default())
     procs = distributed.from_environment()  # several processes under torchrun
     device_name = distributed.device_for(procs, settings.device)
+    device = resolve_device(device_name)  # an unknown or missing device fails here, before `out` is touched
     with _Interrupts() as interrupts:
-        started = distributed.start(procs, torch.device(device_name) if device_name else default_device())
+        started = distributed.start(procs, device)
         check_out_dir(out, overwrite, resume)  # before any heavy work
         distributed.barrier(procs)  # every process has checked `out` before process 0 writes to it
         try:
