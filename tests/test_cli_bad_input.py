@@ -136,3 +136,22 @@ def test_a_run_saved_on_a_gpu_opens_on_a_cpu(trained_run, tmp_path, capsys):
     from qdylora.cli import _usable
 
     assert _usable("cuda") is None and _usable("cpu") == "cpu"  # a resumed run goes on here too
+
+
+def test_non_utf8_prompt_on_standard_input_is_one_line(trained_run, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("1+1=".encode() + b"\xff\xfe")))
+    one_error_line(capsys, main(["generate", str(trained_run), "--max-new-tokens", "2"]),
+                   "the prompt on standard input is not UTF-8 text (byte 4)")
+
+
+def test_merge_into_the_runs_own_base_model_is_refused(trained_run, tiny_lm, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_lm, base)
+    run = copy_run(trained_run, tmp_path, lambda r: r["settings"].update(model=str(base)))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in base.iterdir())
+    for out in (base, tmp_path):  # the base itself, or a folder holding it
+        one_error_line(capsys, main(["merge", str(run), "--rank", "2", "--out", str(out), "--overwrite"]),
+                       "holds the run's base model")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in base.iterdir()) == before

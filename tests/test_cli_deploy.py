@@ -56,12 +56,13 @@ def test_generate_side_by_side_equals_one_rank_at_a_time(trained_run, capsys):
     for r in (0, 2, 8):
         assert answer(model, tok, "3+4=", [r], max_new_tokens=4)[r] == together[r]
     assert together[0] != together[8]
-    assert main(["generate", str(trained_run), "--rank", "0", "2", "8", "--prompt", "3+4=",
-                 "--max-new-tokens", "4"]) == 0
-    printed = capsys.readouterr().out
-    for r in (2, 8):
-        assert f"[rank {r}]\n{together[r].strip()}" in printed
-    assert "[rank 0 = base model]" in printed
+    # the rank lists sweep and export take work here too: "0,2,8", and under --ranks
+    for ranks in (["--rank", "0", "2", "8"], ["--rank", "0,2,8"], ["--ranks", "0,2,8"], ["--rank", "0", "2,8"]):
+        assert main(["generate", str(trained_run), *ranks, "--prompt", "3+4=", "--max-new-tokens", "4"]) == 0
+        printed = capsys.readouterr().out
+        for r in (2, 8):
+            assert f"[rank {r}]\n{together[r].strip()}" in printed
+        assert "[rank 0 = base model]" in printed
 
 
 def test_generate_streams_one_rank_and_reads_stdin(trained_run, capsys, monkeypatch):

@@ -148,3 +148,21 @@ def test_tensorboard_without_the_package_writes_nothing(tiny_lm, tmp_path, capsy
     assert main(run_args(tiny_lm, data, out, "--tensorboard")) == 2
     assert "pip install tensorboard" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_run_names_its_model_and_data_from_any_directory(tiny_lm, tmp_path, monkeypatch, capsys):
+    """`--model` and `--data` typed relative to the working directory are stored absolute: the
+    run's commands work from elsewhere (a relative model path was taken for a hub id there)."""
+    import os
+
+    work = tmp_path / "work"
+    work.mkdir()
+    write_sums(work / "sums.jsonl", n=24)
+    monkeypatch.chdir(work)
+    model = os.path.relpath(tiny_lm, work)
+    assert main(run_args(model, "sums.jsonl", "run")) == 0
+    settings = json.loads((work / "run" / "config.json").read_text())["settings"]
+    assert settings["model"] == tiny_lm and settings["data"]["data"] == str(work / "sums.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(work / "run"), "--rank", "2", "--out", str(tmp_path / "peft")]) == 0
+    assert main(["sweep", str(work / "run"), "--ranks", "2", "--metrics", "loss", "--quiet"]) == 0, capsys.readouterr().err

@@ -157,7 +157,7 @@ class Sweep(Checked):
     data: Optional[str] = None
     """Evaluation data in the run's format (default: asdiv:test for runs on the embedded ASDiv, else the run's validation rows)."""
 
-    ranks: Optional[str] = None
+    ranks: Annotated[Optional[str], tyro.conf.arg(aliases=("--rank",))] = None
     """Ranks to measure, e.g. "1,2,4,8,16,32,64" or "1-64" (default: powers of two up to max_rank); 0 is always added."""
 
     metrics: str = "loss,exact_match"
@@ -370,8 +370,8 @@ class Generate(Checked):
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
     """Run directory written by qdylora train."""
 
-    rank: list[int] = field(default_factory=list)
-    """Rank(s) to answer with, e.g. --rank 4 or --rank 0 4 64 (0 = the base model; default: the sweep's recommended rank if the run has a sweep.json, else max_rank)."""
+    rank: Annotated[list[str], tyro.conf.arg(aliases=("--ranks",))] = field(default_factory=list)
+    """Rank(s) to answer with: --rank 4, --rank 0,4,64 (as sweep and export take them), --rank 0 4 64 or --rank 1-4 (0 = the base model; default: the sweep's recommended rank if the run has a sweep.json, else max_rank)."""
 
     per_layer: Annotated[PerLayer, Flat] = field(default_factory=PerLayer)
 
@@ -410,7 +410,8 @@ class Generate(Checked):
         settings, _ = load_run_settings(self.run_dir, self.trust_remote_code)
         R = settings.adapter.max_rank
         request = self.per_layer.request()
-        ranks = list(self.rank) or ([] if request else [recommended_rank(self.run_dir, R)])
+        ranks = sorted({r for text in self.rank for r in parse_ranks(text)})
+        ranks = ranks or ([] if request else [recommended_rank(self.run_dir, R)])
         check_ranks(ranks, R, lowest=0)
         if not (0 <= self.temperature < float("inf")) or not 0 < self.top_p <= 1:  # nan fails both
             raise QDyLoRAError("temperature must be >= 0 and top_p in (0, 1]")

@@ -131,3 +131,17 @@ def test_release_freed_heap_returns_the_holes_loading_leaves(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
     before, after = map(int, out.split())
     assert before - after > 400, (before, after)  # MiB: most of the 600 MiB of holes came back
+
+
+@pytest.mark.parametrize("cut", [4 + 20, 60_000])
+def test_a_gguf_cut_short_is_one_line_naming_the_file(tmp_path, cut):
+    """A GGUF cut inside its header (struct.error before) or inside its tensors."""
+    import qdylora
+
+    with open(smollm2_gguf(), "rb") as f:
+        head = f.read(cut)
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(head)
+    with pytest.raises(qdylora.QDyLoRAError, match=r"cannot load a .* from .*cut\.gguf: ") as e:
+        qdylora.prepare(str(path), qdylora.QDyLoRAConfig(max_rank=4), device="cpu")
+    assert "\n" not in str(e.value)

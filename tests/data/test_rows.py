@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,38 @@ def test_a_data_directory_is_read_file_by_file_with_its_row_counts(tmp_path, cap
     empty.mkdir()
     with pytest.raises(QDyLoRAError, match="holds no data file"):
         read_rows(str(empty))
+
+
+def test_a_relative_data_directory_is_read(tmp_path, monkeypatch):
+    """`--data d` and `--data ./d` (a directory relative to the working directory) said "no 'train'
+    split": `datasets` lists absolute paths, which matched none of the relative ones."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n' * 3)
+    monkeypatch.chdir(tmp_path)
+    assert len(read_rows("d")) == len(read_rows("./d")) == len(read_rows(str(tmp_path / "d"))) == 3
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("scalar.json", "5\n", "the file holds a JSON number, not rows"),
+    ("dup.jsonl", '{"question": "1+1=", "answer": "2"}\n{"a": 1, "a": 2}\n', "line 2 gives the field 'a' twice"),
+    ("ragged.csv", "question,answer\n1+1=,2\n1+2=,3,extra\n", "line 3 has 3 fields, the header 2"),
+])
+def test_reader_errors_are_one_line_with_the_row(tmp_path, capfd, name, content, message):
+    """datasets printed its own "Failed to load JSON from file ..." line before ours, which said
+    only "An error occurred while generating the dataset"."""
+    from qdylora.cli import main
+
+    path = tmp_path / name
+    path.write_text(content)
+    code = main(["train", "--data", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    err = [line for line in capfd.readouterr().err.splitlines() if "kernels" not in line]
+    assert code == 2 and err == [f"qdylora: error: cannot read data from {path}: {message}" + err[0].split(message, 1)[1]], err
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_a_special_file_as_data_is_not_a_regular_file(tmp_path, special):
+    if special == "fifo":
+        special = str(tmp_path / "rows.jsonl")
+        os.mkfifo(special)
+    with pytest.raises(QDyLoRAError, match="is not a regular file"):
+        read_rows(special)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -108,8 +109,8 @@ def load_causal_lm(
     except SafetensorError as e:  # a truncated or corrupted model.safetensors (its header or data)
         raise QDyLoRAError(f"the weights in {src.path} are damaged or truncated ({_first_line(e)}): "
                            "download or copy the model again") from e
-    except (OSError, ValueError, KeyError) as e:
-        raise QDyLoRAError(f"cannot load a causal LM from {src.path}: {_explain(e, src)}") from e
+    except (OSError, ValueError, KeyError, struct.error) as e:  # struct.error: a GGUF cut inside its header
+        raise QDyLoRAError(f"cannot load a causal LM from {_named(src)}: {_explain(e, src)}") from e
     if src.is_local:
         release_page_cache(Path(src.path), [src.gguf_file] if src.gguf_file else None)
     return model
@@ -158,8 +159,13 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(
             src.path, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as e:
-        raise QDyLoRAError(f"cannot load a tokenizer from {src.path}: {_first_line(e)}") from e
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise QDyLoRAError(f"cannot load a tokenizer from {_named(src)}: {_explain(e, src)}") from e
+
+
+def _named(src: "ModelSource") -> str:
+    """The file a GGUF model is read from, else its directory or hub id."""
+    return str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
 
 
 def forget_quantizer(model: nn.Module) -> None:
@@ -176,6 +182,8 @@ def forget_quantizer(model: nn.Module) -> None:
 
 def _explain(e: BaseException, src: ModelSource) -> str:
     text = _first_line(e)
+    if isinstance(e, struct.error):
+        return f"the file is cut short or damaged ({text}): copy it again"
     if "Unrecognized configuration class" in text:
         return ("it is not a decoder-only causal LM (qdylora fine-tunes models such as Llama, "
                 "Mistral, Qwen2, GPT-2, OPT, Falcon)")

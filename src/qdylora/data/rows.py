@@ -7,7 +7,9 @@ exactly; labels are -100 where the loss is off.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import string
 from dataclasses import dataclass, field
@@ -111,6 +113,8 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
         return _read_file(path, source)
     if path.is_dir():
         return _read_directory(path, source, split)
+    if path.exists():  # /dev/zero (endless), a FIFO (blocks), a socket
+        raise QDyLoRAError(f"data file {source} is not a regular file: give a data file or a directory of them")
     if source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
         raise QDyLoRAError(f"data file {source} does not exist")
     return _load_dataset(source, (source,), dict(split=split))
@@ -135,6 +139,7 @@ def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]
     common file type only and dropped the others without a word; here every file is counted."""
     from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
+    path = path.absolute()  # `datasets` gives absolute paths: a relative directory matched none of them
     supported = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in FILE_BUILDERS
                        and not any(part.startswith(".") for part in f.relative_to(path).parts))
     known = set(supported)
@@ -180,15 +185,27 @@ def _load_dataset(source: str, args: tuple, kwargs: dict, path: Optional[Path] =
 
     bars_were_on = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # only while we read: the caller's setting is put back
+    quiet = logging.getLogger("datasets")  # its own "Failed to load JSON from file ..." line: ours says it
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         return [dict(row) for row in datasets.load_dataset(*args, **kwargs)]  # decoding happens here too
     except Exception as e:  # datasets raises many types (DatasetGenerationError, ConnectionError..)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         found = _first_bad_line(path) if path is not None else None
-        raise QDyLoRAError(f"cannot read data from {source}: {found or first}") from e
+        raise QDyLoRAError(f"cannot read data from {source}: {found or _innermost(e)}") from e
     finally:
+        quiet.setLevel(level)
         if bars_were_on:
             datasets.enable_progress_bars()
+
+
+def _innermost(e: BaseException) -> str:
+    """The first line of the deepest cause ("JSON parse error: ..."), not datasets' wrapper
+    ("An error occurred while generating the dataset")."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _first_bad_line(path: Path) -> Optional[str]:
@@ -200,11 +217,17 @@ def _first_bad_line(path: Path) -> Optional[str]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         return f"line {line} is not UTF-8 text (byte {e.start}): save the file as UTF-8"
+    if path.suffix.lower() == ".csv":
+        return _ragged_row(text, ",")
     if path.suffix.lower() not in (".json", ".jsonl"):
         return None
     if path.suffix.lower() == ".json":
         try:
-            json.loads(text)
+            whole = json.loads(text)
+            if not isinstance(whole, (list, dict)):
+                kind = {bool: "true/false", int: "number", float: "number", str: "text"}.get(type(whole), "null")
+                return (f"the file holds a JSON {kind}, not rows: a .json file holds a list of "
+                        "objects (or one object of lists), or use JSON Lines (.jsonl: one object per line)")
             return None  # one valid JSON document: datasets' complaint is about its shape
         except ValueError:
             pass  # maybe JSON Lines in a .json file: look line by line
@@ -212,11 +235,38 @@ def _first_bad_line(path: Path) -> Optional[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_no_repeats)
+        except _Repeated as e:
+            return f"line {number} gives the field {e.args[0]!r} twice"
         except ValueError as e:
             return f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
         if not isinstance(obj, dict):
             return f"line {number} is a JSON {type(obj).__name__}, not an object with fields"
+    return None
+
+
+class _Repeated(Exception):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if repeated is not None:
+        raise _Repeated(repeated)
+    return dict(pairs)
+
+
+def _ragged_row(text: str, delimiter: str) -> Optional[str]:
+    """The first CSV row whose number of fields differs from the header's, by line number."""
+    import csv
+
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    header = next(reader, None)
+    for row in reader:
+        if row and header is not None and len(row) != len(header):
+            return (f"line {reader.line_num} has {len(row)} fields, the header {len(header)}: quote fields "
+                    "that hold the delimiter")
     return None
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from ..core.context import context_length, fit_generation
 from ..core.rank import replicate_for_ranks
 from ..data.batching import pad_token_id
 from ..data.rows import prompt_ids
@@ -57,6 +58,8 @@ def generate_at_ranks(
     hf = getattr(model, "model", model)
     device = device or next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
+    kept, max_new_tokens = fit_generation(max(map(len, prompts), default=0), max_new_tokens, context_length(model))
+    prompts = [p[len(p) - min(len(p), kept):] for p in prompts]  # the last `kept` tokens of each
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                               eos_token_id=stop_ids(tokenizer, hf))
     group = rank_batch if rank_batch > 0 else len(ranks)
@@ -108,7 +111,9 @@ def answer(
 
     hf = getattr(model, "model", model)
     device = next(model.parameters()).device
-    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt, use_chat_template)], device=device)  # (1, T)
+    ids = chat_prompt_ids(tokenizer, prompt, use_chat_template)
+    kept, max_new_tokens = fit_generation(len(ids), max_new_tokens, context_length(model))
+    ids = torch.tensor([ids[len(ids) - kept:]], device=device)  # (1, T): the prompt's last tokens that fit
     pad_id = pad_token_id(tokenizer)
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id,

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..core.allocation import DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE, Allocation, layer_costs
+from ..core.context import context_length, fit_lengths
 from ..core.model import QDyLoRAModel
 from ..core.rank import evaluating
 from ..data.batching import fixed_batches, pad_token_id
@@ -226,6 +227,8 @@ def run_sweep(
         from .harness import task_manager
 
         manager = task_manager(lm_eval, lm_eval_include)  # an unknown task or no harness: before any work
+    source, target = fit_lengths(data.max_source_length, data.max_target_length, context_length(model))
+    data = replace(data, max_source_length=source, max_target_length=target)
     ctx = _Context(model, tokenizer, list(ranks), batch_size, rank_batch, progress)
     costs = layer_costs(model)
     params = {r: r.params(costs) if isinstance(r, Allocation) else r * sum(costs.values()) for r in ranks}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import resource
 import shutil
 import signal
@@ -29,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import get_scheduler
 
 from ..console import log
+from ..core.context import context_length, fit_lengths
 from ..core.devices import resolve_device
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
@@ -46,7 +48,7 @@ from .optimizers import InBackwardOptimizer, make_optimizer
 from .rundir import (MetricsLog, check_out_dir, check_resumable, clear_run, load_state, owned, read_json,
                      remove_leftovers, resume_checkpoint, run_record, save_checkpoint, write_json)
 from .sampling import RankSampler, micro_batch_ranks
-from .settings import RunSettings, TrainSettings
+from .settings import DataSettings, RunSettings, TrainSettings
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -82,6 +84,23 @@ def _tokenize_subset(rows, indices, tokenizer, rf, opts):
     return tokenize([rows[i] for i in indices], tokenizer, rf, row_numbers=indices, **opts)
 
 
+def with_absolute_paths(settings: RunSettings) -> RunSettings:
+    """The model and data paths that exist here made absolute, so the run's config.json names
+    them from any working directory (a relative `--model tiny/llama` read from elsewhere was taken
+    for a hub id)."""
+    def absolute(value: Optional[str]) -> Optional[str]:
+        return os.path.abspath(value) if value and os.path.exists(value) else value
+
+    data = replace(settings.data, data=absolute(settings.data.data), val_data=absolute(settings.data.val_data))
+    return replace(settings, model=absolute(settings.model), data=data)
+
+
+def fitted(data: DataSettings, model: torch.nn.Module) -> DataSettings:
+    """`data` with its lengths cut to the positions the model reads (`fit_lengths`)."""
+    source, target = fit_lengths(data.max_source_length, data.max_target_length, context_length(model))
+    return replace(data, max_source_length=source, max_target_length=target)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process: allocated CUDA memory on a GPU, peak RSS on the CPU."""
     if device.type == "cuda":
@@ -99,7 +118,7 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     after each optimizer step (and its checkpoint, if one is due).
     """
     out = Path(out)
-    settings = replace(settings, data=settings.data.with_embedded_default())
+    settings = with_absolute_paths(replace(settings, data=settings.data.with_embedded_default()))
     procs = distributed.from_environment()  # several processes under torchrun
     device_name = distributed.device_for(procs, settings.device)
     device = resolve_device(device_name)  # an unknown or missing device fails here, before `out` is touched
@@ -166,7 +185,7 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
         _tensorboard_writer_class()  # a missing package is reported before anything is written
     model, tokenizer, source = _load(settings, model, device_name)
     interrupts.check()
-    data = load_data(settings, tokenizer)
+    data = load_data(replace(settings, data=fitted(settings.data, model)), tokenizer)
     interrupts.check()
     job = make_job(model, t, data.train, pad_token_id(tokenizer), procs)
     eval_ranks, val_batches = t.validation_ranks(job.sampler), fixed_batches(data.val, t.micro_batch_size)
