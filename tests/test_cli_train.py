@@ -166,3 +166,25 @@ def test_a_run_names_its_model_and_data_from_any_directory(tiny_lm, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert main(["export", str(work / "run"), "--rank", "2", "--out", str(tmp_path / "peft")]) == 0
     assert main(["sweep", str(work / "run"), "--ranks", "2", "--metrics", "loss", "--quiet"]) == 0, capsys.readouterr().err
+
+
+def test_resume_on_changed_data_is_refused_and_sweep_warns(tiny_lm, tmp_path, capsys):
+    """Edit the training file (more rows, other answers) after a run: --resume went on silently on
+    new rows with a new validation split, and a sweep without --data measured other rows."""
+    data = tmp_path / "sums.jsonl"
+    write_sums(data, n=24)
+    out = tmp_path / "run"
+    assert main(run_args(tiny_lm, str(data), out, "--save-every", "1")) == 0
+    saved = json.loads((out / "config.json").read_text())["data_fingerprint"]
+    assert set(saved) == {"train", "validation"} and saved["train"] != saved["validation"]
+    write_sums(data, n=30, seed=1)
+    capsys.readouterr()
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["train", "--resume", str(out), "--max-steps", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "its train and validation rows changed since the run started" in err, err
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert main(["sweep", str(out), "--ranks", "2", "--metrics", "loss", "--quiet", "--out", str(tmp_path / "s")]) == 0
+    assert "differ from the rows it was validated on" in capsys.readouterr().err
+    write_sums(data, n=24)  # the original rows again: resume goes on
+    assert main(["train", "--resume", str(out), "--max-steps", "3", "--quiet"]) == 0

@@ -347,3 +347,21 @@ def test_a_special_file_as_data_is_not_a_regular_file(tmp_path, special):
         os.mkfifo(special)
     with pytest.raises(QDyLoRAError, match="is not a regular file"):
         read_rows(special)
+
+
+def test_a_replaced_file_of_the_same_size_and_mtime_gives_its_new_rows(tmp_path):
+    """datasets' cache is keyed on path, size and mtime: a file replaced by `cp -p` or `rsync -a`
+    gave the old rows. Nothing is left in datasets' cache either."""
+    import datasets
+
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    before = sorted(cache.rglob("*")) if cache.exists() else []
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "1+1=", "answer": "2"}\n')
+    stat = path.stat()
+    assert read_rows(str(path))[0]["answer"] == "2"
+    path.write_text('{"question": "1+1=", "answer": "3"}\n')  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert read_rows(str(path))[0]["answer"] == "3"
+    assert (sorted(cache.rglob("*")) if cache.exists() else []) == before

@@ -7,11 +7,13 @@ exactly; labels are -100 where the loss is off.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
 import string
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
@@ -131,7 +133,11 @@ def _read_file(path: Path, source: str) -> list[dict[str, Any]]:
     size = path.stat().st_size
     if size == 0 or (size < 2**20 and not path.read_bytes().strip()):  # datasets: "StopIteration"
         raise QDyLoRAError(f"data file {source} is empty: it holds no rows")
-    return _load_dataset(source, (builder,), dict(data_files=str(path), split="train"), path)
+    # A fresh cache per read, removed after it: datasets keys its Arrow cache on the file's path,
+    # size and mtime, so a file replaced by another of the same size and mtime (cp -p, rsync -a,
+    # tar x) gave the old rows; and the cache stayed behind in ~/.cache, outside any run.
+    with tempfile.TemporaryDirectory(prefix="qdylora-read-") as cache:
+        return _load_dataset(source, (builder,), dict(data_files=str(path), split="train", cache_dir=cache), path)
 
 
 def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]:
@@ -570,6 +576,16 @@ def run_rows(d: "DataSettings", seed: int) -> tuple[list[dict], list[int], list[
     val = read_rows(d.val_data, d.split)
     n_val = min(len(val), d.val_max_examples) if d.val_max_examples > 0 else len(val)
     return rows, list(range(len(rows))), val, list(range(n_val))
+
+
+def rows_fingerprint(rows: Sequence[dict]) -> str:
+    """A digest of rows' content (fields and values, in order): what a run was trained on, so
+    that resuming on changed data is caught."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
 
 
 def row_format(d: "DataSettings", columns, source: str) -> RowFormat:

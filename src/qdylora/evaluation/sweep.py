@@ -16,14 +16,15 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ..console import log
 from ..core.allocation import DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE, Allocation, layer_costs
 from ..core.context import context_length, fit_lengths
 from ..core.model import QDyLoRAModel
 from ..core.rank import evaluating
 from ..data.batching import fixed_batches, pad_token_id
 from ..data.embedded import EVAL_TEMPLATES
-from ..data.rows import (EMBEDDED_PREFIX, generation_prompts, read_rows, row_format, run_rows, split_references,
-                         tokenize)
+from ..data.rows import (EMBEDDED_PREFIX, generation_prompts, read_rows, row_format, rows_fingerprint, run_rows,
+                         split_references, tokenize)
 from ..errors import QDyLoRAError
 from ..files import atomic_write
 from ..training.losses import autocast_context, batch_losses_at_ranks, padded
@@ -145,6 +146,15 @@ def eval_rows(settings: RunSettings, data: Optional[str]) -> list[dict]:
     if not val_idx:
         raise QDyLoRAError("the run held out no validation rows: pass --data EVAL_FILE")
     return [val_rows[i] for i in val_idx]
+
+
+def _warn_if_changed(run_dir: str | Path, rows: Sequence[dict]) -> None:
+    """Warn when the run's validation rows, rebuilt from its data settings, are not the rows it
+    validated on (its data file was edited since)."""
+    saved = read_json(Path(run_dir) / "config.json").get("data_fingerprint") or {}
+    if saved.get("validation") not in (None, rows_fingerprint(rows)):
+        log.warning(f"the validation rows of {run_dir}, rebuilt from its data file, differ from the rows it was "
+                    "validated on (the file changed since training): pass --data EVAL_FILE to say what to measure")
 
 
 def eval_format(settings: DataSettings, data: Optional[str], prompt_template: Optional[str] = None,
@@ -520,6 +530,8 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
     model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
     fmt = eval_format(settings.data, data, prompt_template, response_template)
     rows = eval_rows(settings, data)
+    if data is None:
+        _warn_if_changed(run_dir, rows)
     if max_examples > 0:
         rows = rows[:max_examples]
     shots_rows = read_rows(shots_data, settings.data.split) if shots_data else None

@@ -184,14 +184,22 @@ def check_version(record: dict, run: Path) -> None:
                            f"{__version__}: upgrade qdylora (pip install -U qdylora) to read it")
 
 
-def check_resumable(out: Path, fingerprint: str, global_batch: int, micro_batch_size: int) -> None:
-    """Refuse to resume `out` with another base model, a newer qdylora's files or another global
-    batch (the data order and the optimizer's steps would no longer line up)."""
+def check_resumable(out: Path, fingerprint: str, global_batch: int, micro_batch_size: int,
+                    data_fingerprint: Optional[dict] = None) -> None:
+    """Refuse to resume `out` with another base model, other data (rows changed in the file: the
+    data order and the validation split would silently differ), a newer qdylora's files or
+    another global batch (the data order and the optimizer's steps would no longer line up)."""
     saved = read_json(out / "config.json")
     check_version(saved, out)
     if saved.get("base_fingerprint") != fingerprint:
         raise QDyLoRAError(f"cannot resume {out}: it was trained on another base model "
                            f"({saved['settings'].get('model')})")
+    before = saved.get("data_fingerprint")  # absent in runs of qdylora before it was recorded
+    if before and data_fingerprint and before != data_fingerprint:
+        changed = " and ".join(k for k in ("train", "validation") if before.get(k) != data_fingerprint.get(k))
+        raise QDyLoRAError(f"cannot resume {out}: its {changed} rows changed since the run started "
+                           f"({saved['settings'].get('data', {}).get('data')}): resume on the rows it was trained "
+                           "on, or start a new run on the new rows (--out NEW_RUN)")
     if saved.get("global_batch", global_batch) != global_batch:
         raise QDyLoRAError(
             f"cannot resume {out} with a global batch of {global_batch} (micro-batch x processes x "

@@ -39,7 +39,7 @@ from ..core.rank import set_rank
 from ..core.scaling import RankMixture
 from ..data.batching import BatchStream, collate, fixed_batches, pad_token_id
 from ..data.embedded import smollm2_checkpoint
-from ..data.rows import IGNORE, DataStats, Example, row_format, run_rows, tokenize
+from ..data.rows import IGNORE, DataStats, Example, row_format, rows_fingerprint, run_rows, tokenize
 from ..errors import QDyLoRAError, TrainingInterrupted
 from . import distributed
 from .adapter_file import load_adapter, save_adapter
@@ -58,6 +58,7 @@ class Datasets:
     train: list[Example]
     val: list[Example]
     stats: dict[str, DataStats]
+    fingerprint: dict[str, str]  # {"train", "validation"}: `rows_fingerprint` of the rows read
 
 
 def load_data(settings: RunSettings, tokenizer) -> Datasets:
@@ -76,7 +77,9 @@ def load_data(settings: RunSettings, tokenizer) -> Datasets:
             f"no training example is left after tokenization ({train_stats}): check the format, "
             "the templates and --max-source-length / --max-target-length"
         )
-    return Datasets(train, val, {"train": train_stats, "validation": val_stats})
+    fingerprint = {"train": rows_fingerprint([rows[i] for i in train_idx]),
+                   "validation": rows_fingerprint([val_rows[i] for i in val_idx])}
+    return Datasets(train, val, {"train": train_stats, "validation": val_stats}, fingerprint)
 
 
 def _tokenize_subset(rows, indices, tokenizer, rf, opts):
@@ -189,7 +192,7 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
     interrupts.check()
     job = make_job(model, t, data.train, pad_token_id(tokenizer), procs)
     eval_ranks, val_batches = t.validation_ranks(job.sampler), fixed_batches(data.val, t.micro_batch_size)
-    pos = _open_run_dir(job, out, overwrite, resume, _record(settings, job, source), data)
+    pos = _open_run_dir(job, out, overwrite, resume, _record(settings, job, source, data.fingerprint), data)
     log = _RunLog(out, main, t.tensorboard, resume_step=pos.step if resume else None)
     evaluate = lambda at_step, written=None: _evaluate(job, val_batches, eval_ranks, log, at_step, written)  # noqa: E731
     first_val = _first_validation(out, resume, main, evaluate)
@@ -244,9 +247,11 @@ def _train(settings: RunSettings, out: Path, overwrite: bool, resume: bool, prog
     return _finish(job, out, pos, first_val, last_val)
 
 
-def _record(settings: RunSettings, job: "Job", source: str) -> dict:
-    """config.json: every setting (compute dtype resolved), the base's fingerprint, the version."""
-    return run_record(replace(settings, model=source), job.model, processes=job.procs.world,
+def _record(settings: RunSettings, job: "Job", source: str, data_fingerprint: dict[str, str]) -> dict:
+    """config.json: every setting (compute dtype resolved), the base's and the data's fingerprints,
+    the version."""
+    return run_record(replace(settings, model=source), job.model, data_fingerprint=data_fingerprint,
+                      processes=job.procs.world,
                       global_batch=job.global_batch)
 
 
@@ -254,7 +259,8 @@ def _open_run_dir(job: "Job", out: Path, overwrite: bool, resume: bool, record: 
     """Resume from the newest intact checkpoint, or start the run directory afresh; write
     config.json and data_stats.json (process 0)."""
     if resume:
-        check_resumable(out, record["base_fingerprint"], job.global_batch, job.settings.micro_batch_size)
+        check_resumable(out, record["base_fingerprint"], job.global_batch, job.settings.micro_batch_size,
+                        record["data_fingerprint"])
         pos = _restore(job, out)
     else:
         pos = _start(out, overwrite, job)
