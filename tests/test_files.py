@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -56,3 +57,91 @@ def test_a_removal_killed_with_sigkill_leaves_the_directory_whole_or_gone(tmp_pa
     assert "partial" not in outcomes
     assert all(p.name.startswith(".") and p.name.endswith(".tmp") or p.name.startswith("step-")
                for p in (tmp_path / "ours").iterdir())
+
+
+KILLED_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from qdylora.files import atomic_dir, atomic_write
+target = Path(sys.argv[1])
+with {writer}(target) as tmp:
+    {fill}
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-write: a kill -9 of merge, export or sweep
+"""
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    """A merge / export killed while writing left `.out.XXXX.tmp/` (a partial model) that nothing
+    removed; now the next write beside it removes the leftovers of processes that are gone."""
+    from qdylora.files import atomic_dir, atomic_write
+
+    cases = {"atomic_dir": ("(tmp / 'model.safetensors').write_bytes(b'0' * 2**20)", tmp_path / "merged"),
+             "atomic_write": ("tmp.write_bytes(b'0' * 2**20)", tmp_path / "sweep.json")}
+    for writer, (fill, target) in cases.items():
+        proc = subprocess.run([sys.executable, "-c", KILLED_WRITE.format(writer=writer, fill=fill), str(target)])
+        assert proc.returncode == -signal.SIGKILL
+        leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.qdylora-")]
+        assert len(leftovers) == 1 and not target.exists()
+    live = tmp_path / f".other.qdylora-{os.getpid()}.x.tmp"  # a live process's temporary: kept
+    live.write_text("x")
+    (tmp_path / "users.tmp").write_text("x")  # not ours: kept
+    with atomic_dir(tmp_path / "merged") as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    with atomic_write(tmp_path / "sweep.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", "sweep.json", live.name, "users.tmp"])
+
+
+KILLED_MOVES = """
+import os, signal, sys
+from pathlib import Path
+from qdylora import files
+out = Path(sys.argv[1])
+paths = [out / "sweep.json", out / "sweep.csv", out / "sweep.png"]
+moves = []
+real = os.replace
+def replace(src, dst):
+    moves.append(dst)
+    if len(moves) == 3:  # after the journal and the first file: two of the three still to go
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+files.os.replace = replace
+with files.written_together(paths, out / ".sweep.moves.json") as tmp:
+    for path, t in tmp.items():
+        t.write_text("new " + path.name)
+"""
+
+
+def test_files_written_together_appear_together_after_a_kill(tmp_path):
+    """A sweep killed between the renames of its three files left a new sweep.json beside an old
+    sweep.png; the journal it leaves is completed before the files are next read or written."""
+    from qdylora.files import finish_moves
+
+    for name in ("sweep.json", "sweep.csv", "sweep.png"):
+        (tmp_path / name).write_text("old " + name)
+    proc = subprocess.run([sys.executable, "-c", KILLED_MOVES, str(tmp_path)])
+    assert proc.returncode == -signal.SIGKILL
+    contents = {p.name: p.read_text() for p in tmp_path.glob("sweep.*")}
+    assert sorted(v.split()[0] for v in contents.values()) == ["new", "old", "old"]  # mixed: the fault
+    finish_moves(tmp_path / ".sweep.moves.json")
+    assert {p.name: p.read_text() for p in tmp_path.glob("sweep.*")} == {
+        n: "new " + n for n in ("sweep.json", "sweep.csv", "sweep.png")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv", "sweep.json", "sweep.png"]
+
+
+def test_an_output_that_appears_during_a_write_is_one_line(tmp_path):
+    """Two exports racing for one --out: the loser said `qdylora: error: out/race` (a FileExistsError
+    without text)."""
+    import pytest
+
+    from qdylora import QDyLoRAError
+    from qdylora.files import atomic_dir
+
+    out = tmp_path / "race"
+    with pytest.raises(QDyLoRAError, match="appeared while this command was writing it"):
+        with atomic_dir(out) as tmp:
+            (tmp / "adapter_model.safetensors").write_text("mine")
+            out.mkdir()  # the other command got there first
+            (out / "adapter_model.safetensors").write_text("theirs")
+    assert (out / "adapter_model.safetensors").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["race"]

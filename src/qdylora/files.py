@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -20,7 +23,8 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[Path]:
     `path` holds either its old content or the complete new one.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clear_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file a normal mode
@@ -59,18 +63,29 @@ def atomic_dir(path: Union[str, os.PathLike], overwrite: bool = False) -> Iterat
     """Yield a temporary directory next to `path`; on success it becomes `path` (replacing an
     existing one only if `overwrite`), so `path` is absent, old or complete, never partial."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clear_stale(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory a normal mode
     try:
         yield tmp
         if path.exists():
             if not overwrite:
-                raise FileExistsError(path)
+                raise _appeared(path)
             remove_tree(path)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # another command made `path` since the check above
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                raise _appeared(path) from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _appeared(path: Path) -> QDyLoRAError:
+    return QDyLoRAError(f"{path} appeared while this command was writing it (another command writing the same "
+                        "--out?): it was left as it is; use another --out, or --overwrite once the other is done")
 
 
 def remove_tree(path: Union[str, os.PathLike]) -> None:
@@ -78,9 +93,100 @@ def remove_tree(path: Union[str, os.PathLike]) -> None:
     hidden ".<name>.<random>.tmp" sibling (what a resume clears as a leftover), then removed; a
     process killed during the removal leaves that leftover, not a partial `path`."""
     path = Path(path)
-    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    aside = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     os.replace(path, aside)  # replaces the empty directory mkdtemp made
     shutil.rmtree(aside)
+
+
+@contextmanager
+def written_together(paths: list[Path], journal: Path) -> Iterator[dict[Path, Path]]:
+    """Yield {path: temporary path} for files that must appear together (a sweep's json, csv and
+    png); on success each replaces its path (`replace_together`), else the temporaries go."""
+    finish_moves(journal)
+    temps: dict[Path, Path] = {}
+    try:
+        for path in paths:
+            clear_stale(path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_umask())
+            temps[path] = Path(tmp)
+        yield temps
+        for tmp in temps.values():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        replace_together(temps, journal)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def replace_together(pairs: dict[Path, Path], journal: Path) -> None:
+    """Move each finished temporary file (value) onto its path (key) so that the files appear
+    together: the moves are written to `journal` first and the journal removed after the last
+    one, so a process killed between two moves leaves a journal that `finish_moves` (run before
+    the files are next read or written) completes."""
+    with atomic_write(journal) as tmp:
+        tmp.write_text(json.dumps({str(k): str(v) for k, v in pairs.items()}))
+    finish_moves(journal)
+
+
+def finish_moves(journal: Path) -> None:
+    """Complete the moves a killed `replace_together` left in `journal`, if any."""
+    try:
+        pairs = json.loads(journal.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        journal.unlink(missing_ok=True)  # unreadable: its moves cannot be known; the files stay as they are
+        return
+    for final, tmp in pairs.items():
+        if Path(tmp).exists():
+            os.replace(tmp, final)
+    journal.unlink(missing_ok=True)
+
+
+TEMP_MARK = ".qdylora-"  # temporary names: ".<name>.qdylora-<pid>.<random>.tmp"
+_TEMP = re.compile(r"^\..*\.qdylora-(\d+)\.[^.]*\.tmp$")
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}{TEMP_MARK}{os.getpid()}."
+
+
+def clear_stale(directory: Union[str, os.PathLike]) -> list[Path]:
+    """Remove the temporary files and directories that qdylora processes no longer running left
+    in `directory` (a kill -9 in the middle of a write); returns what was removed. Those of live
+    processes, and every other file, are left alone."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP.match(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        leftover = Path(directory) / name
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a number no process has): leave its files
+    return True
 
 
 def _umask() -> int:

@@ -26,7 +26,7 @@ from ..data.embedded import EVAL_TEMPLATES
 from ..data.rows import (EMBEDDED_PREFIX, generation_prompts, read_rows, row_format, rows_fingerprint, run_rows,
                          split_references, tokenize)
 from ..errors import QDyLoRAError
-from ..files import atomic_write
+from ..files import finish_moves, written_together
 from ..training.losses import autocast_context, batch_losses_at_ranks, padded
 from ..training.rundir import load_run, read_json
 from ..training.sampling import check_ranks
@@ -42,6 +42,7 @@ from .text_metrics import bleu_from_stats, bleu_stats, exact_match_rows, rouge_r
 METRICS = ("loss", "exact_match", "choice", "rouge", "bleu")
 GENERATED = ("exact_match", "rouge", "bleu")  # metrics of one shared greedy generation
 SWEEP_FILES = {"json": "sweep.json", "csv": "sweep.csv", "png": "sweep.png"}
+SWEEP_JOURNAL = ".sweep.moves.json"  # the renames of a sweep's files in progress
 LOWER_IS_BETTER = ("loss", "perplexity")
 NOT_RECOMMENDED = ("perplexity",)  # the same ranking as loss
 LOSS_TOLERANCE = 0.01  # nats per token: a perplexity at most e^0.01 = 1.01 times the best rank's
@@ -519,6 +520,7 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
     requests = [AllocationRequest(budget=str(b), score=s, calibration_rows=calibration_rows)
                 for b in budgets for s in scores]  # malformed budgets and scores fail before loading
     out = Path(out or run_dir)
+    finish_moves(out / SWEEP_JOURNAL)  # an earlier sweep killed among its renames: its files complete
     existing = [n for n in SWEEP_FILES.values() if (out / n).exists()]
     if existing and not overwrite:
         raise QDyLoRAError(f"{out} already holds {', '.join(existing)}: use --overwrite or another --out")
@@ -547,6 +549,7 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
 def recommended_rank(run_dir: str | Path, max_rank: int) -> int:
     """The rank a run's sweep.json recommends (by exact match, else choice accuracy, else loss),
     else max_rank."""
+    finish_moves(Path(run_dir) / SWEEP_JOURNAL)  # a sweep killed among its renames
     sweep_file = Path(run_dir) / SWEEP_FILES["json"]
     recommended = read_json(sweep_file).get("recommended", {}) if sweep_file.is_file() else {}
     for metric in ("exact_match", "acc", "loss"):
@@ -556,16 +559,15 @@ def recommended_rank(run_dir: str | Path, max_rank: int) -> int:
 
 
 def write_outputs(result: SweepResult, out: Path, title: str = "") -> dict[str, Path]:
-    """sweep.json, sweep.csv and sweep.png in `out`, each written atomically."""
+    """sweep.json, sweep.csv and sweep.png in `out`, appearing together (`files.written_together`:
+    a process killed among the renames leaves a journal the next sweep or read completes)."""
     import json
 
     paths = {kind: out / name for kind, name in SWEEP_FILES.items()}
-    with atomic_write(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    with atomic_write(paths["csv"]) as tmp:
-        tmp.write_text(result.csv())
-    with atomic_write(paths["png"]) as tmp:
-        plot(result, tmp, title)
+    with written_together(list(paths.values()), out / SWEEP_JOURNAL) as tmp:
+        tmp[paths["json"]].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        tmp[paths["csv"]].write_text(result.csv())
+        plot(result, tmp[paths["png"]], title)
     return paths
 
 

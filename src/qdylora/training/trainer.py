@@ -508,9 +508,11 @@ def _checkpoint(job: Job, out: Path, pos: Position) -> Optional[Path]:
         if not full and not isinstance(e, OSError):
             raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        fix = "free space" if full else "mend that"  # a symlinked or read-only checkpoint folder is not a full disk
         raise QDyLoRAError(
-            f"cannot write the step-{pos.step} checkpoint in {out}{' (disk full)' if full else ''}: {reason}; "
-            f"the earlier checkpoints are intact: free space and --resume {out}") from None
+            f"cannot write the step-{pos.step} checkpoint in {out}{' (disk full)' if full else ''}: {reason}{where}; "
+            f"the earlier checkpoints are intact: {fix} and --resume {out}") from None
 
 
 def _announce(data: Datasets, procs: distributed.Processes, t: TrainSettings, global_batch: int) -> None:
