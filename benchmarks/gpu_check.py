@@ -47,7 +47,8 @@ def run(name: str, cmd: list[str], out: Path, limit_s: int) -> tuple[int, str, f
 def check_tests(out: Path, limit_s: int, device: str) -> list[str]:
     code, text, seconds = run("tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-rA", "-q", "--cuda-device",
                                         device, "tests/test_cuda.py"], out, limit_s)
-    lines = [f"tests      {m.group(1):6s} {m.group(2)}" for m in re.finditer(r"^(PASSED|FAILED|ERROR|SKIPPED) (?:\[\d+\] )?(\S+)", text, re.M)]
+    lines = [f"tests      {m.group(1):6s} {m.group(2)}"
+             for m in re.finditer(r"^(PASSED|FAILED|ERROR|SKIPPED) (?:\[\d+\] )?(\S+)", text, re.M)]
     tail = text.strip().splitlines()[-1] if text.strip() else "no output"
     lines.append(f"tests      {'ok' if code == 0 else 'FAILED'} ({tail}; {seconds:.0f} s, log {out / 'tests.log'})")
     return lines
@@ -69,15 +70,17 @@ def check_speed(out: Path, limit_s: int, quick: bool, device: str) -> list[str]:
         s = summary[name]
         lines.append(f"speed      {name:18s} {s['supervised_tok_s'] / ref['supervised_tok_s']:5.2f}x the reference's "
                      f"tokens/s ({s['supervised_tok_s']:.1f} vs {ref['supervised_tok_s']:.1f}), {memory} "
-                     f"{s['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x ({s['peak_rss_gib']:.2f} vs {ref['peak_rss_gib']:.2f} GiB)")
+                     f"{s['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x "
+                     f"({s['peak_rss_gib']:.2f} vs {ref['peak_rss_gib']:.2f} GiB)")
     lines.append(f"speed      ok ({seconds:.0f} s, table in {out / 'speed.log'})")
     return lines
 
 
 def check_rank_study(out: Path, limit_s: int, quick: bool) -> list[str]:
     study = out / "recipe-study"
-    cmd = [sys.executable, "experiments/recipe_study.py", "--task", "cipher", "--runs", "full-svd,qlora-r8",
-           "--seeds", "0", "--ranks", "1,8,64", "--out", str(study)] + (["--steps", "4", "--test-rows", "4"] if quick else [])
+    cmd = ([sys.executable, "experiments/recipe_study.py", "--task", "cipher", "--runs", "full-svd,qlora-r8",
+            "--seeds", "0", "--ranks", "1,8,64", "--out", str(study)]
+           + (["--steps", "4", "--test-rows", "4"] if quick else []))
     code, text, seconds = run("rank-study", cmd, out, limit_s)
     lines = []
     cpu_results = ROOT / "experiments" / "recipe-study" / "results"
@@ -91,14 +94,16 @@ def check_rank_study(out: Path, limit_s: int, quick: bool) -> list[str]:
         shown = ", ".join(f"rank {r} {v:.3f}" + (f" (CPU {cpu_loss[r]:.3f})" if r in cpu_loss else "")
                           for r, v in loss.items())
         lines.append(f"rank-study cipher {name}: test answer loss {shown}")
-    lines.append(f"rank-study {'ok' if code == 0 else 'FAILED'} (exit {code}, {seconds:.0f} s, log {out / 'rank-study.log'})")
+    lines.append(f"rank-study {'ok' if code == 0 else 'FAILED'} "
+                 f"(exit {code}, {seconds:.0f} s, log {out / 'rank-study.log'})")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu-check", help="folder for the logs and summary.txt")
-    parser.add_argument("--quick", action="store_true", help="a step or a few, small batches (a smoke test of the script)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a step or a few, small batches (a smoke test of the script)")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke-test the script here
     args = parser.parse_args()
     import torch

@@ -63,8 +63,8 @@ def main() -> None:
             if name.startswith("paged-") and not torch.cuda.is_available():
                 continue  # the same as the non-paged one on a CPU
             used, seconds = measure(shapes, name)
-            print(f"| {model_name} | {n / 1e6:.1f} M | {name} | {used / 2**20:,.1f} MiB | {used / n:.2f} | {seconds:.2f} s |",
-                  flush=True)
+            print(f"| {model_name} | {n / 1e6:.1f} M | {name} | {used / 2**20:,.1f} MiB | "
+                  f"{used / n:.2f} | {seconds:.2f} s |", flush=True)
 
 
 if __name__ == "__main__":

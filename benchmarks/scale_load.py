@@ -53,7 +53,8 @@ def write_checkpoint(path: str, shape: str) -> int:
     for index, group in enumerate(groups + [None]):
         tensors = {}
         if group is None:  # embeddings, final norm, head
-            tensors = {"model.embed_tokens.weight": rand(VOCAB, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+            tensors = {"model.embed_tokens.weight": rand(VOCAB, h),
+                       "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
                        "lm_head.weight": rand(VOCAB, h)}
         else:
             for i in group:

@@ -132,7 +132,8 @@ def main() -> None:
         qfmt = eval_format(settings.data, "mmlu:test")
         questions = choice_questions(qrows)
         chat = qfmt.chat_template and qfmt.format != "text"
-        encoded = encode_questions(questions, tok, chat=chat, max_length=qfmt.max_source_length + qfmt.max_target_length)
+        encoded = encode_questions(questions, tok, chat=chat,
+                                   max_length=qfmt.max_source_length + qfmt.max_target_length)
         examples = [e for q in encoded for e in q.examples()]
         dtype = model.qdylora_config.torch_compute_dtype
         device = next(model.parameters()).device

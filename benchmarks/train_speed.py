@@ -14,7 +14,8 @@ interleaved A B C ... A B C ... for `--rounds` rounds:
   reference-grouped  the same stack on qdylora's length-grouped batches
   peft-dense         PEFT LoRA on the unquantized base (the reference's cost of quantization)
   qdylora-r64        qdylora at its max rank 64
-  qdylora-sampled    qdylora with a rank drawn from 1..64 per step (the step rule; benchmarks/rule_speed.py times every rule)
+  qdylora-sampled    qdylora with a rank drawn from 1..64 per step (the step rule;
+                     benchmarks/rule_speed.py times every rule)
   qdylora-dense      qdylora's layers on the unquantized base (our cost of quantization)
 
 Each child runs the same examples (`--steps` x batch, drawn from the training split with a fixed
@@ -297,7 +298,8 @@ def _report(args, names, runs, rates, facts) -> None:
             "mean_rank": statistics.mean(rs[0]["ranks"]),
         }
     if args.dtype == "auto":
-        dtype = "bfloat16" if args.device == "cuda" or facts["bf16_matmul_in_hardware"] != "no (emulated)" else "float32"
+        dtype = ("bfloat16" if args.device == "cuda" or facts["bf16_matmul_in_hardware"] != "no (emulated)"
+                 else "float32")
     else:
         dtype = args.dtype
     peak = med(rates.get(dtype, rates["float32"])) * 1e9

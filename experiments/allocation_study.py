@@ -142,7 +142,8 @@ def report() -> str:
     for task in sorted({r["task"] for r in results}):
         runs = [r for r in results if r["task"] == task]
         budgets = sorted({float(k.split("-r")[-1]) for r in runs for k in r["allocations"]})
-        fmt_b = lambda b: f"{b:g}"
+        def fmt_b(b):
+            return f"{b:g}"
         lines += [f"### {task}: test answer loss at equal parameter counts ({len(runs)} seed(s), "
                   f"{runs[0]['test_rows']} test rows; lower is better)", "",
                   "| average rank | uniform | svd score | output score | loss score | output order (uniform) | "

@@ -248,7 +248,8 @@ def _report(args) -> None:
         mine = {f"qlora-r{r}": seconds[(f"qlora-r{r}", seed)] for r in QLORA_RANKS if (f"qlora-r{r}", seed) in seconds}
         if ("qdylora", seed) in seconds and mine:
             q = seconds[("qdylora", seed)]
-            print(f"seed {seed}: QDyLoRA {q / 60:.1f} min; " + ", ".join(f"{run} {t / 60:.1f}" for run, t in mine.items())
+            print(f"seed {seed}: QDyLoRA {q / 60:.1f} min; "
+                  + ", ".join(f"{run} {t / 60:.1f}" for run, t in mine.items())
                   + f" min; mean QLoRA run / QDyLoRA run {statistics.mean(mine.values()) / q:.2f}")
     print(f"total compute of the results so far: training {sum(seconds.values()) / 3600:.2f} h, "
           f"evaluation {sum(evals.values()) / 3600:.2f} h ({len(results)} runs)")

@@ -208,7 +208,8 @@ def transformers_4bit(path, dtype: torch.dtype, frozen_dtype: Optional[torch.dty
     from qdylora.core.quantize import guard_cpu_repacking
     import bitsandbytes as bnb
 
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(dtype), dtype=frozen_dtype or dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(dtype),
+                                                 dtype=frozen_dtype or dtype)
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             guard_cpu_repacking(m)

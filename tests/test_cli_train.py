@@ -62,7 +62,8 @@ def bad_cases(tmp_path):
     return [
         (["--data", str(tmp_path / "missing.jsonl")] + tpl, "data file", "does not exist"),
         (["--data", str(tmp_path / "empty.jsonl")] + tpl, "", "cannot read data|is empty"),
-        (["--data", str(tmp_path / "nofield.jsonl")] + tpl, "", "row 1 has no answer (its fields with values: question)"),
+        (["--data", str(tmp_path / "nofield.jsonl")] + tpl, "",
+         "row 1 has no answer (its fields with values: question)"),
         (["--data", str(tmp_path / "fields.jsonl")], "", "cannot tell the format"),
         (["--data", data, "--prompt-template", "{question}"], "", "needs --prompt-template and --response-template"),
         (["--data", data, "--format", "chat"], "", "row 0 has no messages"),
@@ -165,7 +166,8 @@ def test_a_run_names_its_model_and_data_from_any_directory(tiny_lm, tmp_path, mo
     assert settings["model"] == tiny_lm and settings["data"]["data"] == str(work / "sums.jsonl")
     monkeypatch.chdir(tmp_path)
     assert main(["export", str(work / "run"), "--rank", "2", "--out", str(tmp_path / "peft")]) == 0
-    assert main(["sweep", str(work / "run"), "--ranks", "2", "--metrics", "loss", "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["sweep", str(work / "run"), "--ranks", "2", "--metrics", "loss",
+                 "--quiet"]) == 0, capsys.readouterr().err
 
 
 def test_resume_on_changed_data_is_refused_and_sweep_warns(tiny_lm, tmp_path, capsys):

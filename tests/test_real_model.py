@@ -33,7 +33,8 @@ def test_memory_report(smollm2):
 
 def test_answers_a_question_and_trains(smollm2):
     model, tok = smollm2
-    messages = [{"role": "user", "content": "Seven red apples and two green apples are in the basket. How many apples are in the basket?"}]
+    messages = [{"role": "user", "content": "Seven red apples and two green apples are in the basket. "
+                                            "How many apples are in the basket?"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     batch = tok(prompt + "9 apples", return_tensors="pt")
     x = batch["input_ids"]

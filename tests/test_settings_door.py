@@ -51,8 +51,8 @@ def wrong_values(tp) -> st.SearchStrategy:
     words = st.text(min_size=1, max_size=8).filter(lambda t: _not_a_number(t))
     if tp is int:
         below = [st.integers(max_value=int(b.low) - (0 if b.open_low else 1)) for b in bounds if b.low is not None]
-        return st.one_of(*junk, st.booleans(), words, st.floats(allow_nan=True).filter(lambda x: not float(x).is_integer()),
-                         *below)
+        return st.one_of(*junk, st.booleans(), words,
+                         st.floats(allow_nan=True).filter(lambda x: not float(x).is_integer()), *below)
     if tp is float:
         below = [st.floats(max_value=b.low, exclude_max=not b.open_low, allow_nan=False) for b in bounds
                  if b.low is not None]

@@ -87,8 +87,12 @@ def test_output_order_on_samples_beats_svd_on_the_output_error():
     A_o, B_o = weighted_factors(A, B, c, c, B.T @ B, q.T @ q / len(x))
     A_s, B_s = svd_factors(A, B, c, c)
     for b in range(1, R):
-        out_err = lambda A2, B2: float((x @ (D - c * B2[:, :b] @ A2[:b]).T).pow(2).sum(1).mean())
-        weight_err = lambda A2, B2: float((D - c * B2[:, :b] @ A2[:b]).pow(2).sum())
+        def out_err(A2, B2):
+            return float((x @ (D - c * B2[:, :b] @ A2[:b]).T).pow(2).sum(1).mean())
+
+        def weight_err(A2, B2):
+            return float((D - c * B2[:, :b] @ A2[:b]).pow(2).sum())
+
         assert out_err(A_o, B_o) <= out_err(A_s, B_s) + 1e-9
         assert weight_err(A_s, B_s) <= weight_err(A_o, B_o) + 1e-9
     assert out_err(A_o, B_o) < out_err(A_s, B_s) - 1e-6  # b = R-1 here; the orders differ somewhere
@@ -115,7 +119,8 @@ def test_equal_costs_greedy_equals_brute_force(budget):
     R, layers = 4, ["a", "b", "c"]
     errors = {}
     for p in layers:
-        gains = torch.rand(R, generator=g, dtype=torch.float64).sort(descending=True).values * (1 + 9 * torch.rand(1, generator=g, dtype=torch.float64))
+        gains = (torch.rand(R, generator=g, dtype=torch.float64).sort(descending=True).values
+                 * (1 + 9 * torch.rand(1, generator=g, dtype=torch.float64)))
         errors[p] = torch.cat([gains.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
     costs = {p: 1 for p in layers}
     ranks = allocate(errors, costs, budget)

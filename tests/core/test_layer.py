@@ -32,7 +32,8 @@ def reference(layer: QDyLoRALinear, x: torch.Tensor, b: int) -> torch.Tensor:
     """float64 formula from the dequantized weight."""
     W = dequantized_weight(layer.base).double()  # (out, in)
     A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-    s = 0.0 if b == 0 else {"standard": ALPHA / b, "rslora": ALPHA / math.sqrt(b), "nested": ALPHA / math.sqrt(R)}[layer.scaling]
+    s = 0.0 if b == 0 else {"standard": ALPHA / b, "rslora": ALPHA / math.sqrt(b),
+                            "nested": ALPHA / math.sqrt(R)}[layer.scaling]
     y = x.double() @ W.T + s * (x.double() @ A[:b].T) @ B[:, :b].T
     if layer.base.bias is not None:
         y = y + layer.base.bias.double()

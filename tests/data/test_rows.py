@@ -337,7 +337,8 @@ def test_reader_errors_are_one_line_with_the_row(tmp_path, capfd, name, content,
     path.write_text(content)
     code = main(["train", "--data", str(path), "--out", str(tmp_path / "out"), "--quiet"])
     err = [line for line in capfd.readouterr().err.splitlines() if "kernels" not in line]
-    assert code == 2 and err == [f"qdylora: error: cannot read data from {path}: {message}" + err[0].split(message, 1)[1]], err
+    assert code == 2 and err == [f"qdylora: error: cannot read data from {path}: {message}"
+                                 + err[0].split(message, 1)[1]], err
 
 
 @pytest.mark.parametrize("special", ["/dev/zero", "fifo"])

@@ -65,7 +65,8 @@ def test_undecided_entries_get_every_row():
     effects = {0: 0.6, 1: 0.3, 2: 0.01, 4: 0.0, 8: 0.0}
     stats = losses(effects, n=300, noise=0.05)
     early = Bootstrap(early_confidence(0.95))
-    quick = measure(stored(stats, []), [0, 1, 2, 4, 8], row_order(300, 0), judge_by(lambda s: decisions(s, early), [0, 1, 2, 4, 8]))
+    quick = measure(stored(stats, []), [0, 1, 2, 4, 8], row_order(300, 0),
+                    judge_by(lambda s: decisions(s, early), [0, 1, 2, 4, 8]))
     assert quick["loss"][2].shape[0] == 300
 
 
@@ -80,10 +81,12 @@ def test_entries_no_row_count_could_decide_stop_early():
     full = decisions(measure(stored(stats, []), entries, row_order(300, 0)), boot)[0]
     assert full.undecided and all(full.comparisons[r].rows_needed > 4 * 300 for r in full.undecided)
     calls, unbounded_calls = [], []
-    quick = measure(stored(stats, calls), entries, row_order(300, 0), judge_by(lambda s: decisions(s, early), entries, 300))
+    quick = measure(stored(stats, calls), entries, row_order(300, 0),
+                    judge_by(lambda s: decisions(s, early), entries, 300))
     assert all(s.shape[0] < 300 for s in quick["loss"].values()) and len(calls) <= 2
     verdicts = decisions(quick, boot)[0]
     assert verdicts.undecided and not verdicts.sure  # still said: these rows cannot decide them
     # without the row count (no futility) the same ranks cost more rows
-    measure(stored(stats, unbounded_calls), entries, row_order(300, 0), judge_by(lambda s: decisions(s, early), entries))
+    measure(stored(stats, unbounded_calls), entries, row_order(300, 0),
+            judge_by(lambda s: decisions(s, early), entries))
     assert sum(len(e) * n for e, n in calls) < sum(len(e) * n for e, n in unbounded_calls)

@@ -35,7 +35,8 @@ def test_rows_in_every_common_shape_parse():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"question": "q", "options": ["only"], "answer": 0}, "row 0 has 1 option: a multiple-choice question needs at least two"),
+    ({"question": "q", "options": ["only"], "answer": 0},
+     "row 0 has 1 option: a multiple-choice question needs at least two"),
     ({"question": "q", "options": ["a", "b"], "answer": "c"}, "row 0: the answer 'c' matches none of its 2 options"),
     ({"question": "q", "options": ["a", "b"], "answer": 2}, "matches none of its 2 options"),
     ({"question": "q", "options": "A. a\nno letter", "answer": "A"}, "is not of the form 'A. text'"),
@@ -96,7 +97,8 @@ def reference_logliks(model, examples, rank: int) -> np.ndarray:
 
 
 # sums of ~25 token log-probabilities: bf16's per-token error (batched and padded vs alone) adds up
-@pytest.mark.parametrize("dtype, tol", [("float32", dict(rtol=2e-5, atol=2e-4)), ("bfloat16", dict(rtol=0.05, atol=0.3))])
+@pytest.mark.parametrize("dtype, tol", [("float32", dict(rtol=2e-5, atol=2e-4)),
+                                        ("bfloat16", dict(rtol=0.05, atol=0.3))])
 def test_logliks_at_every_rank_equal_a_float64_reference(dtype, tol):
     model, tok = adapted_model(dtype), char_tokenizer()
     qs = choice_questions(ROWS)

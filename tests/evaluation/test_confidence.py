@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qdylora.evaluation.confidence import (GOOD, UNDECIDED, WORSE, Bootstrap, compare, decide, ratio,
+from qdylora.evaluation.confidence import (GOOD, WORSE, Bootstrap, compare, decide, ratio,
                                            resample_counts, rows_needed)
 from qdylora.evaluation.text_metrics import bleu, bleu_from_stats, bleu_stats
 
@@ -24,7 +24,8 @@ def bernoulli_rows(p: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
 def test_resample_counts_are_bootstrap_draws():
     counts = resample_counts(50, 400, seed=3)
     assert counts.shape == (400, 50) and torch.all(counts.sum(1) == 50)
-    assert torch.equal(counts, resample_counts(50, 400, seed=3)) and not torch.equal(counts, resample_counts(50, 400, 4))
+    assert (torch.equal(counts, resample_counts(50, 400, seed=3))
+            and not torch.equal(counts, resample_counts(50, 400, 4)))
     assert abs(float(counts.mean()) - 1.0) < 1e-12 and abs(float(counts.var()) - 0.98) < 0.05  # multinomial(n, 1/n)
 
 

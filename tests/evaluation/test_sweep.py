@@ -80,7 +80,8 @@ def test_run_sweep_reports_every_rank(trained):
     assert result.values["loss"][8] < result.values["loss"][0]
     assert result.recommended["loss"] in (1, 4, 8)
     with at_rank(model, 0):  # rank 0 is the base model
-        base = losses_at_ranks(model, fixed_batches(tokenize(rows, tok, SUMS)[0], 8), [0], tok.pad_token_id, torch.device("cpu"))
+        base = losses_at_ranks(model, fixed_batches(tokenize(rows, tok, SUMS)[0], 8), [0], tok.pad_token_id,
+                               torch.device("cpu"))
     assert result.values["loss"][0] == pytest.approx(base[0][0] / base[0][1], rel=1e-5)
     with pytest.raises(QDyLoRAError, match="outside 1..8"):
         run_sweep(model, tok, rows, s.data, [1, 16], progress=False)

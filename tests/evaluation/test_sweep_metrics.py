@@ -144,7 +144,8 @@ def test_cli_sweep_bad_metric_input(trained_run, tmp_path, capsys, extra, rows, 
 def test_cli_sweep_unknown_lm_eval_task(trained_run, tmp_path, capsys):
     pytest.importorskip("lm_eval")
     out = tmp_path / "out"
-    code = main(["sweep", str(trained_run), "--metrics", "loss", "--lm-eval", "no_such_task", "--out", str(out), "--quiet"])
+    code = main(["sweep", str(trained_run), "--metrics", "loss", "--lm-eval", "no_such_task",
+                 "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown lm-eval task 'no_such_task'" in err and "--lm-eval-include" in err
     assert not out.exists()

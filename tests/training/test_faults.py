@@ -225,11 +225,13 @@ def test_a_real_full_disk_is_one_line_and_resume_says_so_too(room, reference, ti
     again_last = again.stderr.strip().splitlines()[-1]
     if room == "half an adapter":  # no checkpoint was ever written
         assert checkpoint_dirs(run) == []
-        assert again_last == f"qdylora: error: cannot resume: {run} has no checkpoint yet; start it again with --overwrite"
+        assert again_last == (f"qdylora: error: cannot resume: {run} has no checkpoint yet; "
+                              "start it again with --overwrite")
     else:
         assert [c.name for c in checkpoint_dirs(run)] == ["step-000001"]
         assert checkpoint_problem(checkpoint_dirs(run)[0]) is None
-        assert again_last.startswith("qdylora: error: cannot write the step-2 checkpoint") and "(disk full)" in again_last
+        assert (again_last.startswith("qdylora: error: cannot write the step-2 checkpoint")
+                and "(disk full)" in again_last)
     assert not list(run.rglob(".*"))  # no temp files
 
 

@@ -68,7 +68,8 @@ def test_a_trainer_run_draws_the_ranks_qdylora_train_draws(tiny_lm, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=6, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
                              save_strategy="no", eval_strategy="steps", eval_steps=6, use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=tokenized(tok, rows[:40]), eval_dataset=tokenized(tok, rows[40:]),
+    trainer = Trainer(model=model, args=args, train_dataset=tokenized(tok, rows[:40]),
+                      eval_dataset=tokenized(tok, rows[40:]),
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True), callbacks=[callback])
     trainer.train()
     assert [callback.drawn[s] for s in range(6)] == expected  # the same sampler, the same seed

@@ -57,7 +57,8 @@ def eight_bit_settings(tiny_lm, data, **opts):
     """A run whose every adapter tensor has 4,096 values (max_rank 64 on the tiny model's 64-wide
     q and o projections): large enough for bitsandbytes to keep its state in 8 bits."""
     s = tiny_settings(tiny_lm, data, optim="adamw-8bit", **opts)
-    return dataclasses.replace(s, adapter=dataclasses.replace(s.adapter, max_rank=64, target_modules=["q_proj", "o_proj"]))
+    return dataclasses.replace(s, adapter=dataclasses.replace(s.adapter, max_rank=64,
+                                                              target_modules=["q_proj", "o_proj"]))
 
 
 def test_an_8bit_run_trains_and_resumes_exactly(tiny_lm, tmp_path):
@@ -102,7 +103,8 @@ def test_optimizer_in_backward_trains_as_the_step_after_backward(tiny_lm, tmp_pa
     for flag in (False, True):
         s = in_backward_settings(tiny_lm, data, flag, max_steps=5, optim=optim)
         if optim == "adamw-8bit":
-            s = dataclasses.replace(s, adapter=dataclasses.replace(s.adapter, max_rank=64, target_modules=["q_proj", "o_proj"]))
+            s = dataclasses.replace(s, adapter=dataclasses.replace(s.adapter, max_rank=64,
+                                                                  target_modules=["q_proj", "o_proj"]))
         runs[flag] = tmp_path / f"run-{flag}"
         train(s, runs[flag], progress=False)
     a, b = load_file(runs[False] / "adapter.safetensors"), load_file(runs[True] / "adapter.safetensors")

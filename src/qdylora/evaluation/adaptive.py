@@ -56,7 +56,8 @@ def round_sizes(n: int, first_fraction: float = FIRST_FRACTION, first_rows: int 
 
 
 def measure(score: Score, entries: Sequence[Hashable], order: Sequence[int],
-            judge: Optional[Callable[[Stats], list]] = None, on_round: Optional[Callable[[list[int], int], None]] = None,
+            judge: Optional[Callable[[Stats], list]] = None,
+            on_round: Optional[Callable[[list[int], int], None]] = None,
             ) -> Stats:
     """Per-row statistics of every value at every entry, rows in `order`. Without `judge`: every
     entry on every row, in one round. With it: in `round_sizes` rounds, and after each round

@@ -236,7 +236,8 @@ def _first_argmax(x: torch.Tensor) -> int:
     return int((x == x.max()).nonzero()[0])
 
 
-def few_shot(rows: Sequence[dict], k: int, shots_rows: Optional[Sequence[dict]]) -> tuple[list[ChoiceQuestion], list[dict], int]:
+def few_shot(rows: Sequence[dict], k: int,
+             shots_rows: Optional[Sequence[dict]]) -> tuple[list[ChoiceQuestion], list[dict], int]:
     """(solved shots, rows left to evaluate, number of the first evaluated row): the first `k`
     rows of `shots_rows` if given, else the first `k` evaluation rows (then not evaluated)."""
     if k < 0:

@@ -114,7 +114,8 @@ def harness_at_ranks(model: QDyLoRAModel, tokenizer, tasks: Sequence[str], ranks
             result = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                              num_fewshot=num_fewshot, log_samples=False, verbosity="ERROR")
         higher.update(result.get("higher_is_better", {}))
-        scores[rank] = {task: _numbers(values, higher.get(task, {}), with_stderr) for task, values in result["results"].items()}
+        scores[rank] = {task: _numbers(values, higher.get(task, {}), with_stderr)
+                        for task, values in result["results"].items()}
         if on_rank is not None:
             on_rank(rank)
     return scores, higher

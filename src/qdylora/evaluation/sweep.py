@@ -21,7 +21,7 @@ from ..core.allocation import DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE, Allocatio
 from ..core.context import context_length, fit_lengths
 from ..core.model import QDyLoRAModel
 from ..core.rank import evaluating
-from ..data.batching import fixed_batches, pad_token_id
+from ..data.batching import pad_token_id
 from ..data.embedded import EVAL_TEMPLATES
 from ..data.rows import (EMBEDDED_PREFIX, generation_prompts, read_rows, row_format, rows_fingerprint, run_rows,
                          split_references, tokenize)
@@ -406,7 +406,8 @@ def _loss_family(ctx: _Context, rows, rf, data: DataSettings) -> _Family:
 
     def score(entries: list, idx: list[int]) -> dict[str, dict[Entry, torch.Tensor]]:
         order = sorted(range(len(idx)), key=lambda i: -len(examples[idx[i]]))  # least padding
-        batches = [[examples[idx[i]] for i in order[s:s + ctx.batch_size]] for s in range(0, len(order), ctx.batch_size)]
+        batches = [[examples[idx[i]] for i in order[s:s + ctx.batch_size]]
+                   for s in range(0, len(order), ctx.batch_size)]
         sums = batch_losses_at_ranks(ctx.model, padded(batches, ctx.pad_id, ctx.device), entries, ctx.rank_batch,
                                      ctx.autocast, ctx.on_batch)  # {entry: ((n,), (n,)) in batch order}
         position = torch.tensor(order)
@@ -597,7 +598,8 @@ def plot(result: SweepResult, path: Path, title: str = "") -> None:
             group = sorted((a for a in result.allocations if a.name.split("-")[0] == score),
                            key=lambda a: result.params[a])
             ax.errorbar([result.params[a] / per_rank for a in group], [vals[a] for a in group],
-                        yerr=_yerr(result, metric, group), marker="s", capsize=3, linestyle="--", label=f"per-layer ranks ({score} score), at their average rank")
+                        yerr=_yerr(result, metric, group), marker="s", capsize=3, linestyle="--",
+                        label=f"per-layer ranks ({score} score), at their average rank")
         ax.axhline(vals[0], linestyle="--", color="gray", label="base model (rank 0)")
         base_low, base_high = result.intervals.get(metric, {}).get(0, (math.nan, math.nan))
         if not math.isnan(base_high - base_low):

@@ -113,7 +113,8 @@ def merge_run(run_dir: Union[str, Path], rank: Optional[int], out: Union[str, Pa
     if allocation is None:
         check_ranks([rank], settings.adapter.max_rank)
     base = Path(settings.model or "")  # a local base model directory or file (the embedded one lives in a cache)
-    if settings.model and base.exists() and (base.resolve() == Path(out).resolve() or Path(out).resolve() in base.resolve().parents):
+    if settings.model and base.exists() and (base.resolve() == Path(out).resolve()
+                                              or Path(out).resolve() in base.resolve().parents):
         raise QDyLoRAError(f"--out {out} holds the run's base model ({base}): merging there would replace it; "
                            "choose another --out")
     refuse_existing(out, overwrite, ours=is_model_file)

@@ -89,7 +89,8 @@ def _json(text: str, path, key: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise QDyLoRAError(f"adapter file {path} is damaged: its metadata {key!r} is not valid JSON ({e.msg})") from None
+        raise QDyLoRAError(f"adapter file {path} is damaged: its metadata {key!r} is not valid JSON "
+                           f"({e.msg})") from None
     if not isinstance(value, dict):
         raise QDyLoRAError(f"adapter file {path} is damaged: its metadata {key!r} is not a JSON object")
     return value

@@ -86,7 +86,8 @@ def calibrate(model: QDyLoRAModel, batches: Sequence[dict[str, torch.Tensor]], *
                 with autocast():
                     total, _ = loss_sum(model, batch)  # summed token loss of the batch
                 if gradients:
-                    torch.autograd.grad(total / max(labelled, 1), params, allow_unused=True)  # the hooks collect P; no .grad is set
+                    # the hooks collect P; no .grad is set
+                    torch.autograd.grad(total / max(labelled, 1), params, allow_unused=True)
                 tokens += int(mask[0].sum())
                 rows += batch["input_ids"].shape[0]
                 if on_batch is not None:
@@ -151,7 +152,8 @@ def load_statistics(path: Path, adapter_digest: str, request: dict) -> Optional[
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("adapter_sha256") != adapter_digest or meta.get("request") != json.dumps(request, sort_keys=True):
+            if (meta.get("adapter_sha256") != adapter_digest
+                    or meta.get("request") != json.dumps(request, sort_keys=True)):
                 return None
             layers = json.loads(meta["layers"])
             G = {p: f.get_tensor(f"G.{p}") for p in layers}

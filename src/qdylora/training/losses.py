@@ -98,7 +98,8 @@ def losses_at_ranks(
     return {r: (float(sums.sum()), int(counts.sum())) for r, (sums, counts) in rows.items()}
 
 
-def padded(batches: Iterable[Sequence[Example]], pad_id: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def padded(batches: Iterable[Sequence[Example]], pad_id: int,
+           device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Each list of examples as padded tensors on `device` (`collate`), one batch at a time."""
     for examples in batches:
         yield {k: v.to(device) for k, v in collate(examples, pad_id).items()}

@@ -426,7 +426,8 @@ def run_step(job: Job, step: int, out: Path) -> StepResult:
         done = ("the finite gradients were applied in backward (--optimizer-in-backward), the last "
                 "checkpoint is not touched" if in_backward else "nothing was updated and the last checkpoint is kept")
         raise QDyLoRAError(
-            f"step {step + 1} ({'rank' if isinstance(rank, int) else 'ranks'} {rank}): the loss is {step_loss:.4g} and the gradient norm "
+            f"step {step + 1} ({'rank' if isinstance(rank, int) else 'ranks'} {rank}): "
+            f"the loss is {step_loss:.4g} and the gradient norm "
             f"{grad_norm:.4g}: lower --lr or check the data; {done} "
             f"(--resume {out}){'' if in_backward else ', or pass --skip-nonfinite to skip such steps'}")
     job.scheduler.step()
@@ -491,7 +492,8 @@ def _checkpoint(job: Job, out: Path, pos: Position) -> Optional[Path]:
     state = {
         "step": pos.step, "tokens_seen": pos.tokens_seen, "seconds": pos.seconds,
         "micro_batch_position": pos.step * t.grad_accumulation,
-        "optim": t.optim, "optimizer_in_backward": t.optimizer_in_backward, "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
+        "optim": t.optim, "optimizer_in_backward": t.optimizer_in_backward,
+        "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(job.device) if job.device.type == "cuda" else None,
     }
