@@ -9,17 +9,15 @@ multiple choice from a shared prompt vs each option scored whole.
 On one loaded run, interleaved (`--repeats` rounds, each running every way once, so machine noise
 hits all alike):
 - ASDiv test rows, loss + exact match (16 new tokens), ranks 1-64 and the base: `run_sweep`
-  exhaustive, adaptive (the default), and one rank (64; the base is always measured too, so
+  exhaustive, adaptive (the default), quick (`--quick`), and one rank (64; the base is always measured too, so
   "one rank" is rank 64 + base: two entries);
-- MMLU test questions, choice (acc, acc_norm): `run_sweep` exhaustive, adaptive and one rank
+- MMLU test questions, choice (acc, acc_norm): `run_sweep` exhaustive, adaptive, quick and one rank
   (the sweep scores each prompt once, its options packed after it), and the two scoring paths
   alone at every rank: whole options (`choice_logliks`: prompt + option per option, what the
   sweep did before) and the shared prompt (`choice_logliks_shared`, what it does now), with the
   largest difference of their summed log-likelihoods.
-Then, on the exhaustive per-row statistics, the agreement rate: `--resamples` seeded bootstrap
-resamples of the rows, each decided exhaustively and adaptively (the same `measure` and
-`DecisionRule` as the sweep, replayed on the stored statistics), and how often the recommended
-rank agrees, with the share of (rank, row) cells the adaptive mode measured.
+Then, on the exhaustive per-row statistics, the agreement rates (`agreement`): `--resamples`
+seeded bootstrap resamples of the rows, each decided exhaustively and by both adaptive modes.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from qdylora.data.rows import read_rows
 from qdylora.evaluation.adaptive import measure, row_order
 from qdylora.evaluation.choice import (choice_accuracy, choice_logliks, choice_logliks_shared, choice_questions,
                                        encode_questions)
+from qdylora.evaluation.confidence import GOOD
 from qdylora.evaluation.sweep import DecisionRule, eval_format, run_sweep
 from qdylora.training.losses import autocast_context
 from qdylora.training.rundir import load_run
@@ -55,33 +54,58 @@ def timed(work):
     return time.perf_counter() - start, out
 
 
+# The values each sweep family measures together (one adaptive loop each, as `run_sweep` runs them).
+FAMILIES = (("loss", "perplexity"), ("exact_match", "rouge1", "rouge2", "rougeL", "bleu"), ("acc", "acc_norm"))
+
+
 def agreement(stats: dict, rule: DecisionRule, resamples: int) -> dict:
-    """How often the adaptive decision equals the exhaustive one on bootstrap resamples of the
-    rows, per recommended value, and the share of (entry, row) cells adaptive measured."""
-    n = next(iter(next(iter(stats.values())).values())).shape[0]
-    entries = list(next(iter(stats.values())))
-    same: dict[str, int] = {}
-    cells, changed = [], {}
-    for seed in range(resamples):
-        pick = torch.randint(n, (n,), generator=torch.Generator().manual_seed(10_000 + seed))
-        sample = {v: {e: s[pick] for e, s in by.items()} for v, by in stats.items()}
-        full = rule.decisions(sample, rule.boot)
-        count = [0]
+    """On `resamples` seeded bootstrap resamples of the rows, each decided exhaustively and by
+    both adaptive modes (the same `measure` and `DecisionRule` as the sweep, replayed on the stored
+    per-row statistics, one loop per metric family): per recommended value, how often each mode
+    picks the exhaustive sweep's rank ("same"), how often the exhaustive decision calls its pick
+    good enough ("good"), the share of (entry, row) cells it measured, and how often the
+    exhaustive pick on a resample equals its pick on all the rows (how stable the decision is)."""
+    on_all = rule.decisions(stats, rule.boot)
+    out: dict = {"resamples": resamples}
+    for mode in ("adaptive", "quick"):
+        same: dict[str, int] = {}
+        good: dict[str, int] = {}
+        cells: dict[str, list] = {}
+        changed: dict[str, list] = {}
+        stable: dict[str, int] = {}
+        for family in FAMILIES:
+            part = {v: by for v, by in stats.items() if v in family}
+            if not part:
+                continue
+            n = next(iter(next(iter(part.values())).values())).shape[0]
+            entries = list(next(iter(part.values())))
+            for seed in range(resamples):
+                pick = torch.randint(n, (n,), generator=torch.Generator().manual_seed(10_000 + seed))
+                sample = {v: {e: s[pick] for e, s in by.items()} for v, by in part.items()}
+                full = rule.decisions(sample, rule.boot)
+                count = [0]
 
-        def score(live, rows, sample=sample, count=count):
-            count[0] += len(live) * len(rows)
-            return {v: {e: by[e][rows] for e in live} for v, by in sample.items()}
+                def score(live, rows, sample=sample, count=count):
+                    count[0] += len(live) * len(rows)
+                    return {v: {e: by[e][rows] for e in live} for v, by in sample.items()}
 
-        quick = measure(score, entries, row_order(n, seed), rule.judge(entries, n))
-        for v, d in rule.decisions(quick, rule.boot).items():
-            agree = d.recommended == full[v].recommended
-            same[v] = same.get(v, 0) + agree
-            if not agree:
-                changed.setdefault(v, []).append([str(full[v].recommended), str(d.recommended)])
-        cells.append(count[0] / (len(entries) * n))
-    return {"resamples": resamples, "agreement": {v: k / resamples for v, k in same.items()},
-            "cells_measured_mean": round(statistics.mean(cells), 3),
-            "disagreements (exhaustive -> adaptive)": {v: c[:10] for v, c in changed.items()}}
+                judge = rule.judge(entries, n if mode == "quick" else None)
+                found = rule.decisions(measure(score, entries, row_order(n, seed), judge), rule.boot)
+                for v, d in found.items():
+                    exh = full[v]
+                    same[v] = same.get(v, 0) + (d.recommended == exh.recommended)
+                    good[v] = good.get(v, 0) + (d.recommended == exh.recommended
+                                                or exh.comparisons[d.recommended].verdict == GOOD)
+                    stable[v] = stable.get(v, 0) + (exh.recommended == on_all[v].recommended)
+                    if d.recommended != exh.recommended:
+                        changed.setdefault(v, []).append([str(exh.recommended), str(d.recommended)])
+                cells.setdefault(family[0], []).append(count[0] / (len(entries) * n))
+        out[mode] = {"same": {v: k / resamples for v, k in same.items()},
+                     "good": {v: k / resamples for v, k in good.items()},
+                     "cells_measured_mean": {f: round(statistics.mean(c), 3) for f, c in cells.items()},
+                     "disagreements (exhaustive -> mode)": {v: c[:10] for v, c in changed.items()}}
+        out["exhaustive_pick_stable"] = {v: k / resamples for v, k in stable.items()}
+    return out
 
 
 def summary(result) -> dict:
@@ -122,10 +146,12 @@ def main() -> None:
     if "asdiv" not in skip:
         rows = read_rows("asdiv:test")[:args.rows]
         fmt = eval_format(settings.data, "asdiv:test")
-        asdiv = lambda ranks, exhaustive: run_sweep(model, tok, rows, fmt, ranks, ["loss", "exact_match"],  # noqa: E731
-                                                    max_new_tokens=16, exhaustive=exhaustive, **opts)
-        ways |= {"asdiv exhaustive": lambda: asdiv(RANKS, True), "asdiv adaptive": lambda: asdiv(RANKS, False),
-                 "asdiv one rank": lambda: asdiv([64], True)}
+        def asdiv(ranks, exhaustive=False, quick=False):
+            return run_sweep(model, tok, rows, fmt, ranks, ["loss", "exact_match"], max_new_tokens=16,
+                             exhaustive=exhaustive, quick=quick, **opts)
+
+        ways |= {"asdiv exhaustive": lambda: asdiv(RANKS, exhaustive=True), "asdiv adaptive": lambda: asdiv(RANKS),
+                 "asdiv quick": lambda: asdiv(RANKS, quick=True), "asdiv one rank": lambda: asdiv([64], True)}
         report["asdiv_rows"] = len(rows)
     if "mmlu" not in skip:
         qrows = read_rows("mmlu:test")[:args.questions]
@@ -146,11 +172,12 @@ def main() -> None:
                       else choice_logliks(model, examples, [0, *RANKS], **scoring))
             return {r: choice_accuracy(x, questions) for r, x in ll.items()}, ll
 
-        mmlu = lambda ranks, exhaustive: run_sweep(model, tok, qrows, qfmt, ranks, ["choice"],  # noqa: E731
-                                                   exhaustive=exhaustive, **opts)
+        def mmlu(ranks, exhaustive=False, quick=False):
+            return run_sweep(model, tok, qrows, qfmt, ranks, ["choice"], exhaustive=exhaustive, quick=quick, **opts)
+
         ways |= {"mmlu whole options": lambda: paths(False), "mmlu shared prompt": lambda: paths(True),
-                 "mmlu exhaustive": lambda: mmlu(RANKS, True),
-                 "mmlu adaptive": lambda: mmlu(RANKS, False), "mmlu one rank": lambda: mmlu([64], True)}
+                 "mmlu exhaustive": lambda: mmlu(RANKS, exhaustive=True), "mmlu adaptive": lambda: mmlu(RANKS),
+                 "mmlu quick": lambda: mmlu(RANKS, quick=True), "mmlu one rank": lambda: mmlu([64], True)}
         report["mmlu_questions"] = len(questions)
     times: dict = {w: [] for w in ways}
     results: dict = {}
@@ -164,16 +191,19 @@ def main() -> None:
     for part in ("asdiv", "mmlu"):
         if f"{part} exhaustive" not in results:
             continue
-        full, quick = results[f"{part} exhaustive"], results[f"{part} adaptive"]
+        full = results[f"{part} exhaustive"]
         one = median[f"{part} one rank"]
         report[part] = {
-            "exhaustive": summary(full), "adaptive": summary(quick), "one_rank": summary(results[f"{part} one rank"]),
+            "exhaustive": summary(full), "one_rank": summary(results[f"{part} one rank"]),
             "exhaustive_over_one_rank": round(median[f"{part} exhaustive"] / one, 2),
-            "adaptive_over_one_rank": round(median[f"{part} adaptive"] / one, 2),
-            "same_recommendation_on_these_rows": {v: str(full.recommended[v]) == str(quick.recommended[v])
-                                                  for v in full.decisions},
             "agreement_on_resamples": agreement(full.row_stats, DecisionRule.make(), args.resamples),
         }
+        for mode in ("adaptive", "quick"):
+            got = results[f"{part} {mode}"]
+            report[part][mode] = summary(got)
+            report[part][f"{mode}_over_one_rank"] = round(median[f"{part} {mode}"] / one, 2)
+            report[part][f"{mode}_same_recommendation_on_these_rows"] = {
+                v: str(full.recommended[v]) == str(got.recommended[v]) for v in full.decisions}
     torch.save({part: results[f"{part} exhaustive"].row_stats for part in ("asdiv", "mmlu")
                 if f"{part} exhaustive" in results}, stats_path)  # for --replay
     if "mmlu whole options" in results:
@@ -193,7 +223,7 @@ def main() -> None:
     for part in ("asdiv", "mmlu"):
         if part in report:
             print(part, json.dumps({k: v for k, v in report[part].items()
-                                    if k not in ("exhaustive", "adaptive", "one_rank", "whole_options_scores",
+                                    if k not in ("exhaustive", "adaptive", "quick", "one_rank", "whole_options_scores",
                                                  "shared_prompt_scores")}, indent=1))
 
 

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -172,7 +173,8 @@ def usage_error(box: str) -> str:
     rules = [i for i, line in enumerate(lines) if line and set(line) <= set("-─━")]
     body = lines[rules[0] + 1:rules[1]] if len(rules) >= 2 else lines
     body = [line.strip("│╭╮╰╯ ") for line in body]
-    return " ".join(line for line in body if line and not line.startswith("For full helptext")) or "bad usage"
+    text = " ".join(line for line in body if line and not line.startswith("For full helptext")) or "bad usage"
+    return re.sub(r"^Error parsing \w+: ", "", text)  # a flag's own check (`fields.Checked`) names the flag itself
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -211,11 +211,14 @@ class Sweep(Checked):
     accuracy_tolerance: Annotated[float, NOT_NEGATIVE] = 1.0
     """How many points below the best rank a score in percent (exact_match, acc, rouge, bleu) may be and still count as good enough."""
 
-    confidence: Annotated[float, Range(0, 1, open_low=True, open_high=True)] = 0.95
+    confidence: Annotated[float, Range(0.5, 1, open_high=True)] = 0.95
     """Confidence of the intervals and of "good enough": the recommended rank is, at this confidence, within the tolerance of the best (paired bootstrap over rows)."""
 
     exhaustive: bool = False
-    """Measure every rank on every row. By default rows are measured in rounds and ranks already decided stop being measured."""
+    """Measure every rank on every row. By default rows are measured in rounds and ranks already decided stop being measured (keeping the exhaustive decision)."""
+
+    quick: bool = False
+    """A cheaper first look: also stop measuring ranks that no number of these rows could decide, and ranks that only might turn out best (about one rank's cost; the pick differs from the exhaustive one more often: docs/performance.md)."""
 
     seed: Annotated[int, SEED] = 0
     """Seed of the row order and of the bootstrap resamples (a sweep is reproducible)."""
@@ -251,6 +254,7 @@ class Sweep(Checked):
             response_template=self.response_template, shots_data=self.shots_data, batch_size=self.batch_size,
             rank_batch=self.rank_batch, max_new_tokens=self.max_new_tokens, loss_tolerance=self.loss_tolerance,
             accuracy_tolerance=self.accuracy_tolerance, confidence=self.confidence, exhaustive=self.exhaustive,
+            quick=self.quick,
             seed=self.seed, shots=self.shots, lm_eval=tasks,
             lm_eval_include=self.lm_eval_include, lm_eval_limit=self.lm_eval_limit, progress=not self.quiet,
             budgets=_split(self.budgets), scores=_split(self.scores), calibration_rows=self.calibration_rows)

@@ -56,7 +56,7 @@ def test_adaptive_equals_exhaustive_on_clear_cases_for_less():
         assert all(v.shape[0] == 800 for v in full["loss"].values())
         assert decisions(full, boot)[0].recommended == decisions(quick, boot)[0].recommended == 8
         cells = sum(len(e) * n for e, n in calls)
-        assert cells < 0.4 * 8 * 800, calls
+        assert cells < 0.6 * 8 * 800, calls  # ranks 16-64 stay open: any of them may turn out best
         assert all(quick["loss"][r].shape[0] < 800 for r in (0, 1, 2))  # clearly worse: dropped early
 
 
@@ -70,10 +70,10 @@ def test_undecided_entries_get_every_row():
     assert quick["loss"][2].shape[0] == 300
 
 
-def test_entries_no_row_count_could_decide_stop_early():
+def test_quick_mode_stops_entries_no_row_count_could_decide():
     """Ranks that all the rows could not tell apart (a metric at chance, or a rank sitting on the
-    tolerance): with the total row count known they stop after the first rounds, and the final
-    verdicts are the exhaustive sweep's: undecided."""
+    tolerance): in the quick mode (the total row count given) they stop after the first rounds,
+    and the final verdicts are the exhaustive sweep's: undecided."""
     effects = {0: 0.0, 1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0}
     stats = losses(effects, n=300, noise=0.5)
     boot, early = Bootstrap(), Bootstrap(early_confidence(0.95))
@@ -86,7 +86,37 @@ def test_entries_no_row_count_could_decide_stop_early():
     assert all(s.shape[0] < 300 for s in quick["loss"].values()) and len(calls) <= 2
     verdicts = decisions(quick, boot)[0]
     assert verdicts.undecided and not verdicts.sure  # still said: these rows cannot decide them
-    # without the row count (no futility) the same ranks cost more rows
+    # the default mode (no row count) measures them further
     measure(stored(stats, unbounded_calls), entries, row_order(300, 0),
             judge_by(lambda s: decisions(s, early), entries))
     assert sum(len(e) * n for e, n in calls) < sum(len(e) * n for e, n in unbounded_calls)
+
+
+def test_a_tie_on_the_first_rows_does_not_settle_the_best():
+    """Rank 1 ties rank 2 on the first rows and so is both the best and the recommendation:
+    nothing smaller is undecided, yet rank 2 is truly better. The default mode keeps measuring
+    the ranks not shown worse than the best (contenders) and ends as the exhaustive sweep does."""
+    n = 300
+    first = torch.zeros(n, dtype=torch.float64)
+    second = torch.zeros(n, dtype=torch.float64)
+    second[40::4] = 1.0  # rank 2 answers a quarter of the later rows that rank 1 misses
+    stats = {1: torch.stack([first, torch.ones(n, dtype=torch.float64)], 1),
+             2: torch.stack([second, torch.ones(n, dtype=torch.float64)], 1)}
+    order = list(range(n))  # the tie comes first
+    boot, early = Bootstrap(), Bootstrap(early_confidence(0.95))
+
+    def decided(stats, boot):
+        return [decide("acc", stats["acc"], ratio(100.0), True, 1.0, boot, scores=True)]
+
+    full = decided({"acc": stats}, boot)[0]
+    assert full.recommended == 2 and full.best == 2
+
+    def score(entries, rows):
+        return {"acc": {e: stats[e][rows] for e in entries}}
+
+    kept = measure(score, [1, 2], order, judge_by(lambda s: decided(s, early), [1, 2]))
+    first_round = round_sizes(n)[0]  # 38 rows: rank 2's first win is on row 40
+    assert decided(kept, boot)[0].recommended == 2 and kept["acc"][2].shape[0] > first_round
+    # without the contenders (the quick mode) the tie on the first rows settled it: rank 1
+    quick = measure(score, [1, 2], order, judge_by(lambda s: decided(s, early), [1, 2], n))
+    assert decided(quick, boot)[0].recommended == 1 and quick["acc"][2].shape[0] == first_round

@@ -122,7 +122,7 @@ def test_cli_sweep_bad_input(trained, tmp_path, capsys, tiny_dir):
         (["sweep", str(run), "--ranks", "1,99", "--out", str(tmp_path / "a")], "outside 1..8"),
         (["sweep", str(tmp_path), "--out", str(tmp_path / "b")], "not a qdylora run directory"),
         (["sweep", str(run), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "c")], "does not exist"),
-        (["sweep", str(run), "--confidence", "1.5", "--out", str(tmp_path / "d")], "--confidence must be at least 0.5"),
+        (["sweep", str(run), "--confidence", "1.5", "--out", str(tmp_path / "d")], "must be below 1, got 1.5"),
         (["sweep", str(run), "--confidence", "nan", "--out", str(tmp_path / "d")], "--confidence must be"),
         (["sweep", str(run), "--loss-tolerance", "-1", "--out", str(tmp_path / "d")], "--loss-tolerance must be"),
         (["sweep", str(run), "--accuracy-tolerance", "inf", "--out", str(tmp_path / "d")], "--accuracy-tolerance must"),

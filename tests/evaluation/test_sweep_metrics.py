@@ -130,7 +130,7 @@ def bad_file(tmp_path, rows):
     (["--metrics", "rouge"], [{"question": "q", "answer": []}], "row 0: its reference list answer is empty"),
     (["--metrics", "meteor"], [{"question": "q", "answer": "a"}], "unknown metric 'meteor'"),
     (["--metrics", "choice", "--shots", "-1"], [{"question": "q", "options": ["a", "b"], "answer": 0}],
-     "--shots must be 0 or more"),
+     "--shots must be at least 0, got -1"),
 ])
 def test_cli_sweep_bad_metric_input(trained_run, tmp_path, capsys, extra, rows, message):
     out = tmp_path / "out"

@@ -5,8 +5,9 @@ Most ranks are settled long before the last row: rank 1 is clearly worse, rank 6
 and only the ranks near the boundary need every row. `measure` takes the rows in a seeded random
 order (so every prefix is a fair sample) and in rounds that double the rows measured so far;
 after each round `open_entries` keeps only the entries some decision still depends on: the best,
-and the smaller entries whose verdict is undecided. The rest stop being measured; their values
-and intervals come from the rows they were measured on.
+the entries that may yet turn out best, and the smaller entries whose verdict is undecided. The
+rest stop being measured; their values and intervals come from the rows they were measured on.
+A quick mode also drops what no row count here could decide, for a cheaper first look.
 
 Early verdicts are taken at a stricter confidence than the final one (`early_confidence`): a
 verdict made on a fraction of the rows is then rarely one the full rows would reverse. An
@@ -29,7 +30,7 @@ Stats = dict[str, dict[Hashable, torch.Tensor]]
 
 FIRST_FRACTION = 1 / 8  # the first round measures every entry on this share of the rows ...
 FIRST_ROWS = 32  # ... and on at least this many
-FUTILE = 4  # an entry that would need more than this many times all the rows stops being measured
+FUTILE = 4  # quick mode: an entry that would need more than this many times all the rows stops
 
 
 def early_confidence(confidence: float) -> float:
@@ -85,27 +86,36 @@ def _joined(parts: dict[str, dict[Hashable, list[torch.Tensor]]]) -> Stats:
     return {v: {e: torch.cat(chunks) for e, chunks in by.items()} for v, by in parts.items()}
 
 
-def open_entries(entries: Sequence[Hashable], decisions: Sequence[Decision], rows: Optional[int] = None) -> list:
-    """The entries some decision still depends on, in `entries` order: each decision's best and
-    its undecided smaller entries. Nothing when every decision is settled (only the best left).
+def open_entries(entries: Sequence[Hashable], decisions: Sequence[Decision], quick_rows: Optional[int] = None) -> list:
+    """The entries some decision still depends on, in `entries` order; nothing when every
+    decision is settled.
 
-    With `rows` (all the rows there are), an undecided entry that would need more than FUTILE
-    times as many rows to be decided is dropped too: all the rows would very likely leave it
-    undecided, as an exhaustive sweep would (a metric at chance, where every rank stays
-    undecided, would otherwise cost every rank on every row)."""
+    By default: each decision's best, its undecided smaller entries, and its contenders (entries
+    not shown worse than the best at all: on more rows one of them may become the best, and every
+    verdict is taken against the best). Keeping the contenders is what keeps the exhaustive
+    sweep's decision (measured in docs/performance.md: without them the best was often settled
+    on the first rows, and the recommendation differed in about half of the resamples).
+
+    `quick_rows` (all the rows there are) asks for a quicker first look: no contenders, and an
+    undecided entry that would need more than FUTILE times all the rows to be decided is dropped
+    too, as all the rows would likely leave it undecided (a metric at chance otherwise costs every
+    rank on every row). Cheaper, and a different pick from the exhaustive one more often."""
     keep: set = set()
     for d in decisions:
-        live = [r for r in d.undecided if rows is None or d.comparisons[r].rows_needed <= FUTILE * rows]
-        if live:
-            keep |= {d.best, *live}
+        if quick_rows is None:
+            live, rivals = list(d.undecided), list(d.contenders)
+        else:
+            live, rivals = [r for r in d.undecided if d.comparisons[r].rows_needed <= FUTILE * quick_rows], []
+        if live or rivals:
+            keep |= {d.best, *live, *rivals}
     return [e for e in entries if e in keep]
 
 
 def judge_by(decide_all: Callable[[Stats], Sequence[Decision]], entries: Sequence[Hashable],
-             rows: Optional[int] = None) -> Callable[[Stats], list]:
+             quick_rows: Optional[int] = None) -> Callable[[Stats], list]:
     """A `measure` judge from a function that makes every decision of a sweep from its stats
-    (`rows`: all the rows there are, for `open_entries`)."""
-    return lambda stats: open_entries(entries, decide_all(stats), rows)
+    (`quick_rows`: see `open_entries`)."""
+    return lambda stats: open_entries(entries, decide_all(stats), quick_rows)
 
 
 def rows_measured(stats: Mapping[str, Mapping[Hashable, torch.Tensor]]) -> dict[str, dict[Hashable, int]]:

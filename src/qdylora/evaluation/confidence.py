@@ -99,6 +99,7 @@ class Comparison:
     verdict: str
     rows: int
     rows_needed: Optional[int] = None
+    deficit: float = 0.0  # how much worse than the best (the difference, signed so that worse is > 0)
 
     def to_dict(self) -> dict:
         out = {"difference": self.difference, "interval": list(self.interval), "verdict": self.verdict,
@@ -107,12 +108,23 @@ class Comparison:
 
 
 def compare(stats: torch.Tensor, best: torch.Tensor, reduce: Reduce, higher_is_better: bool, tolerance: float,
-            boot: Bootstrap) -> Comparison:
+            boot: Bootstrap, scores: bool = False) -> Comparison:
     """Paired comparison of an entry's per-row stats with the best's, on the rows both have (the
-    first min(n, n_best): rows are measured in one fixed order)."""
+    first min(n, n_best): rows are measured in one fixed order).
+
+    `scores`: the stats are per-row scores in [0, 1] with weight 1 (exact match, accuracy). Two
+    entries that agree on every row (no discordant row: common with 0/1 scores on few rows) have
+    a bootstrap interval of zero width, a certainty the rows do not give (EM 0 % at every rank on
+    32 rows said "good enough" for rank 1). So the resamples also see one row the entry loses and
+    one it wins (Agresti and Min's add-one for paired proportions): the estimate is unchanged, the
+    interval is about +-3/n wider where nothing disagrees and barely moves where much does."""
     m = min(stats.shape[0], best.shape[0])
     a, b = stats[:m].double(), best[:m].double()
     diff = float(reduce(a.sum(0)) - reduce(b.sum(0)))
+    if scores:
+        one = torch.ones(2, dtype=torch.float64)
+        a = torch.cat([a, torch.stack([torch.tensor([0.0, 1.0]), one]).double()])  # (m+2, 2): loses one, wins one
+        b = torch.cat([b, torch.stack([one, torch.tensor([0.0, 1.0])]).double()])
     draws = boot.values(a, reduce) - boot.values(b, reduce)  # (D,) paired: the same rows for both
     sign = -1.0 if higher_is_better else 1.0  # deficit = how much worse, in the metric's units
     deficit, deficits = sign * diff, sign * draws
@@ -120,12 +132,13 @@ def compare(stats: torch.Tensor, best: torch.Tensor, reduce: Reduce, higher_is_b
     low, high = _quantile(deficits, alpha), _quantile(deficits, 1 - alpha)  # one-sided bounds
     interval = (_quantile(draws, tail), _quantile(draws, 1 - tail))
     if math.isnan(high):
-        return Comparison(diff, interval, (low, high), UNDECIDED, m)
+        return Comparison(diff, interval, (low, high), UNDECIDED, m, deficit=deficit)
     if high <= tolerance:
-        return Comparison(diff, interval, (low, high), GOOD, m)
+        return Comparison(diff, interval, (low, high), GOOD, m, deficit=deficit)
     if low > tolerance:
-        return Comparison(diff, interval, (low, high), WORSE, m)
-    return Comparison(diff, interval, (low, high), UNDECIDED, m, rows_needed(m, deficit, (low, high), tolerance))
+        return Comparison(diff, interval, (low, high), WORSE, m, deficit=deficit)
+    return Comparison(diff, interval, (low, high), UNDECIDED, m, rows_needed(m, deficit, (low, high), tolerance),
+                      deficit)
 
 
 def rows_needed(rows: int, deficit: float, bounds: tuple[float, float], tolerance: float, cap: int = 100) -> int:
@@ -152,6 +165,7 @@ class Decision:
     confidence: float
     comparisons: dict
     undecided: list
+    contenders: list = field(default_factory=list)  # candidates not shown worse than the best at all
 
     @property
     def sure(self) -> bool:
@@ -182,7 +196,7 @@ class Decision:
 
 def decide(metric: str, stats: Mapping[Hashable, torch.Tensor], reduce: Reduce, higher_is_better: bool,
            tolerance: float, boot: Bootstrap, size: Optional[Mapping[Hashable, float]] = None,
-           candidate: Callable[[Hashable], bool] = lambda r: r != 0) -> Decision:
+           candidate: Callable[[Hashable], bool] = lambda r: r != 0, scores: bool = False) -> Decision:
     """Compare every entry of `stats` ({entry: (n_entry, S) per-row stats}) with the best candidate
     and recommend the smallest candidate that is good enough (by entry order, or by `size`).
     Rank 0 (the base) is compared but never recommended. The best is taken among the entries
@@ -196,10 +210,12 @@ def decide(metric: str, stats: Mapping[Hashable, torch.Tensor], reduce: Reduce, 
     most = max(stats[r].shape[0] for r in cands)
     full = [r for r in cands if stats[r].shape[0] == most]
     best = (max if higher_is_better else min)(full, key=lambda r: values[r])
-    comparisons = {r: compare(stats[r], stats[best], reduce, higher_is_better, tolerance, boot) for r in values}
+    comparisons = {r: compare(stats[r], stats[best], reduce, higher_is_better, tolerance, boot, scores and r != best)
+                   for r in values}
     key = (lambda r: (size[r], str(r))) if size is not None else (lambda r: r)
     good = sorted((r for r in cands if comparisons[r].verdict == GOOD), key=key)
     recommended = good[0]  # the best itself is always good enough: its deficit is 0
     undecided = [r for r in sorted(cands, key=key)
                  if key(r) < key(recommended) and comparisons[r].verdict == UNDECIDED]
-    return Decision(metric, recommended, best, tolerance, boot.confidence, comparisons, undecided)
+    contenders = [r for r in cands if r != best and comparisons[r].deficit_bounds[0] <= 0]
+    return Decision(metric, recommended, best, tolerance, boot.confidence, comparisons, undecided, contenders)

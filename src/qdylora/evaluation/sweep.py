@@ -175,8 +175,10 @@ def eval_format(settings: DataSettings, data: Optional[str], prompt_template: Op
 
 
 def check_decision(loss_tolerance: float = LOSS_TOLERANCE, accuracy_tolerance: float = ACCURACY_TOLERANCE,
-                   confidence: float = DEFAULT_CONFIDENCE) -> None:
-    """One-line errors for tolerances and a confidence the decision cannot use."""
+                   confidence: float = DEFAULT_CONFIDENCE, exhaustive: bool = False, quick: bool = False) -> None:
+    """One-line errors for tolerances, a confidence or modes the decision cannot use."""
+    if exhaustive and quick:
+        raise QDyLoRAError("--exhaustive and --quick ask for opposite things: give one of them")
     for name, value in (("loss-tolerance", loss_tolerance), ("accuracy-tolerance", accuracy_tolerance)):
         if not 0 <= value < float("inf"):  # false for nan too
             raise QDyLoRAError(f"--{name} must be a finite number, not negative, got {value}")
@@ -207,6 +209,7 @@ def run_sweep(
     accuracy_tolerance: float = ACCURACY_TOLERANCE,
     confidence: float = DEFAULT_CONFIDENCE,
     exhaustive: bool = False,
+    quick: bool = False,
     seed: int = DEFAULT_SEED,
     shots: int = 0,
     shots_rows: Optional[Sequence[dict]] = None,
@@ -223,8 +226,9 @@ def run_sweep(
     smallest rank shown (at that confidence) to be worse than the best by at most the tolerance:
     `loss_tolerance` nats per token for the loss, `accuracy_tolerance` points for scores in
     percent (`confidence.decide`). Unless `exhaustive`, rows are measured in rounds and ranks
-    already decided stop being measured (`adaptive`)."""
-    check_decision(loss_tolerance, accuracy_tolerance, confidence)
+    already decided stop being measured (`adaptive`); `quick` also stops those no row count here
+    could decide (a cheaper first look that agrees less often with the exhaustive pick)."""
+    check_decision(loss_tolerance, accuracy_tolerance, confidence, exhaustive, quick)
     if metrics or not lm_eval:
         check_metrics(metrics)
     allocations = list(dict.fromkeys(r for r in ranks if isinstance(r, Allocation)))
@@ -257,7 +261,7 @@ def run_sweep(
     stats: dict[str, dict[Entry, torch.Tensor]] = {}
     with evaluating(model):
         for family in families:
-            stats.update(ctx.timed(family.name, lambda: _measure(ctx, family, rule, exhaustive, seed)))
+            stats.update(ctx.timed(family.name, lambda: _measure(ctx, family, rule, exhaustive, seed, quick)))
         values = {v: {r: float(REDUCE.get(v, PERCENT)(s.sum(0))) if s.shape[0] else math.nan for r, s in by.items()}
                   for v, by in stats.items()}
         intervals = {v: {r: rule.boot.interval(s, REDUCE.get(v, PERCENT)) for r, s in by.items()}
@@ -319,17 +323,17 @@ class DecisionRule:
         every entry by parameters."""
         among = dict(size=self.params) if sized else dict(candidate=lambda r: isinstance(r, int) and r != 0)
         return {v: decide(v, by, REDUCE.get(v, PERCENT), v not in LOWER_IS_BETTER,
-                          self.tolerance(v, v not in LOWER_IS_BETTER), boot, **among)
+                          self.tolerance(v, v not in LOWER_IS_BETTER), boot, **among, scores=v not in REDUCE)
                 for v, by in stats.items() if v not in NOT_RECOMMENDED}
 
-    def judge(self, entries: Sequence[Entry], rows: Optional[int] = None):
-        """A judge for `adaptive.measure` on `rows` rows in all: early verdicts on the ranks, and
-        on the allocations."""
+    def judge(self, entries: Sequence[Entry], quick_rows: Optional[int] = None):
+        """A judge for `adaptive.measure`: early verdicts on the ranks, and on the allocations
+        (`quick_rows`, all the rows there are: the quick mode of `adaptive.open_entries`)."""
         def decide_all(stats):
             found = list(self.decisions(stats, self.early).values())
             return found + (list(self.decisions(stats, self.early, sized=True).values()) if self.params else [])
 
-        return judge_by(decide_all, entries, rows)
+        return judge_by(decide_all, entries, quick_rows)
 
 
 @dataclass
@@ -344,8 +348,9 @@ class _Family:
     batches: Optional[Callable[[list[int]], int]] = None  # batches per rank group on these rows; else rows / batch size
 
 
-def _measure(ctx: "_Context", family: _Family, rule: DecisionRule, exhaustive: bool, seed: int):
-    """The family's per-row statistics at every entry: on every row, or adaptively."""
+def _measure(ctx: "_Context", family: _Family, rule: DecisionRule, exhaustive: bool, seed: int, quick: bool):
+    """The family's per-row statistics at every entry: on every row, or adaptively (`quick`:
+    dropping what no row count here could decide, too)."""
     order = row_order(family.rows, seed)
     with ctx.bar(family.name) as bar:
         def on_round(rows: list[int], entries: int) -> None:
@@ -354,8 +359,8 @@ def _measure(ctx: "_Context", family: _Family, rule: DecisionRule, exhaustive: b
             bar.refresh()
 
         ctx.on_batch = lambda k: bar.update(1)
-        return measure(family.score, ctx.ranks, order, None if exhaustive else rule.judge(ctx.ranks, family.rows),
-                       on_round)
+        judge = None if exhaustive else rule.judge(ctx.ranks, family.rows if quick else None)
+        return measure(family.score, ctx.ranks, order, judge, on_round)
 
 
 @dataclass
@@ -529,7 +534,8 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
         check_metrics(metrics)
     check_decision(*(options.get(k, d) for k, d in (("loss_tolerance", LOSS_TOLERANCE),
                                                       ("accuracy_tolerance", ACCURACY_TOLERANCE),
-                                                      ("confidence", DEFAULT_CONFIDENCE))))
+                                                      ("confidence", DEFAULT_CONFIDENCE),
+                                                      ("exhaustive", False), ("quick", False))))
     model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
     fmt = eval_format(settings.data, data, prompt_template, response_template)
     rows = eval_rows(settings, data)
