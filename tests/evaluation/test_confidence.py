@@ -132,3 +132,20 @@ def test_bleu_from_row_stats_is_corpus_bleu():
     assert float(bleu_from_stats(stats.sum(0))) == pytest.approx(bleu(preds, refs))
     low, high = Bootstrap(draws=200).interval(stats, bleu_from_stats)
     assert low <= bleu(preds, refs) <= high and not math.isnan(low)
+
+
+def test_wilson_interval_against_its_formula_and_the_bootstrap_degenerate_case():
+    from qdylora.evaluation.confidence import is_binary, wilson
+
+    z = 1.959963984540054
+    for k, n in [(0, 32), (1, 32), (16, 32), (32, 32), (7, 300)]:
+        p = k / n
+        center = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+        low, high = wilson(k, n, 0.95)
+        assert abs(low - max(0.0, center - half)) < 1e-12 and abs(high - min(1.0, center + half)) < 1e-12
+        assert (low == 0.0) == (k == 0) and (high == 1.0) == (k == n)
+    assert wilson(0, 32)[0] == 0.0 and abs(wilson(0, 32)[1] - z * z / (32 + z * z)) < 1e-12  # 10.7 %, not 0
+    zeros = torch.stack([torch.zeros(32), torch.ones(32)], 1).double()
+    assert Bootstrap().interval(zeros, ratio(100.0)) == (0.0, 0.0)  # what the bootstrap said
+    assert is_binary(zeros) and not is_binary(zeros * 0.5)

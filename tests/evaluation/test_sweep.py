@@ -107,7 +107,7 @@ def test_cli_sweep_writes_table_json_csv_png(trained, capsys, tmp_path):
             assert float(cells[f"{m}_low"]) <= float(cells[m]) <= float(cells[f"{m}_high"])
     assert set(saved["intervals"]["loss"]) == {"0", "1", "2", "8"} and saved["confidence"] == 0.95
     assert saved["decisions"]["loss"]["recommended"] == str(saved["recommended"]["loss"])
-    assert "half-width of the 95% interval" in printed and "at 95% confidence" in printed
+    assert "[low, high]: the 95% interval" in printed and "at 95% confidence" in printed
     sizes = {line.split(",")[0]: int(line.split(",")[1]) for line in csv[1:]}
     assert sizes["0"] == 0 and sizes["2"] == 2 * sizes["1"] > 0 and saved["params"]["8"] == sizes["8"]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,6 +19,7 @@ tolerance, else *undecided*, and then more rows would tell: the bound's width sh
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Optional
 
@@ -47,6 +48,27 @@ def resample_counts(n: int, draws: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     picks = torch.randint(n, (draws, n), generator=g)  # (D, n) row indices
     return torch.zeros(draws, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(draws, n, dtype=torch.float64))
+
+
+def wilson(successes: float, n: int, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """Wilson's score interval (two-sided) of a proportion: successes of n 0/1 rows. A bootstrap
+    of rows that are all 0 (or all 1) has zero width; this one is [0, z^2 / (n + z^2)] there
+    (0 of 32 rows at 95 %: [0, 10.7 %])."""
+    if n == 0:
+        return math.nan, math.nan
+    z = statistics.NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if successes <= 0 else max(0.0, center - half)  # exactly 0 (1) there, not 1e-15 off
+    high = 1.0 if successes >= n else min(1.0, center + half)
+    return low, high
+
+
+def is_binary(stats: torch.Tensor) -> bool:
+    """True if (n, 2) per-row stats are 0/1 scores of weight 1 (exact match, accuracy)."""
+    return (stats.shape[1] == 2 and bool(((stats[:, 0] == 0) | (stats[:, 0] == 1)).all())
+            and bool((stats[:, 1] == 1).all()))
 
 
 def _quantile(x: torch.Tensor, q: float) -> float:

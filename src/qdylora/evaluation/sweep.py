@@ -34,7 +34,8 @@ from ..training.settings import DataSettings, RunSettings
 from .adaptive import early_confidence, judge_by, measure, row_order, rows_measured
 from .choice import (choice_hits, choice_logliks_shared, choice_questions, encode_questions, few_shot,
                      shared_batch_count)
-from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, exp_ratio, ratio)
+from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, exp_ratio, is_binary, ratio,
+                         wilson)
 from .generation import generate_at_ranks
 from .text_metrics import bleu_from_stats, bleu_stats, exact_match_rows, rouge_rows
 
@@ -264,8 +265,7 @@ def run_sweep(
             stats.update(ctx.timed(family.name, lambda: _measure(ctx, family, rule, exhaustive, seed, quick)))
         values = {v: {r: float(REDUCE.get(v, PERCENT)(s.sum(0))) if s.shape[0] else math.nan for r, s in by.items()}
                   for v, by in stats.items()}
-        intervals = {v: {r: rule.boot.interval(s, REDUCE.get(v, PERCENT)) for r, s in by.items()}
-                     for v, by in stats.items()}
+        intervals = {v: {r: _interval(v, s, rule.boot) for r, s in by.items()} for v, by in stats.items()}
         higher = {v: v not in LOWER_IS_BETTER for v in values}
         decisions = rule.decisions(stats, rule.boot)
         smallest = rule.decisions(stats, rule.boot, sized=True) if allocations else {}
@@ -283,6 +283,15 @@ def run_sweep(
     return SweepResult(ranks, values, recommended, len(rows), ctx.seconds, samples, higher, params,
                        {v: str(d.recommended) for v, d in smallest.items()}, intervals,
                        rows_measured(stats), decisions, smallest, confidence, not exhaustive, stats)
+
+
+def _interval(value: str, stats: torch.Tensor, boot: Bootstrap) -> tuple[float, float]:
+    """A value's interval: Wilson's for a score in percent from 0/1 rows (the bootstrap gives
+    "0.00 +-0.00" for 0 of 32), else the bootstrap's."""
+    if value not in REDUCE and stats.shape[0] and is_binary(stats):
+        low, high = wilson(float(stats[:, 0].sum()), stats.shape[0], boot.confidence)
+        return 100.0 * low, 100.0 * high
+    return boot.interval(stats, REDUCE.get(value, PERCENT))
 
 
 def recommend(values: dict[Entry, float], higher_is_better: bool, tolerance: float) -> Entry:
@@ -638,9 +647,10 @@ def _yerr(result: SweepResult, metric: str, entries: Sequence[Entry]) -> list[li
 
 
 def table(result: SweepResult) -> str:
-    """The sweep as a plain-text table (rank 0 is the base model): each value +- the half-width of
-    its interval, losses to 4 decimals, scores (percent) to 2, "@n" where an entry was measured on
-    fewer rows than the others (decided early); long lm-eval names are shortened to TASK:METRIC."""
+    """The sweep as a plain-text table (rank 0 is the base model): each value and its interval
+    ("1.0597 [0.9169, 1.2025]"; a 0/1 score's is asymmetric: "0.00 [0.00, 10.72]"), losses to 4
+    decimals, scores (percent) to 2, "@n" where an entry was measured on fewer rows than the others
+    (decided early); long lm-eval names are shortened to TASK:METRIC."""
     cols = list(result.values)
     names = [c.removeprefix("lm_eval:") for c in cols]
     cells = {c: {r: _cell(result, c, r) for r in result.ranks} for c in cols}
@@ -657,7 +667,7 @@ def table(result: SweepResult) -> str:
         name = "base" if r == 0 else str(r)
         size = f"{result.params.get(r, 0):>12,}  " if sized else ""
         lines.append(f"{name:>{first}}  {size}{row}" + (f"   <- recommended ({', '.join(marks)})" if marks else ""))
-    note = f"+-: half-width of the {result.confidence:.0%} interval over rows"
+    note = f"[low, high]: the {result.confidence:.0%} interval over rows"
     if any("@" in x for by in cells.values() for x in by.values()):
         note += "; @n: measured on n rows only (decided early; --exhaustive measures every rank on every row)"
     return "\n".join([*lines, note])
@@ -667,7 +677,7 @@ def _cell(result: SweepResult, value: str, entry: Entry) -> str:
     places = 4 if value in LOWER_IS_BETTER else 2
     v = result.values[value][entry]
     low, high = result.intervals.get(value, {}).get(entry, (math.nan, math.nan))
-    text = f"{v:.{places}f}" + (f" +-{(high - low) / 2:.{places}f}" if not math.isnan(high - low) else "")
+    text = f"{v:.{places}f}" + (f" [{low:.{places}f}, {high:.{places}f}]" if not math.isnan(high - low) else "")
     rows = result.rows.get(value, {})
     if rows and rows.get(entry, 0) < max(rows.values()):
         text += f" @{rows[entry]}"
