@@ -121,7 +121,6 @@ class Comparison:
     verdict: str
     rows: int
     rows_needed: Optional[int] = None
-    deficit: float = 0.0  # how much worse than the best (the difference, signed so that worse is > 0)
 
     def to_dict(self) -> dict:
         out = {"difference": self.difference, "interval": list(self.interval), "verdict": self.verdict,
@@ -154,13 +153,12 @@ def compare(stats: torch.Tensor, best: torch.Tensor, reduce: Reduce, higher_is_b
     low, high = _quantile(deficits, alpha), _quantile(deficits, 1 - alpha)  # one-sided bounds
     interval = (_quantile(draws, tail), _quantile(draws, 1 - tail))
     if math.isnan(high):
-        return Comparison(diff, interval, (low, high), UNDECIDED, m, deficit=deficit)
+        return Comparison(diff, interval, (low, high), UNDECIDED, m)
     if high <= tolerance:
-        return Comparison(diff, interval, (low, high), GOOD, m, deficit=deficit)
+        return Comparison(diff, interval, (low, high), GOOD, m)
     if low > tolerance:
-        return Comparison(diff, interval, (low, high), WORSE, m, deficit=deficit)
-    return Comparison(diff, interval, (low, high), UNDECIDED, m, rows_needed(m, deficit, (low, high), tolerance),
-                      deficit)
+        return Comparison(diff, interval, (low, high), WORSE, m)
+    return Comparison(diff, interval, (low, high), UNDECIDED, m, rows_needed(m, deficit, (low, high), tolerance))
 
 
 def rows_needed(rows: int, deficit: float, bounds: tuple[float, float], tolerance: float, cap: int = 100) -> int:
