@@ -30,7 +30,7 @@ def test_info_json(tiny_dir, capsys):
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--max-rank", "0"], "max_rank must be at least 1"),
         (["--target-modules", "query"], "matches no layer"),
-        (["--compute-dtype", "float32", "--dropout", "1.5"], "dropout must be in"),
+        (["--compute-dtype", "float32", "--dropout", "1.5"], "dropout must be below 1, got 1.5"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, capsys, args, message):

@@ -102,7 +102,7 @@ def test_budget_errors_are_one_line(run, tmp_path, capsys):
         (["merge", str(run), "--out", str(tmp_path / "a")], "exactly one of"),
         (["sweep", str(run), "--budgets", "1", "--scores", "magic", "--out", str(tmp_path / "s")], "unknown score"),
         (["export", str(run), "--budget", "1", "--calibration-rows", "-3", "--out", str(tmp_path / "a")],
-         "calibration rows"),
+         "--calibration-rows must be at least 0"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -140,7 +140,7 @@ def test_reorder_writes_a_new_run_in_a_data_aware_order(run, tmp_path, capsys):
                           (["reorder", str(run), "--out", str(run)], "new directory"),
                           (["reorder", str(run), "--out", str(tmp_path / "x"), "--order", "magic"], "magic"),
                           (["reorder", str(run), "--out", str(tmp_path / "x"), "--calibration-rows", "-1"],
-                           "calibration rows")):
+                           "--calibration-rows must be at least 0")):
         capsys.readouterr()
         assert main(argv) == 2
         lines = errors(capsys)

@@ -148,7 +148,9 @@ def parse_ranks(text: str) -> list[int]:
     out: set[int] = set()
     for part in (p.strip() for p in text.split(",")):
         try:
-            if "-" in part:
+            if part.lstrip("-").isdigit():  # one rank; "-1" is a (bad) rank, not a range
+                out.add(int(part))
+            elif "-" in part:
                 lo, hi = (int(x) for x in part.split("-", 1))
                 if lo > hi:
                     raise ValueError
