@@ -226,3 +226,23 @@ def test_check_value_types_and_bounds():
         check_value(typing.Union[str, list[str]], 5, "t")
     with pytest.raises(QDyLoRAError, match="s must be at most 9, got 10"):
         check_value(typing.Annotated[int, Range(0, 9)], 10, "s")
+
+
+def test_the_choices_the_door_checks_are_the_ones_the_code_knows():
+    """The door checks a choice against the field's Literal; the code that acts on it keeps its
+    own registry. They must list the same names."""
+    from qdylora.core.scaling import RULES as SCALE_RULES
+    from qdylora.data.rows import FORMATS
+    from qdylora.training.optimizers import OPTIMIZERS
+    from qdylora.training.sampling import RULES
+    from qdylora.training.settings import ORDERS
+
+    def choices(cls, name):
+        tp = typing.get_type_hints(cls)[name]
+        return set(typing.get_args(tp))
+
+    assert choices(DataSettings, "format") == set(FORMATS)
+    assert choices(TrainSettings, "rank_rule") == set(RULES)
+    assert choices(TrainSettings, "optim") == set(OPTIMIZERS)
+    assert choices(TrainSettings, "order") == set(ORDERS)
+    assert choices(QDyLoRAConfig, "scaling") == set(SCALE_RULES)

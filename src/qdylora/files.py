@@ -23,15 +23,10 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[Path]:
     `path` holds either its old content or the complete new one.
     """
     path = Path(path)
-    clear_stale(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file a normal mode
+    tmp_path = _temp_file(path)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -106,15 +101,10 @@ def written_together(paths: list[Path], journal: Path) -> Iterator[dict[Path, Pa
     temps: dict[Path, Path] = {}
     try:
         for path in paths:
-            clear_stale(path.parent)
-            fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            os.chmod(tmp, 0o666 & ~_umask())
-            temps[path] = Path(tmp)
+            temps[path] = _temp_file(path)
         yield temps
         for tmp in temps.values():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            _fsync(tmp)
         replace_together(temps, journal)
     except BaseException:
         for tmp in temps.values():
@@ -149,6 +139,21 @@ def finish_moves(journal: Path) -> None:
 
 TEMP_MARK = ".qdylora-"  # temporary names: ".<name>.qdylora-<pid>.<random>.tmp"
 _TEMP = re.compile(r"^\..*\.qdylora-(\d+)\.[^.]*\.tmp$")
+
+
+def _temp_file(path: Path) -> Path:
+    """An empty temporary file beside `path`, named for it (`_prefix`), with a normal mode (mkstemp
+    makes 0600); the leftovers of dead writers in that folder are cleared first."""
+    clear_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _prefix(path: Path) -> str:

@@ -11,7 +11,6 @@ import torch
 from ..errors import QDyLoRAError
 from .devices import fast_compute_dtype
 from .fields import AT_LEAST_ONE, FRACTION, POSITIVE, SEED, check_fields, checked
-from .scaling import RULES as SCALE_RULES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # the short names users type
@@ -54,9 +53,7 @@ class QDyLoRAConfig:
     """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero) and, when training, for the validation split, data order, rank sampling and dropout."""
 
     def __post_init__(self) -> None:
-        check_fields(self)  # types, finiteness and bounds (core/fields.py)
-        if self.scaling not in SCALE_RULES:
-            raise QDyLoRAError(f"scaling must be one of {', '.join(SCALE_RULES)}, got {self.scaling!r}")
+        check_fields(self)  # types, choices, finiteness and bounds (core/fields.py)
         self.compute_dtype = dtype_name(self.compute_dtype)
         if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
             raise QDyLoRAError(

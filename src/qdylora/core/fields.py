@@ -48,7 +48,7 @@ def checked(cls: type, values: dict, where: str) -> dict:
     """`values` for the dataclass `cls`, each checked (and a numeric text made a float); unknown
     keys are errors. `where` names the source ("config.yaml", "RUN/config.json")."""
     if not isinstance(values, dict):
-        raise QDyLoRAError(f"{where}: expected a mapping of settings, got {_shown(values)}")
+        raise QDyLoRAError(f"{where}: expected a mapping of settings, got {shown(values)}")
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(map(str, values)) - known)
     if unknown:
@@ -81,7 +81,7 @@ def check_value(tp: Any, value: Any, what: str) -> Any:
         for b in bounds:
             problem = b.check(out)
             if problem:
-                raise QDyLoRAError(f"{what} must be {problem}, got {_shown(value)}")
+                raise QDyLoRAError(f"{what} must be {problem}, got {shown(value)}")
     return out
 
 
@@ -95,15 +95,15 @@ def _typed(tp: Any, value: Any, what: str) -> Any:
                 return _typed(option, value, what)
             except QDyLoRAError:
                 pass
-        raise QDyLoRAError(f"{what} must be {_describe(tp)}, got {_shown(value)}")
+        raise QDyLoRAError(f"{what} must be {_describe(tp)}, got {shown(value)}")
     if origin is Literal:
         if isinstance(value, str) and value in args:
             return value
-        raise QDyLoRAError(f"{what} must be one of {', '.join(map(str, args))}, got {_shown(value)}")
+        raise QDyLoRAError(f"{what} must be one of {', '.join(map(str, args))}, got {shown(value)}")
     if origin is list:
         if isinstance(value, (list, tuple)):
             return [_typed(args[0], v, what) for v in value]
-        raise QDyLoRAError(f"{what} must be {_describe(tp)}, got {_shown(value)}")
+        raise QDyLoRAError(f"{what} must be {_describe(tp)}, got {shown(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -114,14 +114,14 @@ def _typed(tp: Any, value: Any, what: str) -> Any:
         number = _float(value)
         if number is not None:
             if not math.isfinite(number):
-                raise QDyLoRAError(f"{what} must be a finite number, got {_shown(value)}")
+                raise QDyLoRAError(f"{what} must be a finite number, got {shown(value)}")
             return number
     elif tp is str:
         if isinstance(value, str):
             return value
     else:
         return value  # a type this door does not know (a dataclass group): left to its own checks
-    raise QDyLoRAError(f"{what} must be {_describe(tp)}, got {_shown(value)}")
+    raise QDyLoRAError(f"{what} must be {_describe(tp)}, got {shown(value)}")
 
 
 def _float(value: Any) -> Optional[float]:
@@ -155,7 +155,8 @@ def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A value as an error line shows it: its repr, cut to 60 characters."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import torch
 
 from ..console import log
+from ..core.fields import shown
 from ..errors import QDyLoRAError
 
 if TYPE_CHECKING:  # the settings live with training; reading them here needs no import
@@ -301,19 +302,16 @@ def template_fields(template: str) -> list[str]:
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise QDyLoRAError(f"bad template {_short(template)}: {e}; write {{{{ and }}}} for literal braces") from None
+        raise QDyLoRAError(f"bad template {shown(template)}: {e}; write {{{{ and }}}} for literal braces") from None
     for _, name, spec, conversion in parts:
         if name is None:
             continue
         if not name or spec or conversion or any(c in name for c in ".[]"):
             field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise QDyLoRAError(f"template {_short(template)}: {_short(field)} is not a plain field: use fields "
+            raise QDyLoRAError(f"template {shown(template)}: {shown(field)} is not a plain field: use fields "
                                "such as {question} (no format specs, conversions or indexing)")
     return [name for _, name, _, _ in parts if name]
 
-
-def _short(text: str) -> str:
-    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
 
 
 def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] | list[dict]:

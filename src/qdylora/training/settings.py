@@ -9,10 +9,9 @@ from typing import Annotated, Literal, Optional
 
 from ..core.config import QDyLoRAConfig, from_dict
 from ..core.fields import AT_LEAST_ONE, FRACTION, NOT_NEGATIVE, POSITIVE, check_fields
-from ..data.rows import FORMATS, template_fields
+from ..data.rows import template_fields
 from ..errors import QDyLoRAError
-from .optimizers import OPTIMIZERS
-from .sampling import RULES, RankSampler, check_ranks, parse_ranks
+from .sampling import RankSampler, check_ranks, parse_ranks
 
 ORDERS = ("svd", "none")  # TrainSettings.order; svd is qdylora.core.ordering
 
@@ -58,9 +57,7 @@ class DataSettings:
     """Put the loss on prompt tokens too (default: response / assistant tokens only)."""
 
     def __post_init__(self) -> None:
-        check_fields(self)  # types, finiteness and bounds (core/fields.py)
-        if self.format not in FORMATS:
-            raise QDyLoRAError(f"unknown data format {self.format!r}: use one of {', '.join(FORMATS)}")
+        check_fields(self)  # types, choices, finiteness and bounds (core/fields.py)
         if self.prompt_template is not None and self.format == "auto":
             self.format = "template"
         for template in (self.prompt_template, self.response_template):
@@ -167,13 +164,7 @@ class TrainSettings:
     """Skip (and log) an optimizer step whose loss or gradient norm is NaN or infinite; default: stop with an error at that step, keeping the last checkpoint."""
 
     def __post_init__(self) -> None:
-        check_fields(self)  # types, finiteness and bounds (core/fields.py)
-        if self.rank_rule not in RULES:
-            raise QDyLoRAError(f"rank_rule must be one of {', '.join(RULES)}, got {self.rank_rule!r}")
-        if self.optim not in OPTIMIZERS:
-            raise QDyLoRAError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
-        if self.order not in ORDERS:
-            raise QDyLoRAError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        check_fields(self)  # types, choices, finiteness and bounds (core/fields.py)
         self._check_ranks()
 
         if self.optimizer_in_backward:
