@@ -98,18 +98,22 @@ def cache_dir() -> Path:
 def smollm2_checkpoint() -> str:
     """The embedded SmolLM2-135M-Instruct as a plain float32 safetensors checkpoint with its
     tokenizer, converted once from the GGUF file into `cache_dir()` (later loads skip the GGUF
-    dequantization). Float32 keeps the GGUF's values exactly, so both sources quantize alike."""
+    dequantization)."""
+    return gguf_checkpoint(Path(smollm2_gguf()), cache_dir() / "SmolLM2-135M-Instruct")
+
+
+def gguf_checkpoint(gguf: Path, target: Path) -> str:
+    """A GGUF model converted once into `target` as a float32 safetensors checkpoint with its
+    tokenizer. Float32 keeps the GGUF's dequantized values exactly, so both sources quantize alike."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..files import atomic_dir
     from ..core.loading import forget_quantizer
 
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target)
-    gguf = Path(smollm2_gguf())
-    log.info(f"converting the embedded SmolLM2-135M-Instruct ({gguf.name}) once into {target}")
+    log.info(f"converting {gguf.name} once into {target}")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     forget_quantizer(model)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
