@@ -14,7 +14,7 @@ from ..conftest import COMPUTE_DTYPES, LOGIT_TOL, VOCAB, adapted_model, char_tok
 
 
 @pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "falcon"])
 def test_merged_model_matches_the_adapter_at_that_rank(arch, dtype, tiny_dir, tmp_path):
     """Merged in the compute dtype, the plain model reproduces the adapter model's logits."""
     model = adapted_model(tiny_dir(arch), compute_dtype=dtype)

@@ -39,7 +39,7 @@ LOSS_TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, a
 
 
 @pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "falcon"])
 def test_loss_on_kept_positions_equals_full_logits(arch, dtype, tiny_dir):
     model = qdylora.prepare(tiny_dir(arch), QDyLoRAConfig(max_rank=4, compute_dtype=dtype, dropout=0.0))
     with torch.no_grad():
