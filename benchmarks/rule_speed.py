@@ -47,7 +47,8 @@ def main() -> None:
     from qdylora.data.embedded import smollm2_checkpoint
     from qdylora.training.distributed import Processes
     from qdylora.training.settings import DataSettings
-    from qdylora.training.trainer import load_data, make_job, run_step
+    from qdylora.data.datasets import load_data
+    from qdylora.training.trainer import make_job, run_step
 
     source = smollm2_checkpoint()
     settings = RunSettings(adapter=QDyLoRAConfig(max_rank=64, alpha=16, dropout=0.05),
@@ -55,7 +56,7 @@ def main() -> None:
                            train=TrainSettings(micro_batch_size=args.batch_size, grad_accumulation=1))
     model = prepare(source, settings.adapter)
     tokenizer = load_tokenizer(resolve_source(source))
-    data = load_data(settings, tokenizer)
+    data = load_data(settings.data, settings.adapter.seed, tokenizer)
     procs = Processes()  # one process
     times: dict[str, list[float]] = {name: [] for name in RULES}
     jobs = {}

@@ -73,14 +73,15 @@ def train_qlora(name: str, seed: int, args, out: Path) -> dict:
     from qdylora.core.loading import bnb_config
     from qdylora.data.batching import BatchStream, collate, pad_token_id
     from qdylora.training.losses import autocast_context, loss_sum
-    from qdylora.training.trainer import load_data, peak_memory_bytes
+    from qdylora.data.datasets import load_data
+    from qdylora.core.memory import peak_memory_bytes
 
     settings = settings_for(name, seed, args)
     settings = replace(settings, data=settings.data.with_embedded_default())
     t, r = settings.train, RUNS[name]
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data = load_data(settings, tokenizer)
+    data = load_data(settings.data, seed, tokenizer)
     stream = BatchStream(data.train, t.micro_batch_size, seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, quantization_config=bnb_config(dtype))
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

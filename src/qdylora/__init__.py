@@ -49,7 +49,7 @@ _EXPORTS = {
     "save_adapter": "training.adapter_file",
     "load_run": "training.rundir",
     "RankSampler": "training.sampling",
-    "DataSettings": "training.settings",
+    "DataSettings": "data.settings",
     "RunSettings": "training.settings",
     "TrainSettings": "training.settings",
     "train": "training.trainer",
@@ -91,6 +91,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .training.adapter_file import base_fingerprint, load_adapter, read_adapter_metadata, save_adapter
     from .training.rundir import load_run
     from .training.sampling import RankSampler
-    from .training.settings import DataSettings, RunSettings, TrainSettings
+    from .data.settings import DataSettings
+    from .training.settings import RunSettings, TrainSettings
     from .training.trainer import train
     from .training.hf_trainer import QDyLoRACallback, save_run

@@ -10,7 +10,6 @@ import os
 import re
 import sys
 from dataclasses import fields
-from pathlib import Path
 from typing import Optional
 
 from .console import shown_on_console
@@ -24,7 +23,8 @@ MAX_CONFIG_BYTES = 2**20
 
 def _groups() -> dict:
     from .core.config import QDyLoRAConfig
-    from .training.settings import DataSettings, TrainSettings
+    from .data.settings import DataSettings
+    from .training.settings import TrainSettings
 
     return {"adapter": QDyLoRAConfig, "data": DataSettings, "train": TrainSettings}
 
@@ -94,7 +94,9 @@ def _train_defaults(argv: list[str]):
     values: dict = {}
     resume, config = _flag_value(argv, "--resume"), _flag_value(argv, "--config")
     if resume:
-        run_config = Path(resume) / "config.json"
+        from .training.rundir import RunDir
+
+        run_config = RunDir(resume).config
         if not run_config.is_file():
             raise QDyLoRAError(f"cannot resume: {resume} is not a qdylora run directory (no config.json)")
         values = _read_settings_file(str(run_config))

@@ -17,7 +17,8 @@ from .core.config import QDyLoRAConfig
 from .core.fields import AT_LEAST_ONE, NOT_NEGATIVE, SEED, Checked, Range
 from .errors import QDyLoRAError
 from .training.sampling import check_ranks, parse_ranks
-from .training.settings import DataSettings, RunSettings, TrainSettings
+from .data.settings import DataSettings
+from .training.settings import RunSettings, TrainSettings
 
 Flat = tyro.conf.arg(name="")  # a settings group whose fields become top-level flags
 

@@ -32,8 +32,8 @@ def merged_reference(path, model, rank):
 
 
 @pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
-@pytest.mark.parametrize("arch, scaling", [("llama", "standard"), ("qwen2", "standard"), ("gpt2", "standard"), ("llama", "rslora"),
-                                           ("llama", "nested")])
+@pytest.mark.parametrize("arch, scaling", [("llama", "standard"), ("qwen2", "standard"), ("gpt2", "standard"),
+                                           ("llama", "rslora"), ("llama", "nested")])
 def test_peft_reproduces_our_logits(arch, scaling, dtype, tiny_dir, tmp_path):
     path = tiny_dir(arch)
     model = adapted_model(path, scaling, compute_dtype=dtype)

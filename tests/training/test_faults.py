@@ -23,7 +23,10 @@ from safetensors.torch import load_file
 from qdylora.errors import QDyLoRAError
 from qdylora.training.rundir import _sha256, checkpoint_dirs, checkpoint_problem, stop_advice
 from qdylora.training import trainer
-from qdylora.training.trainer import STOP_SIGNALS, TrainingInterrupted, load_data, train
+from qdylora.data.datasets import load_data
+from qdylora.errors import TrainingInterrupted
+from qdylora.training.interrupts import STOP_SIGNALS
+from qdylora.training.trainer import train
 
 from ..conftest import tiny_settings as settings
 from ..conftest import write_sums

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -102,3 +104,10 @@ def memory_report(model: nn.Module) -> MemoryReport:
     return MemoryReport(
         MemoryPart(q_params, q_bytes), MemoryPart(a_params, a_bytes), MemoryPart(o_params, o_bytes)
     )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocated CUDA memory on a GPU, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

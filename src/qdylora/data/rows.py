@@ -24,8 +24,8 @@ from ..console import log
 from ..core.fields import shown
 from ..errors import QDyLoRAError
 
-if TYPE_CHECKING:  # the settings live with training; reading them here needs no import
-    from ..training.settings import DataSettings
+if TYPE_CHECKING:  # data/settings.py imports this module's template_fields
+    from .settings import DataSettings
 
 IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
 FORMATS = ("auto", "alpaca", "input-output", "chat", "text", "template")

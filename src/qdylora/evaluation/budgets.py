@@ -58,7 +58,7 @@ def run_statistics(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, se
     adapter with the same request (rows, gradients), else measured on `rows` training rows (drawn
     with the run's seed) and saved there (the output score's request without gradients and the
     loss score's with them replace each other; the loss statistics serve both)."""
-    from ..training.trainer import load_data  # the run's training rows, formatted as in training
+    from ..data.datasets import load_data  # the run's training rows, formatted as in training
 
     path = Path(run_dir) / CALIBRATION_FILE
     digest = digest or adapter_digest(model)
@@ -67,7 +67,7 @@ def run_statistics(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, se
         stats = load_statistics(path, digest, kept)
         if stats is not None:
             return stats
-    data = load_data(_with_default_data(settings), tokenizer)
+    data = load_data(_with_default_data(settings).data, settings.adapter.seed, tokenizer)
     device = next(model.parameters()).device
     batches = calibration_batches(data.train, rows, settings.adapter.seed, batch_size, pad_token_id(tokenizer), device)
     dtype = model.qdylora_config.torch_compute_dtype
@@ -162,7 +162,7 @@ def reorder_run(run_dir: Union[str, Path], out: Union[str, Path], order: str, *,
     from ..core.ordering import order_by_grams
     from ..training.adapter_file import save_adapter
     from ..training.calibration import layer_grams
-    from ..training.rundir import check_out_dir, clear_run, load_run, run_record
+    from ..training.rundir import RunDir, check_out_dir, load_run, run_record
 
     if order not in ORDERS:
         raise QDyLoRAError(f"unknown order {order!r}: use {', '.join(ORDERS)}")
@@ -176,12 +176,11 @@ def reorder_run(run_dir: Union[str, Path], out: Union[str, Path], order: str, *,
     stats = run_statistics(run_dir, model, tokenizer, settings, rows=calibration_rows, gradients=order == "loss",
                            progress=progress)
     order_by_grams(model, layer_grams(model, order, stats))
-    if overwrite:
-        clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, out / "adapter.safetensors",
+    run = RunDir(out)
+    run.start(overwrite)
+    save_adapter(model, run.adapter,
                  extra={"order": order, "reordered_from": str(run_dir), "calibration_rows": calibration_rows})
-    write_json(out / "config.json", run_record(settings, model, order=order, reordered_from=str(run_dir)))
+    write_json(run.config, run_record(settings, model, order=order, reordered_from=str(run_dir)))
     log.info(f"{run_dir} in the {order} order ({stats.rows} calibration rows) -> {out}")
     return out
 

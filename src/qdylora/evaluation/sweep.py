@@ -18,19 +18,20 @@ import torch
 
 from ..console import log
 from ..core.allocation import DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE, Allocation, layer_costs
-from ..core.context import context_length, fit_lengths
 from ..core.model import QDyLoRAModel
 from ..core.rank import evaluating
 from ..data.batching import pad_token_id
+from ..data.datasets import fitted
 from ..data.embedded import EVAL_TEMPLATES
+from ..data.settings import DataSettings
 from ..data.rows import (EMBEDDED_PREFIX, generation_prompts, read_rows, row_format, rows_fingerprint, run_rows,
                          split_references, tokenize)
 from ..errors import QDyLoRAError
 from ..files import finish_moves, written_together
 from ..training.losses import autocast_context, batch_losses_at_ranks, padded
-from ..training.rundir import load_run, read_json
+from ..training.rundir import RunDir, load_run, read_json
 from ..training.sampling import check_ranks
-from ..training.settings import DataSettings, RunSettings
+from ..training.settings import RunSettings
 from .adaptive import early_confidence, judge_by, measure, row_order, rows_measured
 from .choice import (choice_hits, choice_logliks_shared, choice_questions, encode_questions, few_shot,
                      shared_batch_count)
@@ -153,7 +154,7 @@ def eval_rows(settings: RunSettings, data: Optional[str]) -> list[dict]:
 def _warn_if_changed(run_dir: str | Path, rows: Sequence[dict]) -> None:
     """Warn when the run's validation rows, rebuilt from its data settings, are not the rows it
     validated on (its data file was edited since)."""
-    saved = read_json(Path(run_dir) / "config.json").get("data_fingerprint") or {}
+    saved = RunDir(run_dir).data_fingerprint()
     if saved.get("validation") not in (None, rows_fingerprint(rows)):
         log.warning(f"the validation rows of {run_dir}, rebuilt from its data file, differ from the rows it was "
                     "validated on (the file changed since training): pass --data EVAL_FILE to say what to measure")
@@ -243,8 +244,7 @@ def run_sweep(
         from .harness import task_manager
 
         manager = task_manager(lm_eval, lm_eval_include)  # an unknown task or no harness: before any work
-    source, target = fit_lengths(data.max_source_length, data.max_target_length, context_length(model))
-    data = replace(data, max_source_length=source, max_target_length=target)
+    data = fitted(data, model)
     ctx = _Context(model, tokenizer, list(ranks), batch_size, rank_batch, progress)
     costs = layer_costs(model)
     params = {r: r.params(costs) if isinstance(r, Allocation) else r * sum(costs.values()) for r in ranks}

@@ -31,9 +31,10 @@ from ..core.rank import evaluating, set_rank
 from ..errors import QDyLoRAError
 from .adapter_file import save_adapter
 from .losses import batch_losses_at_ranks
-from .rundir import is_run_dir, run_record, write_json
+from .rundir import RunDir, is_run_dir, run_record, write_json
 from .sampling import micro_batch_ranks
-from .settings import DataSettings, RunSettings, TrainSettings
+from ..data.settings import DataSettings
+from .settings import RunSettings, TrainSettings
 
 CALLBACK_RULES = ("full", "step", "mixture")
 
@@ -122,8 +123,9 @@ def save_run(model: QDyLoRAModel, out: str | Path, *, data: Optional[DataSetting
                            + (" (or --overwrite a run)" if is_run_dir(out) else ""))
     out.mkdir(parents=True, exist_ok=True)
     settings = RunSettings(model=source, data=data or DataSettings(), train=train or TrainSettings())
-    save_adapter(model, out / "adapter.safetensors", extra={"rank_range": [1, model.qdylora_config.max_rank]})
-    write_json(out / "config.json", run_record(settings, model, written_by="qdylora.save_run"))
+    run = RunDir(out)
+    save_adapter(model, run.adapter, extra={"rank_range": [1, model.qdylora_config.max_rank]})
+    write_json(run.config, run_record(settings, model, written_by="qdylora.save_run"))
     log.info(f"wrote {out}: qdylora sweep / export / merge / generate read it")
     return out
 

@@ -19,15 +19,17 @@ itself has no checksum) and resuming falls back to the newest checkpoint that is
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from safetensors import SafetensorError
 
 try:
     import fcntl  # POSIX; elsewhere runs are not locked
@@ -43,17 +45,19 @@ from ..files import atomic_dir, atomic_write, remove_tree
 from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata
 from .settings import RunSettings
 
+CONFIG, DATA_STATS, ADAPTER, METRICS, SUMMARY = (
+    "config.json", "data_stats.json", "adapter.safetensors", "metrics.jsonl", "summary.json")
+CHECKPOINTS, TENSORBOARD, STATE, MANIFEST = "checkpoints", "tensorboard", "state.pt", "manifest.json"
 ALLOCATIONS = "allocations"  # RUN/allocations/<name>.json: per-layer ranks (evaluation.budgets)
 CALIBRATION_FILE = "calibration.safetensors"  # RUN's calibration statistics (training.calibration)
-OURS = ("config.json", "data_stats.json", "adapter.safetensors", "metrics.jsonl", "summary.json",
-        "checkpoints", "tensorboard", "sweep.json", "sweep.csv", "sweep.png", "peft", ALLOCATIONS,
-        CALIBRATION_FILE)
+OURS = (CONFIG, DATA_STATS, ADAPTER, METRICS, SUMMARY, CHECKPOINTS, TENSORBOARD, "sweep.json", "sweep.csv",
+        "sweep.png", "peft", ALLOCATIONS, CALIBRATION_FILE)
 
 
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to start where a run would clobber something, before any heavy work."""
     if resume:
-        if not (out / "config.json").is_file():
+        if not (out / CONFIG).is_file():
             raise QDyLoRAError(f"cannot resume: {out} is not a qdylora run directory (no config.json)")
         if latest_checkpoint(out) is None:
             raise QDyLoRAError(f"cannot resume: {out} has no checkpoint yet; start it again with --overwrite")
@@ -89,7 +93,7 @@ def run_record(settings: RunSettings, model: QDyLoRAModel, **extra: Any) -> dict
 def is_run_dir(out: Path) -> bool:
     """True if `out` holds a qdylora run: a config.json that a run wrote."""
     try:
-        record = json.loads((out / "config.json").read_text())
+        record = json.loads((out / CONFIG).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and "qdylora_version" in record and "settings" in record
@@ -163,7 +167,7 @@ def read_json(path: Path) -> Any:
         raise QDyLoRAError(f"{path} is not valid JSON ({e})") from None
 
 
-CHECKPOINT_FILES = ("adapter.safetensors", "state.pt")
+CHECKPOINT_FILES = (ADAPTER, STATE)
 
 
 def check_version(record: dict, run: Path) -> None:
@@ -189,7 +193,7 @@ def check_resumable(out: Path, fingerprint: str, global_batch: int, micro_batch_
     """Refuse to resume `out` with another base model, other data (rows changed in the file: the
     data order and the validation split would silently differ), a newer qdylora's files or
     another global batch (the data order and the optimizer's steps would no longer line up)."""
-    saved = read_json(out / "config.json")
+    saved = read_json(out / CONFIG)
     check_version(saved, out)
     if saved.get("base_fingerprint") != fingerprint:
         raise QDyLoRAError(f"cannot resume {out}: it was trained on another base model "
@@ -209,7 +213,7 @@ def check_resumable(out: Path, fingerprint: str, global_batch: int, micro_batch_
 
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Checkpoint directories (step-N, N a number), oldest first; intact or not."""
-    root = out / "checkpoints"
+    root = out / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
@@ -246,10 +250,10 @@ def checkpoint_problem(checkpoint: Path) -> Optional[str]:
     for name in CHECKPOINT_FILES:
         if not (checkpoint / name).is_file():
             return f"{name} is missing"
-    if not (checkpoint / "manifest.json").is_file():
+    if not (checkpoint / MANIFEST).is_file():
         return None  # an older qdylora wrote no manifest; a renamed directory is complete anyway
     try:
-        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
         for name in CHECKPOINT_FILES:
             size, digest = manifest[name]["bytes"], manifest[name]["sha256"]
             actual = (checkpoint / name).stat().st_size
@@ -314,24 +318,24 @@ def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last:
     when given, writes RUN/adapter.safetensors (`written`: the checkpoint's adapter file, for what
     it may read back; without it RUN's is a copy of the checkpoint's).
     """
-    root = out / "checkpoints"
+    root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     with atomic_dir(final, overwrite=True) as tmp:
-        write_adapter(tmp / "adapter.safetensors")
-        with open(tmp / "state.pt", "wb") as f:
+        write_adapter(tmp / ADAPTER)
+        with open(tmp / STATE, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                     for name in CHECKPOINT_FILES}
-        with atomic_write(tmp / "manifest.json") as t:
+        with atomic_write(tmp / MANIFEST) as t:
             t.write_text(json.dumps(manifest, indent=1) + "\n")
-    with atomic_write(out / "adapter.safetensors") as t:  # one replacement: a reader sees old or new
+    with atomic_write(out / ADAPTER) as t:  # one replacement: a reader sees old or new
         if write_run_adapter is not None:  # the run's adapter differs from the checkpoint's (SVD order)
-            write_run_adapter(t, final / "adapter.safetensors")
+            write_run_adapter(t, final / ADAPTER)
         else:
-            shutil.copyfile(final / "adapter.safetensors", t)
+            shutil.copyfile(final / ADAPTER, t)
     for old in checkpoint_dirs(out)[:-keep_last]:
         remove_tree(old)  # a kill during the removal must not leave a partial step-N behind
     return final
@@ -340,7 +344,7 @@ def save_checkpoint(out: Path, step: int, write_adapter, state: dict, keep_last:
 def load_state(checkpoint: Path) -> dict:
     """The training state of a checkpoint (tensors and plain values only)."""
     try:
-        return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+        return torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
     except Exception as e:
         raise QDyLoRAError(f"cannot read training state {checkpoint / 'state.pt'}: {e}") from None
 
@@ -357,7 +361,7 @@ def _json_line(line: str) -> Optional[dict]:
 def remove_leftovers(out: Path) -> None:
     """Delete temporary files and directories of writes a killed run did not finish
     (".<name>.<random>.tmp", made by files.atomic_write / atomic_dir)."""
-    for folder in (out, out / "checkpoints"):
+    for folder in (out, out / CHECKPOINTS):
         if folder.is_dir():
             for leftover in folder.glob(".*.tmp"):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -390,17 +394,17 @@ def load_run_settings(run_dir: str | Path, trust_remote_code: bool = False) -> t
     A run directory may come from someone else: its saved trust_remote_code is ignored, the
     caller's `trust_remote_code` (the user's own flag) is used instead."""
     run = Path(run_dir)
-    if not (run / "config.json").is_file():
+    if not (run / CONFIG).is_file():
         raise QDyLoRAError(f"{run} is not a qdylora run directory (no config.json)")
-    if not (run / "adapter.safetensors").is_file():
+    if not (run / ADAPTER).is_file():
         raise QDyLoRAError(f"{run} has no adapter.safetensors yet: train it (or resume it) first")
-    record = read_json(run / "config.json")
+    record = read_json(run / CONFIG)
     try:
-        settings = RunSettings.from_dict(record["settings"], where=str(run / "config.json"))
+        settings = RunSettings.from_dict(record["settings"], where=str(run / CONFIG))
     except (KeyError, TypeError):
         raise QDyLoRAError(f"{run / 'config.json'} is not a qdylora run config") from None
     check_version(record, run)
-    adapter = run / "adapter.safetensors"
+    adapter = run / ADAPTER
     meta = read_adapter_metadata(adapter)
     if in_use(run):
         log.warning(f"{run} is still training: this is its adapter after step {meta['extra'].get('step', '?')}, "
@@ -425,3 +429,152 @@ def load_run(run_dir: str | Path, device: Optional[str] = None,
     load_adapter(model, adapter)  # checks the base fingerprint
     tokenizer = load_tokenizer(resolve_source(settings.model), settings.trust_remote_code)
     return model, tokenizer, settings
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory and every file in it: their names and formats (the module docstring),
+    the steps of a run's life the trainer takes (check, own, start or resume, log, checkpoint,
+    finish), and the reading side the other commands use (record, settings, data fingerprint,
+    summary, the loaded model)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    config = property(lambda self: self.path / CONFIG)
+    data_stats = property(lambda self: self.path / DATA_STATS)
+    adapter = property(lambda self: self.path / ADAPTER)
+    metrics = property(lambda self: self.path / METRICS)
+    summary_file = property(lambda self: self.path / SUMMARY)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    tensorboard = property(lambda self: self.path / TENSORBOARD)
+
+    # --- writing: the trainer -------------------------------------------------------------
+    def check_out(self, overwrite: bool, resume: bool) -> None:
+        """Refuse to start where the run would clobber something (before any heavy work)."""
+        check_out_dir(self.path, overwrite, resume)
+
+    def owned(self):
+        """Held by this process while the block runs (a second `train` on it is refused)."""
+        return owned(self.path)
+
+    def start(self, overwrite: bool) -> None:
+        """A new run: what an earlier run wrote is cleared (with --overwrite)."""
+        if overwrite:
+            clear_run(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def check_resumable(self, record: dict, global_batch: int, micro_batch_size: int) -> None:
+        """Refuse to resume with another base, other rows, a newer qdylora's files or another global batch."""
+        check_resumable(self.path, record["base_fingerprint"], global_batch, micro_batch_size,
+                        record.get("data_fingerprint"))
+
+    def resume_from(self, tidy: bool) -> tuple[Path, dict]:
+        """The newest intact checkpoint and its training state; with `tidy` (one process only),
+        leftovers of killed writes are removed and damaged checkpoints set aside first."""
+        if tidy:
+            remove_leftovers(self.path)
+        checkpoint = resume_checkpoint(self.path)
+        return checkpoint, load_state(checkpoint)
+
+    def write_record(self, record: dict, stats: dict) -> None:
+        """config.json (every setting, fingerprints, version) and data_stats.json."""
+        write_json(self.config, record)
+        write_json(self.data_stats, stats)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.summary_file, summary)
+
+    def save_checkpoint(self, step: int, write_adapter, state: dict, keep_last: int,
+                        write_run_adapter=None) -> Path:
+        """checkpoints/step-N and RUN/adapter.safetensors (`save_checkpoint`); a write that fails
+        for want of space (or a checkpoint folder that cannot be written) is one line that says
+        which, and that the earlier checkpoints are intact. Returns the checkpoint's adapter file."""
+        try:
+            return save_checkpoint(self.path, step, write_adapter, state, keep_last, write_run_adapter) / ADAPTER
+        except (OSError, RuntimeError, SafetensorError) as e:
+            # a full disk is ENOSPC from our own writes, but torch.save says RuntimeError ("file
+            # write failed") and safetensors SafetensorError: then the free space tells
+            full = (e.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(e, OSError)
+                    else shutil.disk_usage(self.path).free < 2**20)
+            if not full and not isinstance(e, OSError):
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+            where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+            fix = "free space" if full else "mend that"  # a symlinked or read-only checkpoint folder is not a full disk
+            raise QDyLoRAError(
+                f"cannot write the step-{step} checkpoint in {self.path}{' (disk full)' if full else ''}: "
+                f"{reason}{where}; the earlier checkpoints are intact: {fix} and --resume {self.path}") from None
+
+    # --- reading: sweep, export, merge, generate, resume ------------------------------------
+    def record(self) -> dict:
+        """config.json as written."""
+        return read_json(self.config)
+
+    def data_fingerprint(self) -> dict:
+        """{"train", "validation"}: the fingerprints of the rows the run read (empty for runs of
+        a qdylora before they were recorded)."""
+        return self.record().get("data_fingerprint") or {}
+
+    def summary(self) -> Optional[dict]:
+        """summary.json, or None before the run wrote one."""
+        return read_json(self.summary_file) if self.summary_file.exists() else None
+
+    def settings(self, trust_remote_code: bool = False) -> tuple[RunSettings, Path]:
+        """The run's settings and its adapter file (`load_run_settings`)."""
+        return load_run_settings(self.path, trust_remote_code)
+
+    def load(self, device: Optional[str] = None, trust_remote_code: bool = False):
+        """The base model with the run's adapter, its tokenizer and settings (`load_run`)."""
+        return load_run(self.path, device, trust_remote_code)
+
+
+class RunLog:
+    """metrics.jsonl and TensorBoard of a run, written by process 0 only (`main`)."""
+
+    def __init__(self, run: RunDir, main: bool, tensorboard: bool, resume_step: Optional[int]) -> None:
+        self.metrics = MetricsLog(run.metrics, resume_step=resume_step) if main else None
+        self.tensorboard = tensorboard_writer_class()(str(run.tensorboard)) if tensorboard and main else None
+
+    def step(self, record: dict) -> None:
+        """One optimizer step: {"step", "rank", "loss", "lr", "grad_norm", "tokens", "seconds", "elapsed"}."""
+        if self.metrics is None:
+            return
+        self.metrics.write(record)
+        if self.tensorboard:
+            self.tensorboard.add_scalar("train/loss", record["loss"], record["step"])
+            if isinstance(record["rank"], int):
+                self.tensorboard.add_scalar("train/rank", record["rank"], record["step"])
+            self.tensorboard.add_scalar("train/lr", record["lr"], record["step"])
+
+    def skipped(self, step: int, rank) -> None:
+        if self.metrics is not None:
+            self.metrics.write({"step": step, "rank": rank, "skipped": "nonfinite loss or gradient"})
+
+    def validation(self, step: int, losses: dict[int, float]) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.write({"step": step, "val_loss": {str(r): v for r, v in losses.items()}})
+        if self.tensorboard:
+            for r, v in losses.items():
+                self.tensorboard.add_scalar(f"val_loss/rank_{r}", v, step)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def tensorboard_writer_class():
+    """TensorBoard's SummaryWriter, or one line saying which package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise QDyLoRAError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
