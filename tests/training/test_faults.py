@@ -437,7 +437,7 @@ def test_a_run_directory_has_one_owner(reference, tiny_lm, tmp_path):
     _, data = reference
     run = tmp_path / "run"
     config = tmp_path / "settings.json"
-    config.write_text(json.dumps(settings(tiny_lm, data, max_steps=500, save_every=1).to_dict()))
+    config.write_text(json.dumps(settings(tiny_lm, data, max_steps=100_000, save_every=1).to_dict()))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     train_cmd = [sys.executable, "-m", "qdylora", "train", "--config", str(config)]
     owner = subprocess.Popen(train_cmd + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL,

@@ -17,7 +17,6 @@ Use `qdylora train` for those.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -26,7 +25,7 @@ from transformers import TrainerCallback
 
 from ..console import log
 from ..core.model import QDyLoRAModel
-from ..core.ordering import order_by_svd, svd_ordered
+from ..core.ordering import as_saved, order_by_svd
 from ..core.rank import evaluating, set_rank
 from ..errors import QDyLoRAError
 from .adapter_file import save_adapter
@@ -94,7 +93,7 @@ class QDyLoRACallback(TrainerCallback):
 
     def _as_saved(self):
         """The model as it will be saved, while the block runs (SVD-ordered with order "svd")."""
-        return svd_ordered(self.model) if self.settings.order == "svd" else contextlib.nullcontext()
+        return as_saved(self.model, self.settings.order)
 
 
 @torch.no_grad()

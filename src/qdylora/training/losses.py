@@ -141,3 +141,14 @@ def batch_losses_at_ranks(
     empty = (torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
     return {r: (torch.cat([s for s, _ in p]), torch.cat([c for _, c in p])) if p else empty
             for r, p in parts.items()}
+
+
+def loss_tokens(examples) -> int:
+    """Tokens that carry a loss (predicted from a previous token) in a list of examples."""
+    return sum(sum(1 for label in e.labels[1:] if label != IGNORE) for e in examples)
+
+
+def gradient_norm(params) -> torch.Tensor:
+    """The global L2 norm of the gradients of `params` (those that have one)."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)

@@ -163,3 +163,20 @@ def parse_ranks(text: str) -> list[int]:
             ) from None
     return sorted(out)
 
+
+def step_rank_record(ranks: list) -> Union[int, str, list[int]]:
+    """The ranks of a step as logged: one int (one rank for every row), "mixture", or every
+    row's rank."""
+    if any(isinstance(r, RankMixture) for r in ranks):
+        return "mixture"
+    rows = [b for r in ranks for b in (r if isinstance(r, list) else [r])]
+    return rows[0] if len(set(rows)) == 1 else rows
+
+
+def rank_fingerprint(rank) -> int:
+    """An int that differs when a step's ranks differ, to check that every process agrees."""
+    if isinstance(rank, int):
+        return rank
+    if isinstance(rank, str):
+        return -1
+    return sum((i + 1) * 1_000_003 * b for i, b in enumerate(rank)) % (2**31 - 1)

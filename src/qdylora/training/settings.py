@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Literal, Optional
 
 from ..core.config import QDyLoRAConfig, from_dict
@@ -180,6 +181,16 @@ class RunSettings:
         out = asdict(self)
         out["adapter"] = self.adapter.to_dict()
         return out
+
+    def with_absolute_paths(self) -> "RunSettings":
+        """The model and data paths that exist here made absolute, so the run's config.json names
+        them from any working directory (a relative `--model tiny/llama` read from elsewhere was
+        taken for a hub id)."""
+        def absolute(value: Optional[str]) -> Optional[str]:
+            return os.path.abspath(value) if value and os.path.exists(value) else value
+
+        data = replace(self.data, data=absolute(self.data.data), val_data=absolute(self.data.val_data))
+        return replace(self, model=absolute(self.model), data=data)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "settings") -> "RunSettings":

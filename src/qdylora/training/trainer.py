@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from safetensors import safe_open
 from transformers import get_scheduler
 
 from ..console import log
@@ -29,35 +27,23 @@ from ..core.devices import resolve_device
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.memory import peak_memory_bytes
 from ..core.model import QDyLoRAModel, prepare
-from ..core.ordering import order_by_svd, svd_ordered
+from ..core.ordering import as_saved, order_by_svd
 from ..core.rank import set_rank
-from ..core.scaling import RankMixture
 from ..data.batching import BatchStream, collate, fixed_batches, pad_token_id
 from ..data.embedded import smollm2_checkpoint
 from ..data.datasets import Datasets, load_data, fitted
-from ..data.rows import IGNORE, Example
+from ..data.rows import Example
 from ..errors import QDyLoRAError, TrainingInterrupted
 from . import distributed
 from .adapter_file import load_adapter, save_adapter
 from .interrupts import Interrupts
-from .losses import autocast_context, loss_sum, validation_loss
+from .losses import autocast_context, gradient_norm, loss_sum, loss_tokens, validation_loss
 from .optimizers import InBackwardOptimizer, make_optimizer
 from .rundir import ADAPTER, RunDir, RunLog, run_record, tensorboard_writer_class
-from .sampling import RankSampler, micro_batch_ranks
+from .sampling import RankSampler, micro_batch_ranks, rank_fingerprint, step_rank_record
 from .settings import RunSettings, TrainSettings
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-
-
-def with_absolute_paths(settings: RunSettings) -> RunSettings:
-    """The model and data paths that exist here made absolute, so the run's config.json names
-    them from any working directory (a relative `--model tiny/llama` read from elsewhere was taken
-    for a hub id)."""
-    def absolute(value: Optional[str]) -> Optional[str]:
-        return os.path.abspath(value) if value and os.path.exists(value) else value
-
-    data = replace(settings.data, data=absolute(settings.data.data), val_data=absolute(settings.data.val_data))
-    return replace(settings, model=absolute(settings.model), data=data)
 
 
 def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, resume: bool = False,
@@ -70,7 +56,7 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     after each optimizer step (and its checkpoint, if one is due).
     """
     run = RunDir(out)
-    settings = with_absolute_paths(replace(settings, data=settings.data.with_embedded_default()))
+    settings = replace(settings, data=settings.data.with_embedded_default()).with_absolute_paths()
     procs = distributed.from_environment()  # several processes under torchrun
     device_name = distributed.device_for(procs, settings.device)
     device = resolve_device(device_name)  # an unknown or missing device fails here, before `out` is touched
@@ -333,10 +319,10 @@ def run_step(job: Job, step: int, out: Path) -> StepResult:
         plan = micro_batch_ranks(t.rank_rule, job.sampler, step, i, len(examples))
         plans.append(plan)
         micro.append([examples[j] for j in plan.rows])  # rows; an example repeats per rank (sandwich)
-    rank = _rank_record([p.rank for p in plans])
+    rank = step_rank_record([p.rank for p in plans])
     what = f"the rank of step {step + 1}" if isinstance(rank, int) else f"the ranks of step {step + 1}"
-    distributed.check_same(procs, _fingerprint(rank), what, job.device)
-    n_loss = sum(_loss_tokens(rows) for rows in micro)  # the whole step's, over every process
+    distributed.check_same(procs, rank_fingerprint(rank), what, job.device)
+    n_loss = sum(loss_tokens(rows) for rows in micro)  # the whole step's, over every process
     step_loss = 0.0
     for i, (plan, rows) in enumerate(zip(plans, micro)):
         per_row = isinstance(plan.rank, list)
@@ -357,7 +343,7 @@ def run_step(job: Job, step: int, out: Path) -> StepResult:
     else:
         params = model.adapter_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0
-                          else _grad_norm(params))
+                          else gradient_norm(params))
     lr = job.scheduler.get_last_lr()[0]
     finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
     if finite:
@@ -381,33 +367,10 @@ def _evaluate(job: Job, val_batches, eval_ranks: list[int], log: RunLog, at_step
     """Validation loss at `eval_ranks` (process 0; the others wait at the next step)."""
     if not val_batches or not job.procs.is_main:
         return {}
-    with _as_saved(job, written):  # the ranks as the saved adapter will have them
+    with as_saved(job.model, job.settings.order, written):  # the ranks as the saved adapter will have them
         losses = validation_loss(job.model, val_batches, eval_ranks, job.pad_id, job.device, job.autocast)
     log.validation(at_step, losses)
     return losses
-
-
-@contextlib.contextmanager
-def _as_saved(job: Job, written: Optional[Path] = None):
-    """The model as RUN/adapter.safetensors holds it within the block: SVD-ordered with
-    --order svd, else as trained. The trained factors come back exactly afterwards: from
-    `written` (an adapter file of them, read one tensor at a time) when given, else from copies
-    in memory (a second copy of the adapters, 1.8 GiB for a 30B model at rank 64)."""
-    if job.settings.order != "svd" or (written is None and _adapter_is_zero(job.model)):
-        yield job.model  # (a fresh adapter, B = 0, evaluates alike ordered or not: no copy needed)
-        return
-    if written is None:
-        with svd_ordered(job.model):
-            yield job.model
-        return
-    with safe_open(str(written), framework="pt") as f:
-        with svd_ordered(job.model, lambda name: (f.get_tensor(f"{name}.lora_A"), f.get_tensor(f"{name}.lora_B"))):
-            yield job.model
-
-
-def _adapter_is_zero(model: QDyLoRAModel) -> bool:
-    """Every B is zero (a fresh adapter): its delta is zero at every rank, SVD-ordered or not."""
-    return all(not layer.lora_B.any() for layer in model.adapter_layers().values())
 
 
 def _saved_adapter_writer(job: Job, extra: dict):
@@ -418,7 +381,7 @@ def _saved_adapter_writer(job: Job, extra: dict):
         return None
 
     def write(path: Path, written: Path) -> None:
-        with _as_saved(job, written):
+        with as_saved(job.model, "svd", written):
             save_adapter(job.model, path, extra=extra)
     return write
 
@@ -449,34 +412,6 @@ def _announce(data: Datasets, procs: distributed.Processes, t: TrainSettings, gl
         log.info(f"{procs.world} processes; global batch {global_batch} = micro-batch "
               f"{t.micro_batch_size} x {procs.world} processes x accumulation {t.grad_accumulation} "
               f"(learning rate {t.lr} as given, not rescaled)")
-
-
-def _rank_record(ranks: list) -> Union[int, str, list[int]]:
-    """The ranks of a step as logged: one int (one rank for every row), "mixture", or every
-    row's rank."""
-    if any(isinstance(r, RankMixture) for r in ranks):
-        return "mixture"
-    rows = [b for r in ranks for b in (r if isinstance(r, list) else [r])]
-    return rows[0] if len(set(rows)) == 1 else rows
-
-
-def _fingerprint(rank) -> int:
-    """An int that differs when a step's ranks differ, to check that every process agrees."""
-    if isinstance(rank, int):
-        return rank
-    if isinstance(rank, str):
-        return -1
-    return sum((i + 1) * 1_000_003 * b for i, b in enumerate(rank)) % (2**31 - 1)
-
-
-def _loss_tokens(examples) -> int:
-    """Tokens that carry a loss (predicted from a previous token) in a list of examples."""
-    return sum(sum(1 for label in e.labels[1:] if label != IGNORE) for e in examples)
-
-
-def _grad_norm(params) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
 
 
 def _progress(total: int, initial: int, enabled: bool):
