@@ -180,7 +180,7 @@ def reorder_run(run_dir: Union[str, Path], out: Union[str, Path], order: str, *,
     run.start(overwrite)
     save_adapter(model, run.adapter,
                  extra={"order": order, "reordered_from": str(run_dir), "calibration_rows": calibration_rows})
-    write_json(run.config, run_record(settings, model, order=order, reordered_from=str(run_dir)))
+    run.write_record(run_record(settings, model, order=order, reordered_from=str(run_dir)))
     log.info(f"{run_dir} in the {order} order ({stats.rows} calibration rows) -> {out}")
     return out
 

@@ -30,7 +30,7 @@ from ..core.rank import evaluating, set_rank
 from ..errors import QDyLoRAError
 from .adapter_file import save_adapter
 from .losses import batch_losses_at_ranks
-from .rundir import RunDir, is_run_dir, run_record, write_json
+from .rundir import RunDir, is_run_dir, run_record
 from .sampling import micro_batch_ranks
 from ..data.settings import DataSettings
 from .settings import RunSettings, TrainSettings
@@ -124,7 +124,7 @@ def save_run(model: QDyLoRAModel, out: str | Path, *, data: Optional[DataSetting
     settings = RunSettings(model=source, data=data or DataSettings(), train=train or TrainSettings())
     run = RunDir(out)
     save_adapter(model, run.adapter, extra={"rank_range": [1, model.qdylora_config.max_rank]})
-    write_json(run.config, run_record(settings, model, written_by="qdylora.save_run"))
+    run.write_record(run_record(settings, model, written_by="qdylora.save_run"))
     log.info(f"wrote {out}: qdylora sweep / export / merge / generate read it")
     return out
 

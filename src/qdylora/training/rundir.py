@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -266,8 +267,35 @@ def checkpoint_problem(checkpoint: Path) -> Optional[str]:
     return _state_problem(checkpoint)
 
 
-# What resuming reads from state.pt (rng_cuda and micro_batch_position are optional).
-STATE_KEYS = ("step", "tokens_seen", "seconds", "optimizer", "scheduler", "rng_cpu")
+@dataclass
+class CheckpointState:
+    """What a checkpoint's state.pt holds besides the adapter: where the run stands, and the
+    optimizer, scheduler and random generators to go on exactly (plain tensors and numbers, for
+    `torch.load(weights_only=True)`)."""
+
+    step: int
+    tokens_seen: int
+    seconds: float
+    optimizer: dict
+    scheduler: dict
+    rng_cpu: torch.Tensor
+    rng_cuda: Optional[torch.Tensor] = None
+    micro_batch_position: int = 0  # micro-batches consumed: step x accumulation
+    optim: str = "adamw"  # checkpoints before --optim existed are AdamW's
+    optimizer_in_backward: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "CheckpointState":
+        known = {k: state[k] for k in cls.__dataclass_fields__ if k in state}
+        return cls(**known)
+
+
+# What resuming cannot do without (the other fields have defaults for older checkpoints).
+STATE_KEYS = tuple(name for name, f in CheckpointState.__dataclass_fields__.items()
+                   if f.default is dataclasses.MISSING)
 
 
 def _state_problem(checkpoint: Path) -> Optional[str]:
@@ -474,29 +502,48 @@ class RunDir:
         check_resumable(self.path, record["base_fingerprint"], global_batch, micro_batch_size,
                         record.get("data_fingerprint"))
 
-    def resume_from(self, tidy: bool) -> tuple[Path, dict]:
-        """The newest intact checkpoint and its training state; with `tidy` (one process only),
-        leftovers of killed writes are removed and damaged checkpoints set aside first."""
+    def resume_from(self, tidy: bool) -> tuple[Path, CheckpointState]:
+        """The newest intact checkpoint's adapter file and training state; with `tidy` (one process
+        only), leftovers of killed writes are removed and damaged checkpoints set aside first."""
         if tidy:
             remove_leftovers(self.path)
         checkpoint = resume_checkpoint(self.path)
-        return checkpoint, load_state(checkpoint)
+        return checkpoint / ADAPTER, CheckpointState.from_dict(load_state(checkpoint))
 
-    def write_record(self, record: dict, stats: dict) -> None:
-        """config.json (every setting, fingerprints, version) and data_stats.json."""
+    def write_record(self, record: dict, stats: Optional[dict] = None) -> None:
+        """config.json (`run_record`: every setting, fingerprints, version) and data_stats.json."""
         write_json(self.config, record)
-        write_json(self.data_stats, stats)
+        if stats is not None:
+            write_json(self.data_stats, stats)
 
-    def write_summary(self, summary: dict) -> None:
+    def running(self, val_loss_before: dict) -> None:
+        """summary.json while training: the validation loss before it, read back on resume."""
+        write_json(self.summary_file, {"status": "running", "val_loss_before": val_loss_before})
+
+    def interrupted(self, steps: int, val_loss_before: Optional[dict]) -> None:
+        """summary.json of a run stopped by a signal after a checkpoint."""
+        write_json(self.summary_file, {"status": "interrupted", "steps": steps, "val_loss_before": val_loss_before})
+
+    def finish(self, steps: int, tokens: int, seconds: float, peak_memory_bytes: int,
+               val_loss_before: Optional[dict], val_loss_after: dict) -> dict:
+        """summary.json of a finished run; returns it."""
+        summary = {
+            "status": "done", "steps": steps, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
+            "peak_memory_bytes": peak_memory_bytes, "val_loss_before": val_loss_before,
+            "val_loss_after": {str(r): v for r, v in val_loss_after.items()}, "adapter": str(self.adapter),
+        }
         write_json(self.summary_file, summary)
+        return summary
 
-    def save_checkpoint(self, step: int, write_adapter, state: dict, keep_last: int,
+    def save_checkpoint(self, write_adapter, state: CheckpointState, keep_last: int,
                         write_run_adapter=None) -> Path:
         """checkpoints/step-N and RUN/adapter.safetensors (`save_checkpoint`); a write that fails
         for want of space (or a checkpoint folder that cannot be written) is one line that says
         which, and that the earlier checkpoints are intact. Returns the checkpoint's adapter file."""
         try:
-            return save_checkpoint(self.path, step, write_adapter, state, keep_last, write_run_adapter) / ADAPTER
+            return save_checkpoint(self.path, state.step, write_adapter, state.to_dict(), keep_last,
+                                   write_run_adapter) / ADAPTER
         except (OSError, RuntimeError, SafetensorError) as e:
             # a full disk is ENOSPC from our own writes, but torch.save says RuntimeError ("file
             # write failed") and safetensors SafetensorError: then the free space tells
@@ -508,7 +555,7 @@ class RunDir:
             where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
             fix = "free space" if full else "mend that"  # a symlinked or read-only checkpoint folder is not a full disk
             raise QDyLoRAError(
-                f"cannot write the step-{step} checkpoint in {self.path}{' (disk full)' if full else ''}: "
+                f"cannot write the step-{state.step} checkpoint in {self.path}{' (disk full)' if full else ''}: "
                 f"{reason}{where}; the earlier checkpoints are intact: {fix} and --resume {self.path}") from None
 
     # --- reading: sweep, export, merge, generate, resume ------------------------------------

@@ -39,7 +39,7 @@ from .adapter_file import load_adapter, save_adapter
 from .interrupts import Interrupts
 from .losses import autocast_context, gradient_norm, loss_sum, loss_tokens, validation_loss
 from .optimizers import InBackwardOptimizer, make_optimizer
-from .rundir import ADAPTER, RunDir, RunLog, run_record, tensorboard_writer_class
+from .rundir import CheckpointState, RunDir, RunLog, run_record, tensorboard_writer_class
 from .sampling import RankSampler, micro_batch_ranks, rank_fingerprint, step_rank_record
 from .settings import RunSettings, TrainSettings
 
@@ -143,7 +143,7 @@ def _train(settings: RunSettings, run: RunDir, overwrite: bool, resume: bool, pr
             if distributed.sum_float(procs, float(interrupts.requested is not None), job.device) > 0:
                 _checkpoint(job, run, pos)
                 if main:
-                    run.write_summary({"status": "interrupted", "steps": pos.step, "val_loss_before": first_val})
+                    run.interrupted(pos.step, first_val)
                 signum = interrupts.requested or signal.SIGTERM  # another process got it (torchrun)
                 raise TrainingInterrupted(f"interrupted ({signal.Signals(signum).name}) after step {pos.step}; "
                                           f"checkpoint saved: continue with qdylora train --resume {run}", signum)
@@ -216,7 +216,7 @@ def _first_validation(run: RunDir, resume: bool, main: bool, evaluate) -> Option
         return (run.summary() or {}).get("val_loss_before")
     first_val = {str(r): v for r, v in evaluate(0).items()}
     if main:
-        run.write_summary({"status": "running", "val_loss_before": first_val})
+        run.running(first_val)
     return first_val
 
 
@@ -225,16 +225,7 @@ def _finish(job: "Job", run: RunDir, pos: "Position", first_val, last_val: dict[
     --order svd), so a caller that passed its own model goes on with the saved adapter."""
     if job.settings.order == "svd":
         order_by_svd(job.model)
-    summary = {
-        "status": "done", "steps": pos.step, "tokens": pos.tokens_seen, "seconds": round(pos.seconds, 2),
-        "tokens_per_second": round(pos.tokens_seen / pos.seconds, 2) if pos.seconds else None,
-        "peak_memory_bytes": peak_memory_bytes(job.device),
-        "val_loss_before": first_val,
-        "val_loss_after": {str(r): v for r, v in last_val.items()},
-        "adapter": str(run.adapter),
-    }
-    run.write_summary(summary)
-    return summary
+    return run.finish(pos.step, pos.tokens_seen, pos.seconds, peak_memory_bytes(job.device), first_val, last_val)
 
 
 def _load(settings: RunSettings, model: Optional[QDyLoRAModel], device_name: Optional[str]):
@@ -286,27 +277,26 @@ def _restore(job: Job, run: RunDir) -> Position:
     """Load the newest intact checkpoint: adapter, optimizer, scheduler, RNG and position."""
     procs = job.procs
     if procs.is_main:
-        checkpoint, state = run.resume_from(tidy=True)  # may set damaged checkpoints aside
+        adapter, state = run.resume_from(tidy=True)  # may set damaged checkpoints aside
     distributed.barrier(procs)
     if not procs.is_main:
-        checkpoint, state = run.resume_from(tidy=False)
-    saved_optim = state.get("optim", "adamw")  # checkpoints before --optim existed are AdamW's
-    if saved_optim != job.settings.optim:
+        adapter, state = run.resume_from(tidy=False)
+    if state.optim != job.settings.optim:
         raise QDyLoRAError(f"cannot resume {run} with --optim {job.settings.optim}: its checkpoint holds "
-                           f"{saved_optim} state; resume with --optim {saved_optim}")
-    if state.get("optimizer_in_backward", False) != job.settings.optimizer_in_backward:
-        flag = "with" if state.get("optimizer_in_backward", False) else "without"
+                           f"{state.optim} state; resume with --optim {state.optim}")
+    if state.optimizer_in_backward != job.settings.optimizer_in_backward:
+        flag = "with" if state.optimizer_in_backward else "without"
         raise QDyLoRAError(f"cannot resume {run} this way: its checkpoint was trained {flag} "
                            f"--optimizer-in-backward; resume {flag} it")
-    load_adapter(job.model, checkpoint / ADAPTER)
-    job.optimizer.load_state_dict(state["optimizer"])
-    job.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if job.device.type == "cuda" and state.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state(state["rng_cuda"], job.device)
+    load_adapter(job.model, adapter)
+    job.optimizer.load_state_dict(state.optimizer)
+    job.scheduler.load_state_dict(state.scheduler)
+    torch.set_rng_state(state.rng_cpu)
+    if job.device.type == "cuda" and state.rng_cuda is not None:
+        torch.cuda.set_rng_state(state.rng_cuda, job.device)
     if procs.rank > 0:  # only process 0's generator is saved: the others draw anew
-        torch.manual_seed(job.model.qdylora_config.seed + procs.rank + 1_000_003 * state["step"])
-    return Position(state["step"], state["tokens_seen"], state["seconds"])
+        torch.manual_seed(job.model.qdylora_config.seed + procs.rank + 1_000_003 * state.step)
+    return Position(state.step, state.tokens_seen, state.seconds)
 
 
 def run_step(job: Job, step: int, out: Path) -> StepResult:
@@ -392,16 +382,14 @@ def _checkpoint(job: Job, run: RunDir, pos: Position) -> Optional[Path]:
     if not job.procs.is_main:
         return None
     t = job.settings
-    state = {
-        "step": pos.step, "tokens_seen": pos.tokens_seen, "seconds": pos.seconds,
-        "micro_batch_position": pos.step * t.grad_accumulation,
-        "optim": t.optim, "optimizer_in_backward": t.optimizer_in_backward,
-        "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state(job.device) if job.device.type == "cuda" else None,
-    }
+    state = CheckpointState(
+        step=pos.step, tokens_seen=pos.tokens_seen, seconds=pos.seconds, optimizer=job.optimizer.state_dict(),
+        scheduler=job.scheduler.state_dict(), rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.cuda.get_rng_state(job.device) if job.device.type == "cuda" else None,
+        micro_batch_position=pos.step * t.grad_accumulation, optim=t.optim,
+        optimizer_in_backward=t.optimizer_in_backward)
     extra = {"step": pos.step, "rank_range": [job.sampler.min_rank, job.sampler.max_rank]}
-    return run.save_checkpoint(pos.step, lambda p: save_adapter(job.model, p, extra=extra), state, t.keep_last,
+    return run.save_checkpoint(lambda p: save_adapter(job.model, p, extra=extra), state, t.keep_last,
                                write_run_adapter=_saved_adapter_writer(job, extra))
 
 
