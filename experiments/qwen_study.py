@@ -4,6 +4,7 @@ and 64, with the paper's metrics per rank.
     .venv/bin/python experiments/fetch_models.py qwen2.5-0.5b     # once: fetch, check, convert
     .venv/bin/python experiments/qwen_study.py                     # run (or continue) the study
     .venv/bin/python experiments/qwen_study.py --report            # tables, results.json
+    .venv/bin/python experiments/qwen_study.py --cost              # step time and peak memory: Qwen vs SmolLM2
 
 Qwen2.5-Coder-0.5B-Instruct (`qdylora.data.study_models`), NF4 base, adapters on every linear of
 the blocks, alpha 16, dropout 0.05, the embedded ASDiv split (1,905 train rows), chat template;
@@ -251,6 +252,40 @@ def report(args) -> None:
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
 
 
+def cost(args) -> None:
+    """`qdylora train` on both models, one after the other, on the same 160 ASDiv training rows
+    (one epoch of 8-row steps: every row once, whatever each tokenizer's lengths), default recipe
+    (rank 64): step time, tokens/s and peak memory (peak RSS of the training process)."""
+    import subprocess
+    import tempfile
+
+    from qdylora.data.embedded import asdiv_split, smollm2_checkpoint
+
+    rows = asdiv_split("train")[:160]
+    out = Path(tempfile.mkdtemp(prefix="qwen-cost-"))
+    data = out / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = {}
+    print("| model | steps | s/step | tokens/s (all) | peak RSS GiB | rows |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for name, model in (("SmolLM2-135M-Instruct", smollm2_checkpoint()), ("Qwen2.5-Coder-0.5B-Instruct", args.model)):
+        run = out / name
+        cmd = [sys.executable, "-m", "qdylora", "train", "--model", model, "--data", str(data), "--out", str(run),
+               "--prompt-template", "{passage} {question}", "--response-template", "{answer}", "--chat-template",
+               "--epochs", "1", "--micro-batch-size", "8", "--grad-accumulation", "1", "--lr", str(args.lr),
+               "--eval-every", "0", "--save-every", "0", "--val-max-examples", "0", "--quiet"]
+        subprocess.run(cmd, check=True)
+        summary = json.loads((run / "summary.json").read_text())
+        stats = json.loads((run / "data_stats.json").read_text())["train"]
+        found[name] = summary
+        print(f"| {name} | {summary['steps']} | {summary['seconds'] / summary['steps']:.2f} | "
+              f"{summary['tokens_per_second']:.0f} | {summary['peak_memory_bytes'] / 2**30:.2f} | {stats} |",
+              flush=True)
+    a, b = found.values()
+    print(f"Qwen / SmolLM2: step time {b['seconds'] / b['steps'] / (a['seconds'] / a['steps']):.2f}x, "
+          f"peak memory {b['peak_memory_bytes'] / a['peak_memory_bytes']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="the checkpoint (default: the fetched Qwen2.5-0.5B)")
@@ -266,13 +301,17 @@ def main() -> None:
                     help="QLoRA's compute dtype (qdylora's 'auto' picks bf16 on a CPU with fast bf16)")
     ap.add_argument("--out", default="experiments/qwen-study")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--cost", action="store_true", help="step time and peak memory against SmolLM2")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
-    if args.model is None and not args.report:
+    if args.model is None and not args.report:  # (--cost too)
         from qdylora.data.study_models import QWEN_05B, study_checkpoint
 
         args.model = study_checkpoint(QWEN_05B)
-    report(args) if args.report else run_study(args)
+    if args.cost:
+        cost(args)
+    else:
+        report(args) if args.report else run_study(args)
 
 
 if __name__ == "__main__":
