@@ -550,7 +550,7 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
     model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
     fmt = eval_format(settings.data, data, prompt_template, response_template)
     rows = eval_rows(settings, data)
-    if data is None:
+    if data is None and settings.data.data != f"{EMBEDDED_PREFIX}train":  # the run's validation rows, rebuilt
         _warn_if_changed(run_dir, rows)
     if max_examples > 0:
         rows = rows[:max_examples]
