@@ -38,6 +38,10 @@ from dataclasses import replace
 from pathlib import Path
 
 RUNS = {"default": None, "qlora-r8": 8, "qlora-r1": 1, "qlora-r64": 64}  # the order they run in
+# qdylora's own plain LoRA path at one rank (min rank = max rank, alpha / r), to tell a recipe from
+# an implementation: the same steps as PEFT's QLoRA run of that rank (--train-only compares losses)
+PROBES = {"qdylora-r8": dict(max_rank=8, scaling="standard"),
+          "qdylora-r8-fp32": dict(max_rank=8, scaling="standard", frozen_dtype="float32")}
 ALPHA, DROPOUT = 16.0, 0.05
 
 
@@ -46,9 +50,9 @@ def settings_for(name: str, seed: int, args):
     from qdylora import QDyLoRAConfig
     from qdylora.training.settings import DataSettings, RunSettings, TrainSettings
 
-    r = RUNS[name]
-    adapter = QDyLoRAConfig(max_rank=r or 64, alpha=ALPHA, dropout=DROPOUT, seed=seed,
-                            **({"scaling": "standard"} if r else {}))
+    r = RUNS.get(name)
+    extra = PROBES.get(name) or ({"max_rank": r, "scaling": "standard"} if r else {})
+    adapter = QDyLoRAConfig(alpha=ALPHA, dropout=DROPOUT, seed=seed, **extra)
     train = TrainSettings(max_steps=args.steps, micro_batch_size=8, grad_accumulation=1, lr=args.lr,
                           schedule="cosine", warmup_steps=max(1, args.steps // 20), eval_every=0,
                           save_every=max(1, args.steps // 4))
@@ -165,7 +169,7 @@ def run_one(name: str, seed: int, args) -> dict:
 
     out = Path(args.out) / "runs" / f"{name}-seed{seed}"
     print(f"[{time.strftime('%H:%M')}] train {name} seed {seed}", flush=True)
-    if RUNS[name] is None:
+    if RUNS.get(name) is None:  # qdylora train: the default, or a probe
         summary_file = out / "summary.json"
         if not (summary_file.exists() and read_json(summary_file).get("status") == "done"):
             resume = (out / "config.json").exists() and latest_checkpoint(out) is not None
@@ -175,16 +179,20 @@ def run_one(name: str, seed: int, args) -> dict:
                   if x.strip() and "loss" in json.loads(x) and "rank" in json.loads(x)]
         result = {"steps": summary["steps"], "train_seconds": summary["seconds"], "train_losses": losses,
                   "peak_memory_bytes": summary.get("peak_memory_bytes")}
+        if args.train_only:
+            return {**result, "run": name, "seed": seed}
         print(f"[{time.strftime('%H:%M')}] evaluate {name} seed {seed}", flush=True)
         model, tokenizer, settings = load_run(out)
-        ranks = args.ranks
+        ranks = args.ranks if name == "default" else [PROBES[name]["max_rank"]]
     else:
         out.mkdir(parents=True, exist_ok=True)
         result = train_qlora(name, seed, args, out)
+        if args.train_only:
+            return {**result, "run": name, "seed": seed}
         print(f"[{time.strftime('%H:%M')}] evaluate {name} seed {seed}", flush=True)
         model, tokenizer, settings = qlora_as_qdylora(name, seed, args, out)
         ranks = [RUNS[name]]
-    result.update(run=name, seed=seed, **evaluate(model, tokenizer, settings, ranks, args, base=RUNS[name] is None))
+    result.update(run=name, seed=seed, **evaluate(model, tokenizer, settings, ranks, args, base=name == "default"))
     return result
 
 
@@ -208,9 +216,25 @@ def _se(p: float, n: int) -> float:
     return math.sqrt(max(p * (100 - p), 0.0) / n) if n else math.nan
 
 
+def loss_windows(results: list[dict]) -> None:
+    """Training loss on the same batches (same seed: the same rows in every step), mean per window
+    of steps, every run that has it (the --train-only probes too)."""
+    windows = [(0, 10), (10, 30), (30, 60), (60, 100)]
+    print("\ntraining loss on the same batches, mean over steps\n")
+    print("| run | " + " | ".join(f"steps {a + 1}-{b}" for a, b in windows) + " |")
+    print("| --- |" + " ---: |" * len(windows))
+    for r in results:
+        losses = r.get("train_losses") or []
+        print(f"| {r['run']} seed {r['seed']} | " + " | ".join(
+            f"{statistics.mean(losses[a:b]):.3f}" if len(losses) >= b else
+            (f"{statistics.mean(losses[a:]):.3f} ({len(losses) - a} steps)" if len(losses) > a else "-")
+            for a, b in windows) + " |")
+
+
 def report(args) -> None:
     """The table: rows = rank, columns = metric x run; 0/1 scores with +- their standard error."""
-    results = [json.loads(p.read_text()) for p in sorted((Path(args.out) / "results").glob("*.json"))]
+    everything = [json.loads(p.read_text()) for p in sorted((Path(args.out) / "results").glob("*.json"))]
+    results = [r for r in everything if "values" in r]  # --train-only results have losses only
     if not results:
         sys.exit("no results yet: run the study first")
     by = {(r["run"], r["seed"]): r for r in results}
@@ -249,7 +273,8 @@ def report(args) -> None:
         print(f"- {r['run']} seed {r['seed']}: training {r['train_seconds'] / 60:.1f} min "
               f"({r['train_seconds'] / r['steps']:.2f} s/step), evaluation "
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["eval_seconds"].items()))
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+    loss_windows(everything)
+    (Path(args.out) / "results.json").write_text(json.dumps(everything, indent=1))
 
 
 def cost(args) -> None:
@@ -300,6 +325,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="QLoRA's compute dtype (qdylora's 'auto' picks bf16 on a CPU with fast bf16)")
     ap.add_argument("--out", default="experiments/qwen-study")
+    ap.add_argument("--train-only", action="store_true", help="train and record the losses, no evaluation")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--cost", action="store_true", help="step time and peak memory against SmolLM2")
     ap.add_argument("--progress", action="store_true")
