@@ -197,6 +197,8 @@ def run_one(name: str, seed: int, args) -> dict:
 
 
 def run_study(args) -> None:
+    from qdylora.training.rundir import write_json
+
     results = Path(args.out) / "results"
     results.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
@@ -204,10 +206,7 @@ def run_study(args) -> None:
             path = results / f"{name}-seed{seed}.json"
             if path.exists():
                 continue
-            result = run_one(name, seed, args)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(path)
+            write_json(path, run_one(name, seed, args))  # atomic: a killed run leaves no partial result
             print(f"[{time.strftime('%H:%M')}] wrote {path}", flush=True)
 
 

@@ -137,9 +137,10 @@ def default_ranks(max_rank: int) -> list[int]:
     return sorted({0, max_rank} | {2**k for k in range(max_rank.bit_length()) if 2**k <= max_rank})
 
 
-def eval_rows(settings: RunSettings, data: Optional[str]) -> list[dict]:
+def eval_rows(settings: RunSettings, data: Optional[str], run_dir: str | Path) -> list[dict]:
     """Rows to evaluate: `data` if given; for a run on the embedded ASDiv, its test split; else
-    the run's own validation rows (recomputed from the run's settings and seed)."""
+    the run's own validation rows (recomputed from the run's settings and seed; a warning if they
+    are not the rows it validated on)."""
     d = settings.data
     if data is not None:
         return read_rows(data, d.split)
@@ -148,7 +149,9 @@ def eval_rows(settings: RunSettings, data: Optional[str]) -> list[dict]:
     _, _, val_rows, val_idx = run_rows(d, settings.adapter.seed)
     if not val_idx:
         raise QDyLoRAError("the run held out no validation rows: pass --data EVAL_FILE")
-    return [val_rows[i] for i in val_idx]
+    rows = [val_rows[i] for i in val_idx]
+    _warn_if_changed(run_dir, rows)
+    return rows
 
 
 def _warn_if_changed(run_dir: str | Path, rows: Sequence[dict]) -> None:
@@ -549,9 +552,7 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
                                                       ("exhaustive", False), ("quick", False))))
     model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
     fmt = eval_format(settings.data, data, prompt_template, response_template)
-    rows = eval_rows(settings, data)
-    if data is None and settings.data.data != f"{EMBEDDED_PREFIX}train":  # the run's validation rows, rebuilt
-        _warn_if_changed(run_dir, rows)
+    rows = eval_rows(settings, data, run_dir)
     if max_examples > 0:
         rows = rows[:max_examples]
     shots_rows = read_rows(shots_data, settings.data.split) if shots_data else None
