@@ -34,6 +34,35 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert epoch_order(lens, 8, 0, 0) != epoch_order(lens, 8, 1, 0)
 
 
+def list_epoch_order(lengths, batch_size, seed, epoch, group_by_length=True):
+    """The order as lists of Python ints (the code before `EpochOrder`): runs started then
+    resume on the same batches."""
+    n = len(lengths)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    if group_by_length:
+        size = batch_size * 50
+        perm = [i for start in range(0, n, size) for i in sorted(perm[start:start + size], key=lambda i: -lengths[i])]
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    if group_by_length:
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def test_order_equals_the_list_reference():
+    for n, batch_size in ((1000, 8), (1003, 8), (7, 8), (2501, 3), (1, 1)):
+        lens = [v % 17 for v in lengths(n)]  # many ties: their order must match too
+        for group in (True, False):
+            assert list(epoch_order(lens, batch_size, 2, 1, group)) == list_epoch_order(lens, batch_size, 2, 1, group)
+
+
+def test_fixed_batches_sort_longest_first_ties_in_order():
+    examples = [Example([0] * n, [0] * n) for n in (3, 5, 3, 1, 5)]
+    batches = fixed_batches(examples, 2)
+    ids = [[id(e) for e in b] for b in batches]
+    assert ids == [[id(examples[1]), id(examples[4])], [id(examples[0]), id(examples[2])], [id(examples[3])]]
+
+
 def test_grouping_cuts_padding():
     lens = lengths()
     grouped = padding(epoch_order(lens, 8, 0, 0, group_by_length=True), lens)

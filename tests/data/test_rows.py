@@ -175,11 +175,13 @@ def test_chat_needs_a_chat_template(tok):
 def test_split_is_deterministic_disjoint_and_capped():
     rows = [{"i": i} for i in range(100)]
     train, val = split_rows(rows, 0.1, 0, seed=3)
-    assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == list(range(100))
-    assert split_rows(rows, 0.1, 0, seed=3) == (train, val)
-    assert split_rows(rows, 0.1, 0, seed=4)[1] != val
+    assert len(val) == 10 and not set(train) & set(val) and sorted([*train, *val]) == list(range(100))
+    assert list(train) == sorted(train) and list(val) == sorted(val)
+    again = split_rows(rows, 0.1, 0, seed=3)
+    assert (again[0] == train).all() and (again[1] == val).all()
+    assert list(split_rows(rows, 0.1, 0, seed=4)[1]) != list(val)
     assert len(split_rows(rows, 0.5, 7, seed=3)[1]) == 7
-    assert split_rows(rows, 0.0, 0, seed=3)[1] == []
+    assert len(split_rows(rows, 0.0, 0, seed=3)[1]) == 0
 
 
 def test_embedded_asdiv_splits_are_fixed_and_disjoint():

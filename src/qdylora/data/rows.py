@@ -16,8 +16,9 @@ import string
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..console import log
@@ -98,7 +99,43 @@ class RowFormat:
         return self.format == "chat" or (self.chat_template and self.format != "text")
 
 
-def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+class Rows(Sequence[dict]):
+    """Rows read from files, kept in their Arrow tables (memory-mapped, outside the Python heap)
+    and decoded to dicts one at a time. Several files' tables read as one sequence, each row with
+    its own file's fields. Slicing gives a list."""
+
+    def __init__(self, tables: Sequence[Any]) -> None:  # datasets.Dataset each
+        self._tables = list(tables)
+        self._ends = np.cumsum([len(t) for t in self._tables], dtype=np.int64)  # (tables,)
+
+    @classmethod
+    def joined(cls, parts: Sequence["Rows"]) -> "Rows":
+        """The rows of several files, one after another."""
+        return cls([table for part in parts for table in part._tables])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        t = int(np.searchsorted(self._ends, i, side="right"))
+        return self._tables[t][i - (int(self._ends[t - 1]) if t else 0)]
+
+    def __iter__(self) -> Iterator[dict]:
+        for table in self._tables:
+            yield from table  # batched reads: much faster than row by row
+
+    def __eq__(self, other: object) -> bool:  # as a list of the rows would compare
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+
+def read_rows(source: str, split: str = "train") -> Sequence[dict[str, Any]]:
     """Rows of a local JSON/JSONL/CSV/Parquet file (or a directory of them), of a dataset on the
     Hugging Face hub for users who are online (read with the `datasets` library), or of the
     embedded ASDiv ("asdiv:train", "asdiv:validation", "asdiv:test") and evaluation sets
@@ -123,7 +160,7 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
     return _load_dataset(source, (source,), dict(split=split))
 
 
-def _read_file(path: Path, source: str) -> list[dict[str, Any]]:
+def _read_file(path: Path, source: str) -> Rows:
     """Rows of one local data file."""
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
@@ -136,12 +173,14 @@ def _read_file(path: Path, source: str) -> list[dict[str, Any]]:
         raise QDyLoRAError(f"data file {source} is empty: it holds no rows")
     # A fresh cache per read, removed after it: datasets keys its Arrow cache on the file's path,
     # size and mtime, so a file replaced by another of the same size and mtime (cp -p, rsync -a,
-    # tar x) gave the old rows; and the cache stayed behind in ~/.cache, outside any run.
+    # tar x) gave the old rows; and the cache stayed behind in ~/.cache, outside any run. The
+    # table stays readable after its file is removed: it is memory-mapped (its disk space is
+    # freed when the process ends, kill -9 included).
     with tempfile.TemporaryDirectory(prefix="qdylora-read-") as cache:
         return _load_dataset(source, (builder,), dict(data_files=str(path), split="train", cache_dir=cache), path)
 
 
-def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]:
+def _read_directory(path: Path, source: str, split: str) -> Rows:
     """Rows of the files of `split` in a data directory, file by file: `datasets` read the most
     common file type only and dropped the others without a word; here every file is counted."""
     from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
@@ -173,11 +212,12 @@ def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]
         also = f"; {', '.join(unnamed[:3])} belong to no split" if unnamed else ""
         raise QDyLoRAError(f"data directory {source} has no {split!r} split (its splits: {found}{also}; files "
                            "are split by name, as in `datasets`): pass --split NAME, or a file")
-    rows, counts = [], []
+    parts, counts = [], []
     for f in files:
         got = _read_file(f, str(f))
-        rows.extend(got)
+        parts.append(got)
         counts.append(f"{f.relative_to(path)} {len(got)}")
+    rows = Rows.joined(parts)
     read = set(files)
     left = [str(f.relative_to(path)) for f in supported if f not in read]
     log.info(f"data {source} ({split}): {len(rows)} rows from {len(files)} files: {', '.join(counts)}")
@@ -186,7 +226,7 @@ def _read_directory(path: Path, source: str, split: str) -> list[dict[str, Any]]
     return rows
 
 
-def _load_dataset(source: str, args: tuple, kwargs: dict, path: Optional[Path] = None) -> list[dict[str, Any]]:
+def _load_dataset(source: str, args: tuple, kwargs: dict, path: Optional[Path] = None) -> Rows:
     """`datasets.load_dataset(*args, **kwargs)` as rows, with its errors in one line."""
     import datasets
 
@@ -196,7 +236,9 @@ def _load_dataset(source: str, args: tuple, kwargs: dict, path: Optional[Path] =
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        return [dict(row) for row in datasets.load_dataset(*args, **kwargs)]  # decoding happens here too
+        table = datasets.load_dataset(*args, **kwargs)
+        table.data.table.validate(full=True)  # bytes that are not UTF-8 pass the JSON reader: caught here, not mid-run
+        return Rows([table])
     except Exception as e:  # datasets raises many types (DatasetGenerationError, ConnectionError..)
         found = _first_bad_line(path) if path is not None else None
         raise QDyLoRAError(f"cannot read data from {source}: {found or _innermost(e)}") from e
@@ -430,62 +472,104 @@ def tokenize(
     train_on_prompt: bool = False,
     row_numbers: Optional[Sequence[int]] = None,
 ) -> tuple[list[Example], DataStats]:
-    """Tokenize rows into examples.
-
-    Prompt/response rows: the prompt is cut to `max_source_length` tokens and the response
-    (with EOS) to `max_target_length`. Chat and text rows are cut at their sum. Rows left
-    with no token under loss are dropped and counted. `row_numbers` are the rows' numbers in
-    their file, for error messages (default: 0, 1, 2, ...).
-    """
+    """Tokenize rows into examples (`tokenize_row` each). `row_numbers` are the rows' numbers in
+    their file, for error messages (default: 0, 1, 2, ...)."""
     stats = DataStats(rows=len(rows))
+    opts = dict(max_source_length=max_source_length, max_target_length=max_target_length,
+                train_on_prompt=train_on_prompt)
     examples = []
-    eos = tokenizer.eos_token_id
     for offset, row in enumerate(rows):
         index = row_numbers[offset] if row_numbers is not None else offset
-        parts = segments_of(row, index, rf)
-        fmt, is_chat = rf.format, rf.is_chat
-        if is_chat:
-            if fmt != "chat":
-                (prompt, _), (response, _) = parts
-                parts = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            parts = chat_segments(tokenizer, parts, index)
-            if not parts:
-                stats.drop("without an assistant turn")
-                continue
-        ids: list[int] = []
-        labels: list[int] = []
-        budget = CHARS_PER_TOKEN * (max_source_length + max_target_length)
-        for k, (text, trainable) in enumerate(parts):
-            # cut before tokenizing: only the first tokens are kept anyway, and a 30 MB row took
-            # 4.5 GB of memory to tokenize whole (the cut is counted as truncation below)
-            seg = tokenizer(text[:budget], add_special_tokens=(k == 0 and not is_chat))["input_ids"]
-            if trainable and not is_chat and eos is not None and (not seg or seg[-1] != eos):
-                seg = seg + [eos]  # the model learns to stop
-            if not is_chat and fmt != "text":
-                limit = max_target_length if trainable else max_source_length
-                if len(seg) > limit:
-                    seg = seg[:limit]
-                    if trainable:
-                        stats.truncated_response += 1
-                    else:
-                        stats.truncated_prompt += 1
-            ids += seg
-            labels += seg if (trainable or train_on_prompt) else [IGNORE] * len(seg)
-        if (is_chat or fmt == "text") and len(ids) > max_source_length + max_target_length:
-            ids, labels = ids[: max_source_length + max_target_length], labels[: max_source_length + max_target_length]
-            stats.truncated_response += 1
-        if not ids or all(label == IGNORE for label in labels[1:]):
-            stats.drop("with no response tokens left" if ids else "empty")
-            continue
-        examples.append(Example(ids, labels))
-        stats.tokens += len(ids)
-        stats.loss_tokens += sum(label != IGNORE for label in labels[1:])
-    stats.examples = len(examples)
+        example = tokenize_row(row, index, tokenizer, rf, stats, **opts)
+        if example is not None:
+            examples.append(example)
     return examples, stats
 
 
-def split_rows(rows: list[dict], fraction: float, max_examples: int, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic train/validation indices: a seeded permutation, the first
+def tokenize_row(row: dict, index: int, tokenizer, rf: RowFormat, stats: DataStats, *,
+                 max_source_length: int = 512, max_target_length: int = 256,
+                 train_on_prompt: bool = False) -> Optional[Example]:
+    """One row as an example, counted in `stats`; None (counted as dropped) when no token is
+    left under loss.
+
+    Prompt/response rows: the prompt is cut to `max_source_length` tokens and the response
+    (with EOS) to `max_target_length`. Chat and text rows are cut at their sum. `index` is the
+    row's number in its file, for error messages.
+    """
+    eos = tokenizer.eos_token_id
+    parts = segments_of(row, index, rf)
+    fmt, is_chat = rf.format, rf.is_chat
+    if is_chat:
+        if fmt != "chat":
+            (prompt, _), (response, _) = parts
+            parts = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        parts = chat_segments(tokenizer, parts, index)
+        if not parts:
+            stats.drop("without an assistant turn")
+            return None
+    ids: list[int] = []
+    labels: list[int] = []
+    budget = CHARS_PER_TOKEN * (max_source_length + max_target_length)
+    for k, (text, trainable) in enumerate(parts):
+        # cut before tokenizing: only the first tokens are kept anyway, and a 30 MB row took
+        # 4.5 GB of memory to tokenize whole (the cut is counted as truncation below)
+        seg = tokenizer(text[:budget], add_special_tokens=(k == 0 and not is_chat))["input_ids"]
+        if trainable and not is_chat and eos is not None and (not seg or seg[-1] != eos):
+            seg = seg + [eos]  # the model learns to stop
+        if not is_chat and fmt != "text":
+            limit = max_target_length if trainable else max_source_length
+            if len(seg) > limit:
+                seg = seg[:limit]
+                if trainable:
+                    stats.truncated_response += 1
+                else:
+                    stats.truncated_prompt += 1
+        ids += seg
+        labels += seg if (trainable or train_on_prompt) else [IGNORE] * len(seg)
+    if (is_chat or fmt == "text") and len(ids) > max_source_length + max_target_length:
+        ids, labels = ids[: max_source_length + max_target_length], labels[: max_source_length + max_target_length]
+        stats.truncated_response += 1
+    if not ids or all(label == IGNORE for label in labels[1:]):
+        stats.drop("with no response tokens left" if ids else "empty")
+        return None
+    stats.examples += 1
+    stats.tokens += len(ids)
+    stats.loss_tokens += sum(label != IGNORE for label in labels[1:])
+    return Example(ids, labels)
+
+
+class TokenizedRows(Sequence[Example]):
+    """Examples tokenized when they are read: only each kept row's number and token count are
+    held (12 bytes a row), the rows themselves stay where `rows` keeps them (Arrow, for files).
+    Holding every example as lists of Python ints took about 1.3 KB a row (1.86 GB peak for
+    1e6 one-line rows; benchmarks/data_memory.py). Reading example i tokenizes its row again,
+    exactly as the counting pass did (`tokenize_row` is deterministic)."""
+
+    def __init__(self, rows: Sequence[dict], numbers: np.ndarray, lengths: np.ndarray, tokenizer,
+                 rf: RowFormat, opts: dict) -> None:
+        self.rows, self.numbers, self.lengths = rows, numbers, lengths  # (examples,) int64, int32
+        self._tokenizer, self._rf, self._opts = tokenizer, rf, opts
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, i: int) -> Example:  # type: ignore[override]
+        number = int(self.numbers[i])
+        example = tokenize_row(self.rows[number], number, self._tokenizer, self._rf, DataStats(), **self._opts)
+        assert example is not None and len(example) == self.lengths[i], "a row tokenized differently twice"
+        return example
+
+
+def example_lengths(examples: Sequence[Example]) -> np.ndarray:
+    """(n,) token counts of examples, without tokenizing `TokenizedRows` again."""
+    if isinstance(examples, TokenizedRows):
+        return examples.lengths
+    return np.array([len(e) for e in examples], dtype=np.int64)
+
+
+def split_rows(rows: Sequence[dict], fraction: float, max_examples: int,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/validation row numbers, each sorted: a seeded permutation, the first
     round(fraction * n) (at most `max_examples`, 0 = no cap) go to validation."""
     n = len(rows)
     n_val = int(round(fraction * n))
@@ -493,8 +577,8 @@ def split_rows(rows: list[dict], fraction: float, max_examples: int, seed: int) 
         n_val = min(n_val, max_examples)
     if fraction > 0 and n_val == 0 and n > 1:
         n_val = 1
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[n_val:]), sorted(order[:n_val])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def prompt_ids(tokenizer, messages: list[dict], chat: bool) -> list[int]:
@@ -562,7 +646,7 @@ def response_field(rf: RowFormat) -> Optional[str]:
     return None
 
 
-def run_rows(d: "DataSettings", seed: int) -> tuple[list[dict], list[int], list[dict], list[int]]:
+def run_rows(d: "DataSettings", seed: int) -> tuple[Sequence[dict], np.ndarray, Sequence[dict], np.ndarray]:
     """(training rows, indices trained on, validation source rows, indices used) of a run's data
     settings: the first --val-max-examples rows of --val-data, or a seeded held-out part of the
     training rows. Training and the sweep both take the run's validation rows from here; indices
@@ -573,17 +657,30 @@ def run_rows(d: "DataSettings", seed: int) -> tuple[list[dict], list[int], list[
         return rows, train_idx, rows, val_idx
     val = read_rows(d.val_data, d.split)
     n_val = min(len(val), d.val_max_examples) if d.val_max_examples > 0 else len(val)
-    return rows, list(range(len(rows))), val, list(range(n_val))
+    return rows, np.arange(len(rows)), val, np.arange(n_val)
 
 
-def rows_fingerprint(rows: Sequence[dict]) -> str:
-    """A digest of rows' content (fields and values, in order): what a run was trained on, so
-    that resuming on changed data is caught."""
-    digest = hashlib.sha256()
+class Fingerprint:
+    """A digest of rows' content (fields and values, in order), taken row by row: what a run was
+    trained on, so that resuming on changed data is caught."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add(self, row: dict) -> None:
+        self._digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
+        self._digest.update(b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()[:16]
+
+
+def rows_fingerprint(rows: Iterable[dict]) -> str:
+    """The `Fingerprint` of rows."""
+    fingerprint = Fingerprint()
     for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
+        fingerprint.add(row)
+    return fingerprint.hexdigest()
 
 
 def row_format(d: "DataSettings", columns, source: str) -> RowFormat:

@@ -143,11 +143,11 @@ def eval_rows(settings: RunSettings, data: Optional[str], run_dir: str | Path) -
     are not the rows it validated on)."""
     d = settings.data
     if data is not None:
-        return read_rows(data, d.split)
+        return list(read_rows(data, d.split))  # evaluated whole: decoded once
     if d.data == f"{EMBEDDED_PREFIX}train":
         return read_rows(f"{EMBEDDED_PREFIX}test")
     _, _, val_rows, val_idx = run_rows(d, settings.adapter.seed)
-    if not val_idx:
+    if not len(val_idx):
         raise QDyLoRAError("the run held out no validation rows: pass --data EVAL_FILE")
     rows = [val_rows[i] for i in val_idx]
     _warn_if_changed(run_dir, rows)
@@ -555,7 +555,7 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
     rows = eval_rows(settings, data, run_dir)
     if max_examples > 0:
         rows = rows[:max_examples]
-    shots_rows = read_rows(shots_data, settings.data.split) if shots_data else None
+    shots_rows = list(read_rows(shots_data, settings.data.split)) if shots_data else None
     allocations = [r.resolve(run_dir, model, tokenizer, settings, batch_size=options.get("batch_size", 8),
                              progress=options.get("progress", True)) for r in requests]
     result = run_sweep(model, tokenizer, rows, fmt, list(ranks or default_ranks(model.qdylora_config.max_rank))

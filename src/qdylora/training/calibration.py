@@ -104,7 +104,10 @@ def calibration_batches(examples: Sequence[Example], n: int, seed: int, batch_si
     """`n` examples drawn with `seed` (all when n <= 0 or n >= their number), padded in batches."""
     from ..data.batching import fixed_batches
 
-    chosen = list(examples) if n <= 0 or n >= len(examples) else random.Random(seed).sample(list(examples), n)
+    # sampling the positions draws as sampling the examples would, without reading them all
+    everything = range(len(examples))
+    positions = everything if n <= 0 or n >= len(examples) else random.Random(seed).sample(everything, n)
+    chosen = [examples[i] for i in positions]
     return list(padded(fixed_batches(chosen, batch_size), pad_id, device))
 
 
