@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # pulls a multi-GB CUDA build. On a GPU machine, install your CUDA torch into the venv first.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow gpu-check clean
+.PHONY: setup setup-gguf demo test test-slow gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# llama-cpp-python (the `gguf` extra), for the slow test that checks the GGUF export with llama.cpp
+# itself; it compiles llama.cpp (about 7.5 minutes on 2 cores). Without it that test is skipped.
+setup-gguf: setup
+	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) install -q -e ".[gguf]"
 
 # On a machine with a CUDA GPU (install a CUDA build of torch into the venv first): the tests
 # marked cuda, the training benchmark against transformers + bitsandbytes + PEFT in bf16 and the

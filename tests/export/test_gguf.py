@@ -1,0 +1,201 @@
+"""GGUF export: the adapter file as llama.cpp reads it, the merged GGUF as transformers' GGUF reader
+loads it (an independent reader of names, q/k order and metadata), and their agreement.
+
+llama.cpp itself checks both on the real SmolLM2 in tests/test_real_gguf.py (slow)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import qdylora
+from qdylora.core.scaling import scale
+from qdylora.errors import QDyLoRAError
+from qdylora.export.gguf import (ROPE_PERMUTED, export_gguf_adapter, gguf_architecture, gguf_name, merge_gguf,
+                                 rope_permute)
+
+from ..conftest import VOCAB, adapted_model, tiny_model
+
+CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+def tiny_base_gguf(arch: str, path) -> str:
+    """A float32 GGUF of the tiny model with the hyperparameters transformers' GGUF reader needs,
+    a chat template and a token list (what a merged file must carry over)."""
+    hf = tiny_model(arch)
+    c = hf.config
+    arch_enum = gguf_architecture(hf)
+    name = gguf.MODEL_ARCH_NAMES[arch_enum]
+    w = gguf.GGUFWriter(path, name)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_chat_template(CHAT)
+    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)
+    for hf_name, t in hf.state_dict().items():
+        t = t.float()
+        if arch_enum in {getattr(gguf.MODEL_ARCH, a) for a in ROPE_PERMUTED}:
+            t = rope_permute(t, hf_name, c)
+        w.add_tensor(gguf_name(names, hf_name), t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def fields(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+
+
+def tensors(path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+X = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merged_gguf_loads_in_transformers_with_the_rank_logits(arch, tiny_dir, tmp_path):
+    """transformers' GGUF reader (its own names, its own undoing of llama.cpp's q/k order) loads
+    our merged file to the adapter model's logits at that rank; the base's metadata came along."""
+    base = tiny_base_gguf(arch, tmp_path / "base.gguf")
+    model = adapted_model(tiny_dir(arch))
+    with torch.no_grad(), qdylora.at_rank(model, 5):
+        want = model(input_ids=X).logits
+    with torch.no_grad(), qdylora.at_rank(model, 0):
+        assert (want - model(input_ids=X).logits).abs().max() > 1e-2  # not a no-op
+    out = merge_gguf(model, 5, tmp_path / "merged.gguf", base, dtype="float32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=X).logits, want, rtol=1e-4, atol=1e-4)
+    meta = fields(out)
+    assert meta["tokenizer.chat_template"] == CHAT and len(meta["tokenizer.ggml.tokens"]) == VOCAB
+    assert meta["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    assert list(tensors(out)) == list(tensors(base))  # the base's tensors, in its order
+
+
+@pytest.mark.parametrize("dtype,qtype,tol", [("float16", "F16", 2e-2), ("bfloat16", "BF16", 8e-2),
+                                             ("q8_0", "Q8_0", 8e-2)])
+def test_merged_gguf_types(dtype, qtype, tol, tiny_dir, tmp_path):
+    """Matrices in the asked type (vectors stay float32, as llama.cpp writes them), still loading
+    to the rank's logits within that type's rounding."""
+    base = tiny_base_gguf("llama", tmp_path / "base.gguf")
+    model = adapted_model(tiny_dir("llama"))
+    with torch.no_grad(), qdylora.at_rank(model, 8):
+        want = model(input_ids=X).logits
+    out = merge_gguf(model, 8, tmp_path / "merged.gguf", base, dtype=dtype)
+    kinds = {t.name: t.tensor_type.name for t in tensors(out).values()}
+    assert kinds["blk.0.attn_q.weight"] == qtype and kinds["blk.0.attn_norm.weight"] == "F32"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=X).logits, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_adapter_gguf_is_the_merged_change(arch, tiny_dir, tmp_path):
+    """The adapter file is what llama.cpp's loader reads (general.type adapter, adapter.type lora,
+    "<base>.lora_a" ne [in, b], ".lora_b" ne [b, out]), alpha 0 (scale 1: s(b) is in lora_b), and
+    lora_b @ lora_a is exactly merged(b) - merged(base) in the base GGUF's orientation: so it is
+    right wherever the merged file is (the test above)."""
+    base = tiny_base_gguf(arch, tmp_path / "base.gguf")
+    model = adapted_model(tiny_dir(arch))
+    adapter = export_gguf_adapter(model, 5, tmp_path / "adapter.gguf", dtype="float32", base_gguf=base)
+    meta = fields(adapter)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["adapter.lora.alpha"] == 0.0 and meta["general.architecture"] == fields(base)["general.architecture"]
+    pairs = tensors(adapter)
+    base_tensors = tensors(base)
+    assert len(pairs) == 2 * len(model.adapter_layers())
+    zero = copy.deepcopy(model)
+    for layer in zero.adapter_layers().values():
+        layer.lora_B.data.zero_()
+    with_b = tensors(merge_gguf(model, 5, tmp_path / "m5.gguf", base, dtype="float32"))
+    without = tensors(merge_gguf(zero, 5, tmp_path / "m0.gguf", base, dtype="float32"))
+    for name in {n.rsplit(".", 1)[0] for n in pairs}:
+        a, b = pairs[name + ".lora_a"], pairs[name + ".lora_b"]
+        n_in, n_out = (int(n) for n in base_tensors[name].shape)
+        assert tuple(int(n) for n in a.shape) == (n_in, 5) and tuple(int(n) for n in b.shape) == (5, n_out)
+        delta = np.asarray(b.data, dtype=np.float64) @ np.asarray(a.data, dtype=np.float64)  # (out, in)
+        change = np.asarray(with_b[name].data, dtype=np.float64) - np.asarray(without[name].data, dtype=np.float64)
+        np.testing.assert_allclose(delta, change, atol=1e-5)
+        assert np.abs(delta).max() > 1e-3
+
+
+def test_adapter_per_layer_ranks_and_scale(tiny_dir, tmp_path):
+    """Each layer at its own rank (llama.cpp takes each pair's rank from lora_b), rank-0 layers
+    left out, s(b_l) folded into lora_b."""
+    from qdylora.core.allocation import Allocation
+
+    model = adapted_model(tiny_dir("qwen2"), scaling="rslora")
+    paths = list(model.adapter_layers())
+    alloc = Allocation(tuple((p, [0, 2, 8][i % 3]) for i, p in enumerate(paths)))
+    out = tensors(export_gguf_adapter(model, alloc, tmp_path / "a.gguf", dtype="float32"))
+    c = model.qdylora_config
+    for i, (path, layer) in enumerate(model.adapter_layers().items()):
+        b = [0, 2, 8][i % 3]
+        name = gguf_name(gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2), path) + ".weight"
+        if b == 0:
+            assert name + ".lora_a" not in out
+            continue
+        np.testing.assert_allclose(np.asarray(out[name + ".lora_b"].data),
+                                   (layer.lora_B[:, :b] * scale(c.alpha, b, c.scaling, c.max_rank)).detach().numpy(),
+                                   rtol=1e-6)
+
+
+def test_gguf_export_refusals(tiny_dir, tmp_path):
+    base = tiny_base_gguf("llama", tmp_path / "base.gguf")
+    model = adapted_model(tiny_dir("llama"))
+    with pytest.raises(QDyLoRAError, match="should end in .gguf"):
+        export_gguf_adapter(model, 4, tmp_path / "adapter")
+    (tmp_path / "old.gguf").write_text("mine")
+    with pytest.raises(QDyLoRAError, match="already exists: use --overwrite"):
+        export_gguf_adapter(model, 4, tmp_path / "old.gguf")
+    assert (tmp_path / "old.gguf").read_text() == "mine"
+    with pytest.raises(QDyLoRAError, match="outside 1..8"):
+        export_gguf_adapter(model, 9, tmp_path / "a.gguf")
+    with pytest.raises(QDyLoRAError, match="is a qwen2 model, the run's base a llama one"):
+        export_gguf_adapter(model, 4, tmp_path / "a.gguf", base_gguf=tiny_base_gguf("qwen2", tmp_path / "q.gguf"))
+    with pytest.raises(QDyLoRAError, match="is the run's base GGUF"):
+        merge_gguf(model, 4, base, base, overwrite=True)
+    with pytest.raises(QDyLoRAError, match="GGUF export supports llama, mistral, qwen2 models, not gpt2"):
+        export_gguf_adapter(adapted_model(tiny_dir("gpt2")), 4, tmp_path / "g.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf", "old.gguf", "q.gguf"]
+
+
+def test_cli_gguf_export_and_merge(trained_run, tmp_path):
+    """The commands: an adapter file and the lines that use it; a merge needs the base's GGUF
+    (the tiny run's base is a directory: one line saying so, exit 2, nothing written)."""
+    cli = [sys.executable, "-m", "qdylora.cli"]
+    done = subprocess.run([*cli, "export", str(trained_run), "--rank", "4", "--format", "gguf",
+                           "--out", str(tmp_path / "r4.gguf")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "rank 4 -> " in done.stdout and "ADAPTER " in done.stdout and "--lora" in done.stdout
+    assert "came from no GGUF file" in done.stdout
+    assert fields(tmp_path / "r4.gguf")["adapter.type"] == "lora"
+    done = subprocess.run([*cli, "merge", str(trained_run), "--rank", "4", "--format", "gguf",
+                           "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--base-gguf" in done.stderr
+    done = subprocess.run([*cli, "export", str(trained_run), "--rank", "4", "--out", str(tmp_path / "p"),
+                           "--dtype", "fp16"], capture_output=True, text=True)
+    assert done.returncode == 2 and "are for --format gguf" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r4.gguf"]
+    json.dumps(fields(tmp_path / "r4.gguf"), default=str)  # every field readable
