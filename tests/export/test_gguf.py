@@ -9,6 +9,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -199,3 +200,27 @@ def test_cli_gguf_export_and_merge(trained_run, tmp_path):
     assert done.returncode == 2 and "are for --format gguf" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r4.gguf"]
     json.dumps(fields(tmp_path / "r4.gguf"), default=str)  # every field readable
+
+
+def test_the_base_gguf_of_a_run(tiny_dir, tmp_path):
+    """Where the merged file's metadata comes from: --base-gguf, the run's own .gguf, the GGUF a
+    cached conversion was made from (its note, the embedded SmolLM2, a study model's file beside
+    it); none for a plain model directory."""
+    from qdylora.data.embedded import GGUF_SOURCE, smollm2_gguf
+    from qdylora.export.gguf import base_gguf_of
+
+    base = tiny_base_gguf("llama", tmp_path / "tiny.gguf")
+    assert base_gguf_of(str(tiny_dir("llama"))) is None
+    assert base_gguf_of(base) == tmp_path / "tiny.gguf"
+    assert base_gguf_of(None) == base_gguf_of(str(tiny_dir("llama")), smollm2_gguf()) == Path(smollm2_gguf())
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "config.json").write_text("{}")
+    (converted / GGUF_SOURCE).write_text(json.dumps({"gguf": base}))
+    assert base_gguf_of(str(converted)) == Path(base)
+    beside = tmp_path / "tiny"  # a study model: cache/<name>/ converted from cache/<name>.gguf
+    beside.mkdir()
+    (beside / "config.json").write_text("{}")
+    assert base_gguf_of(str(beside)) == tmp_path / "tiny.gguf"
+    with pytest.raises(QDyLoRAError, match="is not a .gguf file"):
+        base_gguf_of(None, str(tmp_path / "converted"))
