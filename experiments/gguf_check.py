@@ -12,7 +12,8 @@ first command writes demo-run/), with the run's own ASDiv test prompts:
    change runs through a base that differs from the trained one by step 1's error);
    a control writes lora_b without llama.cpp's q/k row permutation, to show the check can fail;
 3. merged: our merged model (float32) and llama.cpp on the merged GGUF answer the prompts
-   greedily (16 new tokens): the share of identical answers.
+   greedily (16 new tokens): the share of identical answers, given our prompt tokens and with
+   llama.cpp rendering the user turn through the chat template the merged file carries.
 
     .venv/bin/python experiments/gguf_check.py demo-run --ranks 1 8 64 --prompts 8 --answers 50
 """
@@ -55,6 +56,15 @@ def test_prompts(settings, tokenizer, n: int) -> list[list[int]]:
     rf = row_format(settings.data, rows[0].keys(), "asdiv:test")
     prompts, _ = generation_prompts(rows, tokenizer, rf, max_source_length=settings.data.max_source_length)
     return prompts
+
+
+def user_turns(settings, n: int) -> list[str]:
+    """The user turns of those prompts, for llama.cpp to render with the GGUF's own chat template."""
+    from qdylora.data.rows import read_rows, row_format, segments_of, split_references
+
+    rows = list(read_rows("asdiv:test"))[:n]
+    rf = row_format(settings.data, rows[0].keys(), "asdiv:test")
+    return [segments_of(split_references(row, i, rf)[0], i, rf)[0][0] for i, row in enumerate(rows)]
 
 
 def ours(model, prompts: list[list[int]], rank: int) -> list[np.ndarray]:
@@ -197,8 +207,10 @@ def merged_answers(run: str, rank: int, n_answers: int, work: Path, dtype: str =
     model, _, _ = run_model(run)
     merged = merge_layers(model, rank, torch.float32).eval()
     llm = Llama(model_path=str(path), n_ctx=1024, verbose=False, n_threads=os.cpu_count(), seed=0)
-    same, ours_text, cpp_text = 0, [], []
-    for ids in prompts:
+    same, chat_same, ours_text, cpp_text = 0, 0, [], []
+    chat = settings.data.chat_template and settings.data.format != "chat"
+    turns = user_turns(settings, n_answers) if chat else [None] * len(prompts)
+    for ids, turn in zip(prompts, turns):
         with torch.no_grad():
             out = merged.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tokenizer.eos_token_id)
@@ -207,11 +219,17 @@ def merged_answers(run: str, rank: int, n_answers: int, work: Path, dtype: str =
         theirs = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1)["choices"][0]["text"]
         theirs = theirs.replace(tokenizer.eos_token or "\0", "").strip()
         same += mine == theirs
+        if chat:  # llama.cpp renders the conversation itself, with the chat template the merged file carries
+            llm.reset()
+            reply = llm.create_chat_completion([{"role": "user", "content": turn}], max_tokens=max_new_tokens,
+                                               temperature=0.0, top_k=1)["choices"][0]["message"]["content"]
+            chat_same += mine == reply.strip()
         ours_text.append(mine)
         cpp_text.append(theirs)
     llm.close()
     return {"rank": rank, "dtype": dtype, "file_bytes": path.stat().st_size, "answers": len(prompts),
-            "identical": same, "examples": list(zip(ours_text, cpp_text))[:3]}
+            "identical": same, "identical_with_its_chat_template": chat_same if chat else None,
+            "examples": list(zip(ours_text, cpp_text))[:3]}
 
 
 def main() -> None:

@@ -192,13 +192,18 @@ def test_cli_gguf_export_and_merge(trained_run, tmp_path):
     assert "rank 4 -> " in done.stdout and "ADAPTER " in done.stdout and "--lora" in done.stdout
     assert "came from no GGUF file" in done.stdout
     assert fields(tmp_path / "r4.gguf")["adapter.type"] == "lora"
+    done = subprocess.run([*cli, "export", str(trained_run), "--budget", "2", "--format", "gguf",
+                           "--out", str(tmp_path / "budget.gguf")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ranks = {int(t.shape[0]) for n, t in tensors(tmp_path / "budget.gguf").items() if n.endswith(".lora_b")}
+    assert len(ranks) > 1 and max(ranks) <= 8  # each layer at its own rank
     done = subprocess.run([*cli, "merge", str(trained_run), "--rank", "4", "--format", "gguf",
                            "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--base-gguf" in done.stderr
     done = subprocess.run([*cli, "export", str(trained_run), "--rank", "4", "--out", str(tmp_path / "p"),
                            "--dtype", "fp16"], capture_output=True, text=True)
     assert done.returncode == 2 and "are for --format gguf" in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r4.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budget.gguf", "r4.gguf"]
     json.dumps(fields(tmp_path / "r4.gguf"), default=str)  # every field readable
 
 
