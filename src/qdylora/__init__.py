@@ -43,6 +43,8 @@ _EXPORTS = {
     "sweep_run": "evaluation.sweep",
     "merge": "export.merge",
     "export_peft": "export.peft",
+    "export_gguf_adapter": "export.gguf",
+    "merge_gguf": "export.gguf",
     "base_fingerprint": "training.adapter_file",
     "load_adapter": "training.adapter_file",
     "read_adapter_metadata": "training.adapter_file",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .evaluation.sweep import SweepResult, run_sweep, sweep_run
     from .export.merge import merge
     from .export.peft import export_peft
+    from .export.gguf import export_gguf_adapter, merge_gguf
     from .training.adapter_file import base_fingerprint, load_adapter, read_adapter_metadata, save_adapter
     from .training.rundir import load_run
     from .training.sampling import RankSampler

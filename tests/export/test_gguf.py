@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -192,7 +193,8 @@ def test_cli_gguf_export_and_merge(trained_run, tmp_path):
     assert "rank 4 -> " in done.stdout and "ADAPTER " in done.stdout and "--lora" in done.stdout
     assert "came from no GGUF file" in done.stdout
     assert fields(tmp_path / "r4.gguf")["adapter.type"] == "lora"
-    done = subprocess.run([*cli, "export", str(trained_run), "--budget", "2", "--format", "gguf",
+    run = shutil.copytree(trained_run, tmp_path / "run")  # a budget writes its allocation into the run
+    done = subprocess.run([*cli, "export", str(run), "--budget", "2", "--format", "gguf",
                            "--out", str(tmp_path / "budget.gguf")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     ranks = {int(t.shape[0]) for n, t in tensors(tmp_path / "budget.gguf").items() if n.endswith(".lora_b")}
@@ -203,7 +205,7 @@ def test_cli_gguf_export_and_merge(trained_run, tmp_path):
     done = subprocess.run([*cli, "export", str(trained_run), "--rank", "4", "--out", str(tmp_path / "p"),
                            "--dtype", "fp16"], capture_output=True, text=True)
     assert done.returncode == 2 and "are for --format gguf" in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["budget.gguf", "r4.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budget.gguf", "r4.gguf", "run"]
     json.dumps(fields(tmp_path / "r4.gguf"), default=str)  # every field readable
 
 
