@@ -24,15 +24,21 @@ from qdylora.errors import QDyLoRAError
 from qdylora.export.gguf import (ROPE_PERMUTED, export_gguf_adapter, gguf_architecture, gguf_name, merge_gguf,
                                  rope_permute)
 
-from ..conftest import VOCAB, adapted_model, tiny_model
+from ..conftest import TINY_CONFIGS, VOCAB, adapted_model, tiny_model
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
 
-def tiny_base_gguf(arch: str, path) -> str:
-    """A float32 GGUF of the tiny model with the hyperparameters transformers' GGUF reader needs,
-    a chat template and a token list (what a merged file must carry over)."""
+def tiny_base_gguf(arch: str, path, **config) -> str:
+    """A float32 GGUF of the tiny model (with `config` changes) with the hyperparameters
+    transformers' GGUF reader needs, a chat template and a token list (what a merged file must
+    carry over)."""
     hf = tiny_model(arch)
+    if config:
+        changed = TINY_CONFIGS[arch]()
+        for key, value in config.items():
+            setattr(changed, key, value)
+        hf = AutoModelForCausalLM.from_config(changed)
     c = hf.config
     arch_enum = gguf_architecture(hf)
     name = gguf.MODEL_ARCH_NAMES[arch_enum]
@@ -178,9 +184,15 @@ def test_gguf_export_refusals(tiny_dir, tmp_path):
         export_gguf_adapter(model, 4, tmp_path / "a.gguf", base_gguf=tiny_base_gguf("qwen2", tmp_path / "q.gguf"))
     with pytest.raises(QDyLoRAError, match="is the run's base GGUF"):
         merge_gguf(model, 4, base, base, overwrite=True)
+    with pytest.raises(QDyLoRAError, match="is a qwen2 model, the run's base a llama one"):
+        merge_gguf(model, 4, tmp_path / "m.gguf", tmp_path / "q.gguf")
+    wide = tiny_base_gguf("llama", tmp_path / "wide.gguf", intermediate_size=192)  # other shapes
+    with pytest.raises(QDyLoRAError, match=r"ffn_gate.weight is \(64, 192\) \(ggml order\), the run.s base \(128, 64"):
+        merge_gguf(model, 4, tmp_path / "m.gguf", wide)
+    assert len(model.adapter_layers()) == 14  # refused before anything was merged
     with pytest.raises(QDyLoRAError, match="GGUF export supports llama, mistral, qwen2 models, not gpt2"):
         export_gguf_adapter(adapted_model(tiny_dir("gpt2")), 4, tmp_path / "g.gguf")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf", "old.gguf", "q.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf", "old.gguf", "q.gguf", "wide.gguf"]
 
 
 def test_cli_gguf_export_and_merge(trained_run, tmp_path):

@@ -76,20 +76,43 @@ def rope_permute(rows: torch.Tensor, hf_name: str, config) -> torch.Tensor:
             .swapaxes(1, 2).reshape(rows.shape))
 
 
+def _gguf_type(shape: tuple[int, ...], kind: str) -> "gguf.GGMLQuantizationType":
+    """The GGUF type of a tensor of (torch-order) `shape` written as `kind`: vectors (norms, biases)
+    stay float32 as llama.cpp's converter keeps them; q8_0 needs rows of 32 (else float16, as there)."""
+    from gguf import GGMLQuantizationType as Q
+
+    if kind == "float32" or len(shape) == 1:
+        return Q.F32
+    if kind == "q8_0" and shape[-1] % 32 == 0:
+        return Q.Q8_0
+    return Q.BF16 if kind == "bfloat16" else Q.F16
+
+
 def _encoded(array: np.ndarray, kind: str) -> tuple[np.ndarray, "Optional[gguf.GGMLQuantizationType]"]:
-    """A float32 array in the GGUF type `kind` (quantized arrays are bytes: their type goes along).
-    Vectors (norms, biases) stay float32, as llama.cpp's converter keeps them; q8_0 needs rows of 32."""
+    """A float32 array in its GGUF type (`_gguf_type`): float arrays as numpy arrays, quantized
+    ones (bf16 included, which numpy lacks) as bytes with their type."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
-    if kind == "float32" or array.ndim == 1:
-        return array.astype(np.float32), None
-    if kind == "float16":
-        return array.astype(np.float16), None
-    if kind == "q8_0" and array.shape[-1] % 32 != 0:
-        return array.astype(np.float16), None  # as llama.cpp's converter falls back
-    qtype = Q.BF16 if kind == "bfloat16" else Q.Q8_0
+    qtype = _gguf_type(array.shape, kind)
+    if qtype in (Q.F32, Q.F16):
+        return array.astype(np.float32 if qtype == Q.F32 else np.float16), None
     return quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def _byte_layout(shape: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], np.dtype, int,
+                                                              "Optional[gguf.GGMLQuantizationType]"]:
+    """(shape, numpy dtype, bytes, raw type) that `_encoded` gives a tensor of `shape`, without
+    encoding it: the header is written before the data, one tensor at a time."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    qtype = _gguf_type(shape, kind)
+    if qtype in (Q.F32, Q.F16):
+        dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize, None
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype
 
 
 def _file_type(kind: str) -> "gguf.LlamaFileType":
@@ -114,6 +137,15 @@ class BaseGGUF:
 
     def check(self, arch: "gguf.MODEL_ARCH", shapes: dict[str, tuple[int, int]]) -> None:
         """Refuse a base of another architecture, or without a tensor of these (out, in) shapes."""
+        reader = self.check_architecture(arch)
+        held = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ne: (in, out)
+        for name, (out_features, in_features) in shapes.items():
+            if held.get(name) != (in_features, out_features):
+                raise QDyLoRAError(f"the base GGUF {self.path} has no tensor {name} of {in_features} x {out_features} "
+                                   f"(it has {held.get(name, 'none')}): pass the run's own base with --base-gguf")
+
+    def check_architecture(self, arch: "gguf.MODEL_ARCH") -> "gguf.GGUFReader":
+        """Its reader; refuses a base of another architecture."""
         import gguf
 
         reader = self.reader()
@@ -122,11 +154,7 @@ class BaseGGUF:
         if base_arch != gguf.MODEL_ARCH_NAMES[arch]:
             raise QDyLoRAError(f"the base GGUF {self.path} is a {base_arch} model, the run's base a "
                                f"{gguf.MODEL_ARCH_NAMES[arch]} one: pass the run's own base with --base-gguf")
-        held = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ne: (in, out)
-        for name, (out_features, in_features) in shapes.items():
-            if held.get(name) != (in_features, out_features):
-                raise QDyLoRAError(f"the base GGUF {self.path} has no tensor {name} of {in_features} x {out_features} "
-                                   f"(it has {held.get(name, 'none')}): pass the run's own base with --base-gguf")
+        return reader
 
 
 def adapter_tensors(model: QDyLoRAModel, rank: Union[int, Allocation]) -> dict[str, torch.Tensor]:
@@ -165,12 +193,13 @@ def export_gguf_adapter(model: QDyLoRAModel, rank: Union[int, Allocation], out: 
         raise QDyLoRAError(f"a GGUF adapter is written in {', '.join(ADAPTER_TYPES)}, not {dtype}")
     c = model.qdylora_config
     check_ranks([rank] if isinstance(rank, int) else [b for _, b in rank.ranks if b > 0], c.max_rank)
-    out = _output_file(out, overwrite)
+    _check_output(Path(out), overwrite)
     arch = gguf_architecture(model.model)
     tensors = adapter_tensors(model, rank)
     if base_gguf is not None:  # each pair's base tensor: name.weight of (out, in) = (lora_b rows, lora_a columns)
         BaseGGUF(Path(base_gguf)).check(arch, {n.removesuffix(".lora_a"): (tensors[n[:-1] + "b"].shape[0], t.shape[1])
                                                for n, t in tensors.items() if n.endswith(".lora_a")})
+    out = _output_file(out, overwrite)
     with atomic_write(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -220,7 +249,8 @@ def merge_gguf(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str
                *, dtype: str = "float16", overwrite: bool = False) -> Path:
     """Write the base merged with the adapter at `rank` as one GGUF model file `out`: the base
     GGUF's metadata (tokenizer, chat template...) and tensor list, our merged weights in `dtype`.
-    `model` is consumed (`merge.merge_layers`)."""
+    `model` is consumed (`merge.merge_layers`, in float32 for a float32 file, else in 16 bits);
+    tensors are encoded and written one at a time, so memory stays near the merged model's size."""
     import gguf
 
     from .merge import merge_layers
@@ -232,36 +262,73 @@ def merge_gguf(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str
                 lowest=1 if isinstance(rank, int) else 0)
     base = BaseGGUF(Path(base_gguf))
     _refuse_base(Path(out), base.path)
-    out = _output_file(out, overwrite)
+    _check_output(Path(out), overwrite)
     hf = model.model
     arch = gguf_architecture(hf)
-    reader = base.reader()
-    merge_layers(model, rank, torch.float32)
-    names = gguf.get_tensor_name_map(arch, hf.config.num_hidden_layers)
-    ours = {}
-    for hf_name, tensor in hf.state_dict().items():
-        name = gguf_name(names, hf_name)
-        if name is not None and name not in ours:  # a tied head maps to token_embd: the embedding came first
-            ours[name] = (hf_name, tensor)
+    reader = base.check_architecture(arch)
+    tensors = _merged_tensors(hf, reader, arch)  # checked against the base before anything is merged
+    merge_layers(model, rank, {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float16))
+    state = hf.state_dict()
     permuted = ARCHITECTURES[hf.config.model_type] in ROPE_PERMUTED
+
+    def ours(hf_name: str) -> np.ndarray:  # (out, in) float32 in llama.cpp's row order
+        tensor = state[hf_name].detach().float().cpu()
+        return (rope_permute(tensor, hf_name, hf.config) if permuted else tensor).numpy()
+
+    out = _output_file(out, overwrite)
     with atomic_write(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         _copy_metadata(reader, writer)
         writer.add_file_type(_file_type(dtype))
-        for t in reader.tensors:
-            if t.name not in ours:  # e.g. rope_freqs: the base's own bytes
-                writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-                continue
-            hf_name, tensor = ours[t.name]
-            tensor = tensor.detach().float().cpu()
-            if permuted:
-                tensor = rope_permute(tensor, hf_name, hf.config)
-            if tuple(int(n) for n in t.shape) != tuple(reversed(tensor.shape)):
-                raise QDyLoRAError(f"the base GGUF's {t.name} is {tuple(int(n) for n in t.shape)} (ggml order), the "
-                                   f"run's base {tuple(tensor.shape)}: pass the run's own base with --base-gguf")
-            array, raw = _encoded(tensor.numpy(), dtype)
-            writer.add_tensor(t.name, array, raw_dtype=raw)
-        _write(writer)
+        for t, hf_name in tensors:
+            if hf_name is None:  # e.g. rope_freqs: the base's own bytes
+                writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+            else:
+                writer.add_tensor_info(t.name, *_byte_layout(tuple(int(n) for n in reversed(t.shape)), dtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t, hf_name in tensors:
+            writer.write_tensor_data(t.data if hf_name is None else _encoded(ours(hf_name), dtype)[0])
+        writer.close()
+    return out
+
+
+def _merged_tensors(hf: torch.nn.Module, reader: "gguf.GGUFReader",
+                    arch) -> list[tuple["gguf.ReaderTensor", Optional[str]]]:
+    """Each tensor of the base GGUF, in its order, with the transformers tensor that fills it (None:
+    copied from the base); refuses a base whose shapes differ from the run's."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(arch, hf.config.num_hidden_layers)
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}  # gguf name -> (name once merged, torch shape)
+
+    def note(hf_name: str, shape: tuple[int, ...]) -> None:
+        name = gguf_name(names, hf_name)
+        if name is not None and name not in shapes:
+            shapes[name] = (hf_name, shape)
+
+    # linears (adapted, NF4 or plain): their weights are packed or split now, their shapes the layers'
+    layers = {path: m for path, m in hf.named_modules()
+              if path and not path.endswith(".base") and hasattr(m, "in_features") and hasattr(m, "out_features")}
+    for path, m in layers.items():
+        note(path + ".weight", (m.out_features, m.in_features))
+        if getattr(getattr(m, "base", m), "bias", None) is not None:  # an adapted layer's is its base's
+            note(path + ".bias", (m.out_features,))
+    inside = tuple(path + "." for path in layers)
+    for hf_name, tensor in hf.state_dict().items():  # embeddings, norms
+        if not hf_name.startswith(inside):
+            note(hf_name, tuple(tensor.shape))
+    out = []
+    for t in reader.tensors:
+        if t.name not in shapes:
+            out.append((t, None))
+            continue
+        hf_name, shape = shapes[t.name]
+        if tuple(int(n) for n in t.shape) != tuple(reversed(shape)):
+            raise QDyLoRAError(f"the base GGUF's {t.name} is {tuple(int(n) for n in t.shape)} (ggml order), the "
+                               f"run's base {shape}: pass the run's own base with --base-gguf")
+        out.append((t, hf_name))
     return out
 
 
