@@ -81,7 +81,7 @@ def tensors(path) -> dict[str, gguf.ReaderTensor]:
 X = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_merged_gguf_loads_in_transformers_with_the_rank_logits(arch, tiny_dir, tmp_path):
     """transformers' GGUF reader (its own names, its own undoing of llama.cpp's q/k order) loads
     our merged file to the adapter model's logits at that rank; the base's metadata came along."""
