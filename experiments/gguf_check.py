@@ -178,9 +178,9 @@ def base_and_adapters(run: str, ranks: list[int], n_prompts: int, work: Path, co
               "floor": floors,
               "on_nf4_base": delta_check(model, prompts, ours_base, nf4, adapters, floor),
               "on_base_gguf": delta_check(model, prompts, ours_base, base, adapters, floors["base_gguf"]["relative"])}
-    if control:
-        import qdylora.export.gguf as g
+    import qdylora.export.gguf as g
 
+    if control and g.ARCHITECTURES[model.model.config.model_type] in g.ROPE_PERMUTED:  # else nothing to get wrong
         keep = g.ROPE_PERMUTED
         g.ROPE_PERMUTED = set()  # a wrong adapter: lora_b rows of q and k in transformers' order
         try:
