@@ -237,6 +237,8 @@ def test_the_base_gguf_of_a_run(tiny_dir, tmp_path):
     (converted / "config.json").write_text("{}")
     (converted / GGUF_SOURCE).write_text(json.dumps({"gguf": base}))
     assert base_gguf_of(str(converted)) == Path(base)
+    (converted / GGUF_SOURCE).write_text("{not json")
+    assert base_gguf_of(str(converted)) is None  # then merge asks for --base-gguf in one line
     beside = tmp_path / "tiny"  # a study model: cache/<name>/ converted from cache/<name>.gguf
     beside.mkdir()
     (beside / "config.json").write_text("{}")

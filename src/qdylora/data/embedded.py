@@ -139,7 +139,10 @@ def gguf_source(checkpoint: Path) -> Optional[Path]:
     conversions made before the note, the embedded SmolLM2 or a study model's `<name>.gguf` beside it."""
     note = checkpoint / GGUF_SOURCE
     if note.is_file():
-        path = Path(json.loads(note.read_text())["gguf"])
+        try:
+            path = Path(json.loads(note.read_text())["gguf"])
+        except (ValueError, KeyError, TypeError):  # a damaged note: as if the source were unknown
+            return None
         return path if path.is_file() else None
     if checkpoint.resolve() == (cache_dir() / "SmolLM2-135M-Instruct").resolve():
         return Path(smollm2_gguf())
