@@ -21,8 +21,7 @@ from transformers import AutoModelForCausalLM
 import qdylora
 from qdylora.core.scaling import scale
 from qdylora.errors import QDyLoRAError
-from qdylora.export.gguf import (ROPE_PERMUTED, export_gguf_adapter, gguf_architecture, gguf_name, merge_gguf,
-                                 rope_permute)
+from qdylora.export.gguf import export_gguf_adapter, gguf_architecture, gguf_name, merge_gguf, rope_permute
 
 from ..conftest import TINY_CONFIGS, VOCAB, adapted_model, tiny_model
 
@@ -59,9 +58,7 @@ def tiny_base_gguf(arch: str, path, **config) -> str:
     names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)
     for hf_name, t in hf.state_dict().items():
         t = t.float()
-        if arch_enum in {getattr(gguf.MODEL_ARCH, a) for a in ROPE_PERMUTED}:
-            t = rope_permute(t, hf_name, c)
-        w.add_tensor(gguf_name(names, hf_name), t.numpy())
+        w.add_tensor(gguf_name(names, hf_name), rope_permute(t, hf_name, c).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -66,9 +66,10 @@ def gguf_name(tensor_map: "gguf.TensorNameMap", hf_name: str) -> Optional[str]:
 
 def rope_permute(rows: torch.Tensor, hf_name: str, config) -> torch.Tensor:
     """`rows` (out, ...) of a q or k projection in llama.cpp's order for the llama architecture:
-    convert_hf_to_gguf's LlamaModel.permute, heads (n, 2, d/2) -> (n, d/2, 2); other tensors as they are."""
+    convert_hf_to_gguf's LlamaModel.permute, heads (n, 2, d/2) -> (n, d/2, 2); other tensors, and
+    every tensor of architectures llama.cpp does not permute, as they are."""
     leaf = hf_name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
-    if leaf not in ("q_proj", "k_proj"):
+    if leaf not in ("q_proj", "k_proj") or ARCHITECTURES.get(config.model_type) not in ROPE_PERMUTED:
         return rows
     heads = config.num_attention_heads if leaf == "q_proj" else (config.num_key_value_heads
                                                                  or config.num_attention_heads)
@@ -175,8 +176,7 @@ def adapter_tensors(model: QDyLoRAModel, rank: Union[int, Allocation]) -> dict[s
             raise QDyLoRAError(f"llama.cpp has no tensor for the adapted layer {path}: export with --format peft")
         A = layer.lora_A.detach()[:b].float().cpu()  # (b, in)
         B = layer.lora_B.detach()[:, :b].float().cpu() * scale(c.alpha, b, c.scaling, c.max_rank)  # (out, b)
-        if ARCHITECTURES[hf.config.model_type] in ROPE_PERMUTED:
-            B = rope_permute(B, path, hf.config)
+        B = rope_permute(B, path, hf.config)
         tensors[f"{name}.weight.lora_a"] = A.contiguous()
         tensors[f"{name}.weight.lora_b"] = B.contiguous()
     return tensors
@@ -228,14 +228,11 @@ def _output_file(out: Union[str, Path], overwrite: bool) -> Path:
     return out
 
 
-def _refuse_base(out: Path, base: Path) -> None:
-    if out.exists() and out.resolve() == base.resolve():
-        raise QDyLoRAError(f"--out {out} is the run's base GGUF: merging there would replace it; choose another --out")
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
+def _check_output(out: Path, overwrite: bool, base: Optional[Path] = None) -> None:
     """A GGUF output is one .gguf file: an existing one is replaced only with `overwrite`, a
-    directory never."""
+    directory never, the run's `base` GGUF not even then."""
+    if base is not None and out.exists() and out.resolve() == base.resolve():
+        raise QDyLoRAError(f"--out {out} is the run's base GGUF: merging there would replace it; choose another --out")
     if out.suffix != ".gguf":
         raise QDyLoRAError(f"--out {out} should end in .gguf: a GGUF export writes one file (llama.cpp and Ollama "
                            "read .gguf files)")
@@ -261,19 +258,16 @@ def merge_gguf(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str
     check_ranks([rank] if isinstance(rank, int) else [b for _, b in rank.ranks], c.max_rank,
                 lowest=1 if isinstance(rank, int) else 0)
     base = BaseGGUF(Path(base_gguf))
-    _refuse_base(Path(out), base.path)
-    _check_output(Path(out), overwrite)
+    _check_output(Path(out), overwrite, base.path)
     hf = model.model
     arch = gguf_architecture(hf)
     reader = base.check_architecture(arch)
     tensors = _merged_tensors(hf, reader, arch)  # checked against the base before anything is merged
     merge_layers(model, rank, {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float16))
     state = hf.state_dict()
-    permuted = ARCHITECTURES[hf.config.model_type] in ROPE_PERMUTED
 
     def ours(hf_name: str) -> np.ndarray:  # (out, in) float32 in llama.cpp's row order
-        tensor = state[hf_name].detach().float().cpu()
-        return (rope_permute(tensor, hf_name, hf.config) if permuted else tensor).numpy()
+        return rope_permute(state[hf_name].detach().float().cpu(), hf_name, hf.config).numpy()
 
     out = _output_file(out, overwrite)
     with atomic_write(out) as tmp:
@@ -422,8 +416,7 @@ def merge_run_gguf(run_dir: Union[str, Path], rank: Optional[int], out: Union[st
         raise QDyLoRAError(f"a merged GGUF takes its tokenizer and metadata from the base's GGUF file, and the run's "
                            f"base {settings.model} came from none: pass --base-gguf FILE (the same model as GGUF), "
                            "or merge to a directory and convert it with llama.cpp's convert_hf_to_gguf.py")
-    _refuse_base(Path(out), base)
-    _check_output(Path(out), overwrite)
+    _check_output(Path(out), overwrite, base)
     model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
     entry = allocation.resolve(run_dir, model, tokenizer, settings, progress=progress) if allocation else rank
     return merge_gguf(model, entry, out, base, dtype=dtype, overwrite=overwrite), base
