@@ -37,12 +37,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+ALPHA, DROPOUT = 16.0, 0.05
 RUNS = {"default": None, "qlora-r8": 8, "qlora-r1": 1, "qlora-r64": 64}  # the order they run in
 # qdylora's own plain LoRA path at one rank (min rank = max rank, alpha / r), to tell a recipe from
 # an implementation: the same steps as PEFT's QLoRA run of that rank (--train-only compares losses)
 PROBES = {"qdylora-r8": dict(max_rank=8, scaling="standard"),
           "qdylora-r8-fp32": dict(max_rank=8, scaling="standard", frozen_dtype="float32")}
-ALPHA, DROPOUT = 16.0, 0.05
+# Candidate recipes for the default (issue 39): one rank-64 run saved in SVD order, trained at the
+# scale s = k * alpha / 64 (k = 1 is PEFT's own rank-64 scale, k = 8 the rsLoRA scale of "default")
+CANDIDATES = {"k1": dict(scaling="standard"), "k2.83": dict(scaling="standard", alpha=ALPHA * 2.83)}
 
 
 def settings_for(name: str, seed: int, args):
@@ -51,11 +54,11 @@ def settings_for(name: str, seed: int, args):
     from qdylora.training.settings import DataSettings, RunSettings, TrainSettings
 
     r = RUNS.get(name)
-    extra = PROBES.get(name) or ({"max_rank": r, "scaling": "standard"} if r else {})
-    adapter = QDyLoRAConfig(alpha=ALPHA, dropout=DROPOUT, seed=seed, **extra)
+    extra = PROBES.get(name) or CANDIDATES.get(name) or ({"max_rank": r, "scaling": "standard"} if r else {})
+    adapter = QDyLoRAConfig(**{"alpha": ALPHA, "dropout": DROPOUT, "seed": seed, **extra})
     train = TrainSettings(max_steps=args.steps, micro_batch_size=8, grad_accumulation=1, lr=args.lr,
                           schedule="cosine", warmup_steps=max(1, args.steps // 20), eval_every=0,
-                          save_every=max(1, args.steps // 4))
+                          save_every=max(1, args.steps // 10), keep_last=20)  # every tenth: the spectrum over steps
     return RunSettings(model=args.model, adapter=adapter, data=DataSettings(val_max_examples=32), train=train)
 
 
@@ -183,10 +186,14 @@ def run_one(name: str, seed: int, args) -> dict:
             return {**result, "run": name, "seed": seed}
         print(f"[{time.strftime('%H:%M')}] evaluate {name} seed {seed}", flush=True)
         model, tokenizer, settings = load_run(out)
-        ranks = args.ranks if name == "default" else [PROBES[name]["max_rank"]]
+        ranks = [PROBES[name]["max_rank"]] if name in PROBES else args.ranks
     else:
         out.mkdir(parents=True, exist_ok=True)
-        result = train_qlora(name, seed, args, out)
+        trained = Path(args.out) / "results" / f"{name}-seed{seed}.json"  # a --train-only result: reuse it
+        if (out / "adapter" / "adapter_model.safetensors").exists() and trained.exists():
+            result = {k: v for k, v in json.loads(trained.read_text()).items() if k not in ("run", "seed")}
+        else:
+            result = train_qlora(name, seed, args, out)
         if args.train_only:
             return {**result, "run": name, "seed": seed}
         print(f"[{time.strftime('%H:%M')}] evaluate {name} seed {seed}", flush=True)
@@ -201,10 +208,11 @@ def run_study(args) -> None:
 
     results = Path(args.out) / "results"
     results.mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.out) / "study.json", {"lr": args.lr, "steps": args.steps})  # what the directory holds
     for seed in args.seeds:
         for name in args.runs:
             path = results / f"{name}-seed{seed}.json"
-            if path.exists():
+            if path.exists() and (args.train_only or "values" in json.loads(path.read_text())):
                 continue
             write_json(path, run_one(name, seed, args))  # atomic: a killed run leaves no partial result
             print(f"[{time.strftime('%H:%M')}] wrote {path}", flush=True)
@@ -276,6 +284,43 @@ def report(args) -> None:
     (Path(args.out) / "results.json").write_text(json.dumps(everything, indent=1))
 
 
+def _cell_se(result: dict, metric: str, rank: str, digits: int) -> str:
+    """value ± its standard error: an accuracy's sqrt(p(100-p)/n); a loss's from its 95 % bootstrap
+    interval over rows (width / 3.92)."""
+    v = result["values"].get(metric, {}).get(rank)
+    if v is None:
+        return "-"
+    if metric == "loss":
+        low, high = result["intervals"]["loss"][rank]
+        return f"{v:.{digits}f} ± {(high - low) / 3.92:.{digits}f}"
+    return f"{v:.{digits}f} ± {_se(v, result['test_rows']):.{digits}f}"
+
+
+def grid(args) -> None:
+    """One table per study directory (one learning rate) and seed: test loss and exact match at
+    every rank of each one-run recipe, beside the QLoRA run of that rank."""
+    for out in args.grid:
+        results = [json.loads(p.read_text()) for p in sorted((Path(out) / "results").glob("*.json"))]
+        results = [r for r in results if "values" in r]
+        if not results:
+            continue
+        lr = json.loads((Path(out) / "study.json").read_text())["lr"] if (Path(out) / "study.json").exists() else None
+        for seed in sorted({r["seed"] for r in results}):
+            by = {r["run"]: r for r in results if r["seed"] == seed}
+            recipes = [n for n in ("default", *CANDIDATES) if n in by]
+            print(f"\n{out}: lr {lr or args.lr}, seed {seed}, {next(iter(by.values()))['test_rows']} ASDiv test rows\n")
+            for metric, label, digits in (("loss", "test loss", 3), ("exact_match", "exact match %", 1)):
+                print(f"| rank | {label}: QLoRA r=b | " + " | ".join(recipes) + " |")
+                print("| ---: |" + " ---: |" * (1 + len(recipes)))
+                ranks = sorted({int(k) for r in by.values() for k in r["values"].get(metric, {})})
+                for rank in ranks:
+                    own = by.get(f"qlora-r{rank}")
+                    cells = [_cell_se(own, metric, str(rank), digits) if own else ""]
+                    cells += [_cell_se(by[n], metric, str(rank), digits) for n in recipes]
+                    print(f"| {'base' if rank == 0 else rank} | " + " | ".join(cells) + " |")
+                print()
+
+
 def cost(args) -> None:
     """`qdylora train` on both models, one after the other, on the same 160 ASDiv training rows
     (one epoch of 8-row steps: every row once, whatever each tokenizer's lengths), default recipe
@@ -326,9 +371,12 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/qwen-study")
     ap.add_argument("--train-only", action="store_true", help="train and record the losses, no evaluation")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--grid", type=lambda s: s.split(","), help="study directories: the recipe tables per lr")
     ap.add_argument("--cost", action="store_true", help="step time and peak memory against SmolLM2")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
+    if args.grid:
+        return grid(args)
     if args.model is None and not args.report:  # (--cost too)
         from qdylora.data.study_models import QWEN_05B, study_checkpoint
 

@@ -54,14 +54,21 @@ RECIPES = {
     "full-svd": dict(rank_rule="full", order="svd", scaling="rslora"),  # the defaults of qdylora train
     "example-svd": dict(rank_rule="example", order="svd", scaling="rslora"),
     **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in (1, 2, 4, 8, 16, 32, 64)},
-    **{f"qlora-r{r}-standard": dict(min_rank=r, max_rank=r, scaling="standard") for r in (1, 64)},
+    **{f"qlora-r{r}-standard": dict(min_rank=r, max_rank=r, scaling="standard") for r in (1, 8, 64)},
+    # issue 39's candidates: rank 64 trained at s = k * alpha / 64, saved in SVD order (k1 is PEFT's
+    # own rank-64 scale: its rank 64 is QLoRA r64 as PEFT runs it; k = 8 is full-svd's alpha / sqrt(64))
+    "k1-svd": dict(rank_rule="full", order="svd", scaling="standard"),
+    "k2.83-svd": dict(rank_rule="full", order="svd", scaling="standard", alpha=16 * 2.83),
 }
 # The scale rule of each task's runs unless a recipe names its own. On the cipher every run uses
 # s(b) = alpha / sqrt(b): with alpha / b at a fixed learning rate a rank-64 adapter learns more
 # slowly than a rank-1 one (measured: QLoRA r64 2.98 vs r1 2.59 test loss after 150 steps, the
 # rsLoRA paper's "gradient collapse"), so rank could not show what it can store.
 TASK_SCALING = {"asdiv": "standard", "cipher": "rslora", "xsum": "rslora"}
-ADAPTER_KEYS = ("scaling", "max_rank")
+ADAPTER_KEYS = ("scaling", "max_rank", "alpha")
+# Every run so far computed in float32 (an AVX2-only CPU, or the allocation study's bf16 runs kept
+# apart): new runs keep float32 so that they compare with the stored ones on any CPU.
+COMPUTE_DTYPE = "float32"
 # The old study's runs with the same settings (experiments/rank-study/results/<name>-seed<s>.json).
 OLD_NAMES = {"step": "qdylora", **{f"qlora-r{r}": f"qlora-r{r}" for r in (1, 2, 4, 8, 16, 32, 64)}}
 
@@ -71,8 +78,8 @@ def settings_for(task: str, name: str, seed: int, steps: int | None = None):
     from qdylora.training.settings import DataSettings, RunSettings, TrainSettings
 
     spec = RECIPES[name]
-    adapter = QDyLoRAConfig(max_rank=spec.get("max_rank", 64), alpha=16, dropout=0.05, seed=seed,
-                            scaling=spec.get("scaling", TASK_SCALING[task]))
+    adapter = QDyLoRAConfig(max_rank=spec.get("max_rank", 64), alpha=spec.get("alpha", 16), dropout=0.05, seed=seed,
+                            scaling=spec.get("scaling", TASK_SCALING[task]), compute_dtype=COMPUTE_DTYPE)
     # every recipe names its rule; saved as trained unless it says --order svd (the study's
     # results before the SVD recipes were run that way, and "QLoRA-64 cut" needs it)
     rule = {"rank_rule": "full", "order": "none", **{k: v for k, v in spec.items() if k not in ADAPTER_KEYS}}
