@@ -170,6 +170,8 @@ def run_one(name: str, seed: int, args) -> dict:
     from qdylora.training.rundir import latest_checkpoint
     from qdylora.training.trainer import train
 
+    if name.endswith("+gains"):  # an older candidate's run (no gains fitted): fit them now, then evaluate
+        return with_gains(name, seed, args)
     out = Path(args.out) / "runs" / f"{name}-seed{seed}"
     print(f"[{time.strftime('%H:%M')}] train {name} seed {seed}", flush=True)
     if RUNS.get(name) is None:  # qdylora train: the default, or a probe
@@ -200,6 +202,34 @@ def run_one(name: str, seed: int, args) -> dict:
         model, tokenizer, settings = qlora_as_qdylora(name, seed, args, out)
         ranks = [RUNS[name]]
     result.update(run=name, seed=seed, **evaluate(model, tokenizer, settings, ranks, args, base=name == "default"))
+    return result
+
+
+def with_gains(name: str, seed: int, args, rows: int = 32) -> dict:
+    """The run of `name` without "+gains" (trained with gain_rows 0 or before gains existed), its
+    rank gains fitted as `qdylora train` fits them (`training.gains`, --gain-rows 32), evaluated."""
+    import torch
+
+    from qdylora.data.batching import pad_token_id
+    from qdylora.data.datasets import load_data
+    from qdylora.training.calibration import calibration_batches
+    from qdylora.training.gains import fit_rank_gains
+    from qdylora.training.losses import autocast_context
+    from qdylora.training.rundir import load_run
+
+    base = name.removesuffix("+gains")
+    out = Path(args.out) / "runs" / f"{base}-seed{seed}"
+    trained = json.loads((Path(args.out) / "results" / f"{base}-seed{seed}.json").read_text())
+    model, tokenizer, settings = load_run(out)
+    data = load_data(settings.data.with_embedded_default(), settings.adapter.seed, tokenizer)
+    device = next(model.parameters()).device
+    batches = calibration_batches(data.train, rows, settings.adapter.seed, 8, pad_token_id(tokenizer), device)
+    start = time.perf_counter()
+    fit = fit_rank_gains(model, batches, lambda: autocast_context(device, torch.bfloat16, True))
+    print(f"[{time.strftime('%H:%M')}] {name}: gains {fit.gains} in {time.perf_counter() - start:.0f} s", flush=True)
+    result = {k: trained[k] for k in ("steps", "train_seconds", "train_losses", "peak_memory_bytes")}
+    result.update(run=name, seed=seed, gain_fit=fit.to_dict(), gain_seconds=time.perf_counter() - start,
+                  **evaluate(model, tokenizer, settings, args.ranks, args, base=False))
     return result
 
 
@@ -307,7 +337,7 @@ def grid(args) -> None:
         lr = json.loads((Path(out) / "study.json").read_text())["lr"] if (Path(out) / "study.json").exists() else None
         for seed in sorted({r["seed"] for r in results}):
             by = {r["run"]: r for r in results if r["seed"] == seed}
-            recipes = [n for n in ("default", *CANDIDATES) if n in by]
+            recipes = [n for n in ("default", *CANDIDATES, *(f"{c}+gains" for c in CANDIDATES)) if n in by]
             print(f"\n{out}: lr {lr or args.lr}, seed {seed}, {next(iter(by.values()))['test_rows']} ASDiv test rows\n")
             for metric, label, digits in (("loss", "test loss", 3), ("exact_match", "exact match %", 1)):
                 print(f"| rank | {label}: QLoRA r=b | " + " | ".join(recipes) + " |")

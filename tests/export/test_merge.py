@@ -69,3 +69,17 @@ def test_merged_allocation_matches_the_adapter_under_it(tiny_dir, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_model_keeps_the_rank_gain(tiny_dir, tmp_path):
+    from qdylora.core.gains import set_rank_gains
+
+    model = adapted_model(tiny_dir("llama"), scaling="nested")
+    set_rank_gains(model, [3.0 - 0.25 * k for k in range(8)])
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), qdylora.at_rank(model, 2):
+        ours = model(input_ids=x).logits
+    out = merge(model, 2, tmp_path / "merged", tokenizer=char_tokenizer(), dtype="float32")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, ours, **LOGIT_TOL["float32"])

@@ -129,3 +129,24 @@ def test_an_allocation_that_keeps_nothing_is_refused(tiny_dir, tmp_path):
     with pytest.raises(QDyLoRAError, match="keeps no component"):
         export_peft(model, Allocation.of({p: 0 for p in model.adapter_layers()}, "none"), tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_peft_reproduces_rank_gains(tiny_dir, tmp_path):
+    """An adapter with rank gains exports rank b with g(b) s(b) folded into lora_alpha."""
+    from qdylora.core.gains import set_rank_gains
+
+    path = tiny_dir("llama")
+    model = adapted_model(path, "nested")
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    rank = 3
+    with torch.no_grad(), qdylora.at_rank(model, rank):
+        without = model(input_ids=x).logits
+        set_rank_gains(model, [2.5 - 0.2 * k for k in range(8)])  # g(3) = 2.1
+        ours = model(input_ids=x).logits
+    assert (ours - without).abs().max() > 1e-2  # the gain is not a no-op
+    out = export_peft(model, rank, tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == pytest.approx(2.1 * 16 / 8**0.5 * rank) and not config["use_rslora"]
+    with torch.no_grad():
+        peft4 = peft.PeftModel.from_pretrained(transformers_4bit(path, torch.float32), out).eval()
+        torch.testing.assert_close(peft4(input_ids=x).logits, ours, **LOGIT_TOL["float32"])

@@ -103,3 +103,34 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         qdylora.save_adapter(trained(seed=1), path)
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_rank_gains_travel_with_the_file(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qdylora.core.gains import rank_gains, set_rank_gains
+
+    model = trained(scaling="nested")
+    gains = [2.0 - 0.1 * k for k in range(8)]
+    set_rank_gains(model, gains)
+    path = tmp_path / "adapter.safetensors"
+    qdylora.save_adapter(model, path)
+    other = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(**{**CFG, "scaling": "nested"}))
+    set_rank_gains(other, [9.0] * 8)  # loading replaces whatever gains the model had
+    qdylora.load_adapter(other, path)
+    assert rank_gains(other) == pytest.approx(tuple(gains))
+    x = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad(), qdylora.at_rank(model, 2), qdylora.at_rank(other.eval(), 2):
+        assert torch.equal(model(input_ids=x).logits, other(input_ids=x).logits)
+    set_rank_gains(model, None)
+    qdylora.save_adapter(model, path)  # a file without gains: loading clears them
+    qdylora.load_adapter(other, path)
+    assert rank_gains(other) is None
+    # damaged gains: a one-line error, not a traceback
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    for bad in ("[1, 2]", "not json", "[1, 1, 1, 1, 1, 1, 1, -1]"):
+        save_file(tensors, str(path), metadata={**meta, "rank_gains": bad})
+        with pytest.raises(QDyLoRAError, match="damaged: rank gains|damaged: every rank gain"):
+            qdylora.load_adapter(other, path)

@@ -48,6 +48,7 @@ class QDyLoRALinear(nn.Module):
             p.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.max_rank, self.alpha, self.scaling = max_rank, alpha, scaling
+        self.rank_gains: tuple[float, ...] | None = None  # g(1..R) multiplying s(b) (`core.gains`)
         self.update_mode = update_mode
         self.compute_dtype = compute_dtype
         self.dropout = dropout  # probability, applied to the adapter's input in training
@@ -78,7 +79,7 @@ class QDyLoRALinear(nn.Module):
         rank, frozen = self.rank, self.update_mode == "frozen"
         if isinstance(rank, int):
             trained = torch.arange(rank, device=x.device) == rank - 1 if frozen else None  # (b,)
-            return rank, scale(self.alpha, rank, self.scaling, self.max_rank), trained
+            return rank, scale(self.alpha, rank, self.scaling, self.max_rank, self.rank_gains), trained
         if isinstance(rank, RankMixture):
             if frozen:
                 raise QDyLoRAError("a rank mixture trains every component: use update mode 'full'")
@@ -89,14 +90,16 @@ class QDyLoRALinear(nn.Module):
         view = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.max_rank,)  # broadcasts over tokens
         components = torch.arange(self.max_rank, device=x.device)  # (R,)
         on = components[None, :] < ranks[:, None]  # (rows, R)
-        c = (scales(self.alpha, ranks, self.scaling, self.max_rank)[:, None] * on).to(x.dtype).view(view)
+        s = scales(self.alpha, ranks, self.scaling, self.max_rank, self.rank_gains)  # (rows,)
+        c = (s[:, None] * on).to(x.dtype).view(view)
         trained = (components[None, :] == ranks[:, None] - 1).view(view) if frozen else None
         return self.max_rank, c, trained
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, "
-            f"alpha={self.alpha}, scaling={self.scaling}, dropout={self.dropout}, "
+            f"alpha={self.alpha}, scaling={self.scaling}{', rank gains' if self.rank_gains else ''}, "
+            f"dropout={self.dropout}, "
             f"update_mode={self.update_mode}"
         )
 

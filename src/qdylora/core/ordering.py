@@ -79,16 +79,17 @@ def weighted_factors(A: torch.Tensor, B: torch.Tensor, c: float, c_new: float,
 def _refactor(model: QDyLoRAModel, factors: Callable[[str, torch.Tensor, torch.Tensor, float, float],
                                                      tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Rewrite every layer's A, B in place with `factors(path, A, B, c, c_new)` (float64 in),
-    which keeps c B A = c_new B' A'; the scale rule becomes "nested"."""
+    which keeps c B A = c_new B' A' (c: the full rank's scale, its gain included); the scale rule
+    becomes "nested" and the rank gains are dropped (they belonged to the old order's cuts)."""
     config = model.qdylora_config
     c_new = scale(config.alpha, config.max_rank, "nested", config.max_rank)
     with torch.no_grad():
         for path, layer in model.adapter_layers().items():
-            c = scale(layer.alpha, layer.max_rank, layer.scaling, layer.max_rank)
+            c = scale(layer.alpha, layer.max_rank, layer.scaling, layer.max_rank, layer.rank_gains)
             A, B = factors(path, layer.lora_A.double(), layer.lora_B.double(), c, c_new)
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
-            layer.scaling = "nested"
+            layer.scaling, layer.rank_gains = "nested", None
     model.qdylora_config = replace(config, scaling="nested")
 
 
@@ -118,7 +119,7 @@ def svd_ordered(model: QDyLoRAModel,
     layers = model.adapter_layers()
     saved = {} if trained else {path: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
                                 for path, layer in layers.items()}
-    scalings = {path: layer.scaling for path, layer in layers.items()}
+    scalings = {path: (layer.scaling, layer.rank_gains) for path, layer in layers.items()}
     config = model.qdylora_config
     try:
         order_by_svd(model)
@@ -129,7 +130,7 @@ def svd_ordered(model: QDyLoRAModel,
                 A, B = trained(path) if trained else saved[path]
                 layer.lora_A.copy_(A)
                 layer.lora_B.copy_(B)
-                layer.scaling = scalings[path]
+                layer.scaling, layer.rank_gains = scalings[path]
         model.qdylora_config = config
 
 

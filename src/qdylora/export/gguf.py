@@ -175,7 +175,8 @@ def adapter_tensors(model: QDyLoRAModel, rank: Union[int, Allocation]) -> dict[s
         if name is None:
             raise QDyLoRAError(f"llama.cpp has no tensor for the adapted layer {path}: export with --format peft")
         A = layer.lora_A.detach()[:b].float().cpu()  # (b, in)
-        B = layer.lora_B.detach()[:, :b].float().cpu() * scale(c.alpha, b, c.scaling, c.max_rank)  # (out, b)
+        s = scale(c.alpha, b, c.scaling, c.max_rank, layer.rank_gains)
+        B = layer.lora_B.detach()[:, :b].float().cpu() * s  # (out, b)
         B = rope_permute(B, path, hf.config)
         tensors[f"{name}.weight.lora_a"] = A.contiguous()
         tensors[f"{name}.weight.lora_b"] = B.contiguous()

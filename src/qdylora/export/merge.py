@@ -76,7 +76,7 @@ def merge_layers(model: QDyLoRAModel, rank: Union[int, Allocation], dtype: torch
                 base = module.base
                 W = dequantized_weight(base)  # (out, in) float32
                 b = layer_rank(rank, path)
-                s = scale(c.alpha, b, c.scaling, c.max_rank)
+                s = scale(c.alpha, b, c.scaling, c.max_rank, module.rank_gains)
                 W += s * (module.lora_B[:, :b].float() @ module.lora_A[:b].float())
             elif isinstance(module, bnb.nn.Linear4bit) and not path.endswith(".base"):
                 base, W = module, dequantized_weight(module)

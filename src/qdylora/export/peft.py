@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from ..core.allocation import Allocation, layer_rank
 from ..core.model import QDyLoRAModel
+from ..core.gains import rank_gains
 from ..core.scaling import scale
 from ..core.targets import uses_conv1d
 from ..errors import QDyLoRAError
@@ -75,21 +76,22 @@ def vllm_max_lora_rank(r: int) -> int:
 def peft_config(model: QDyLoRAModel, rank: Union[int, Allocation], fan_in_fan_out: bool,
                 layout: str = "patterns") -> dict:
     """adapter_config.json for `rank` (PEFT 0.x LoRA fields): see the module doc for the layouts."""
-    c = model.qdylora_config
+    c, gains = model.qdylora_config, rank_gains(model)
     ranks = {p: layer_rank(rank, p) for p in model.adapter_layers()}
     used = {p: b for p, b in ranks.items() if b > 0}
-    alphas = {p: scale(c.alpha, b, c.scaling, c.max_rank) * b for p, b in used.items()}  # PEFT: alpha_l / b_l = s(b_l)
+    # PEFT: alpha_l / b_l = s(b_l)
+    alphas = {p: scale(c.alpha, b, c.scaling, c.max_rank, gains) * b for p, b in used.items()}
     rank_pattern, alpha_pattern = {}, {}
     if layout == "padded":
         r = max(used.values())
         alpha, rslora = r, False
     elif isinstance(rank, int):
-        r, rslora = rank, c.scaling == "rslora"
-        alpha = alphas[next(iter(used))] if c.scaling == "nested" else c.alpha
+        r, rslora = rank, c.scaling == "rslora" and gains is None
+        alpha = alphas[next(iter(used))] if c.scaling == "nested" or gains is not None else c.alpha
     else:
         values = list(used.values())
         r = max(set(values), key=lambda b: (values.count(b), b))  # the most common rank
-        alpha, rslora = scale(c.alpha, r, c.scaling, c.max_rank) * r, False
+        alpha, rslora = scale(c.alpha, r, c.scaling, c.max_rank, gains) * r, False
         rank_pattern = {p: b for p, b in used.items() if b != r}
         alpha_pattern = {p: a for p, a in alphas.items() if a != alpha}
     return {
@@ -147,7 +149,8 @@ def export_peft(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[st
         if layout == "padded":  # s(b) into B, zeros up to r: PEFT's scale is lora_alpha / r = 1
             r = config["r"]
             A = torch.cat([A, A.new_zeros(r - b, A.shape[1])])
-            B = torch.cat([B * scale(c.alpha, b, c.scaling, c.max_rank), B.new_zeros(B.shape[0], r - b)], dim=1)
+            s = scale(c.alpha, b, c.scaling, c.max_rank, rank_gains(model))
+            B = torch.cat([B * s, B.new_zeros(B.shape[0], r - b)], dim=1)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B.contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..core.config import QDyLoRAConfig
+from ..core.gains import check_gains, rank_gains, set_rank_gains
 from ..core.model import QDyLoRAModel
 from ..errors import QDyLoRAError
 from ..files import atomic_write
@@ -52,6 +53,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], extra: dict | None = None) -> None:
     """Write the full max_rank adapter atomically. `extra` (JSON-able) joins the metadata."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    gains = rank_gains(model)
     metadata = {
         "format": FORMAT,
         "qdylora_version": __version__,
@@ -60,6 +62,7 @@ def save_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], extra: dict
         "base_fingerprint": base_fingerprint(model),
         "extra": json.dumps(extra or {}),
         "tensors_sha256": tensors_digest(tensors),
+        **({"rank_gains": json.dumps(list(gains))} if gains is not None else {}),  # g(1..R), `core.gains`
     }
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -81,6 +84,12 @@ def read_adapter_metadata(path: Union[str, os.PathLike]) -> dict:
         raise QDyLoRAError(f"adapter file {path} is damaged: its metadata has no {' and no '.join(missing)}")
     meta["config"] = QDyLoRAConfig.from_dict(_json(meta["config"], path, "config"), f"adapter file {path} config")
     meta["extra"] = _json(meta.get("extra", "{}"), path, "extra")
+    if "rank_gains" in meta:
+        try:
+            gains = json.loads(meta["rank_gains"])
+        except json.JSONDecodeError:
+            gains = None
+        meta["rank_gains"] = check_gains(gains, meta["config"].max_rank, f"adapter file {path} is damaged")
     return meta
 
 
@@ -124,4 +133,5 @@ def load_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], check_base:
         raise QDyLoRAError(f"adapter file {path} is damaged: its tensors do not match their checksum "
                            "(a changed or corrupted file); use a checkpoint's adapter or train again")
     model.load_adapter_state_dict(state)
+    set_rank_gains(model, meta.get("rank_gains"))  # the file's gains, or none
     return meta

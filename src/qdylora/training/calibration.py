@@ -132,7 +132,7 @@ def layer_errors(model: QDyLoRAModel, score: str, stats: Optional[Statistics] = 
     """e_l(b), b = 0..R, of every adapted layer under `score` (`core.allocation.tail_errors`)."""
     layers = model.adapter_layers()
     return {path: tail_errors(M, N, scale(layers[path].alpha, layers[path].max_rank, layers[path].scaling,
-                                          layers[path].max_rank))
+                                          layers[path].max_rank, layers[path].rank_gains))
             for path, (M, N) in layer_grams(model, score, stats).items()}
 
 

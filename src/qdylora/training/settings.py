@@ -60,6 +60,9 @@ class TrainSettings:
     order: Literal["svd", "none"] = "svd"
     """How the saved adapter's components are ordered: svd (the default: each layer's delta rewritten through its SVD, so rank b is the best rank-b approximation of the trained adapter, used unscaled: scale rule "nested"; validation runs on it too; checkpoints keep the trained factors), none (as trained: rank b is the trained B[:, :b] A[:b] at s(b); the papers' meaning)."""
 
+    gain_rows: Annotated[int, NOT_NEGATIVE] = 32
+    """With --order svd: training rows (drawn with the seed) on which one gain per rank is fitted after the last step: rank b's components are multiplied by g(b) (at 1, 2, 4, ... below the largest rank; the ranks between interpolated), so that a cut adapter makes up for the components it leaves out (docs/rank-study.md; the gains are saved in the adapter and go into every export); 0 = no gains."""
+
     rank_distribution: Literal["uniform", "log-uniform"] = "uniform"
     """p_B over [min_rank, max_rank]: uniform, or log-uniform (p(b) proportional to 1/b: as much weight on 1-8 as on 8-64)."""
 
