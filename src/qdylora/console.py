@@ -27,7 +27,9 @@ class _Console(logging.Handler):
 # Third-party lines that are not warnings for a qdylora user, by logger: bitsandbytes tries to
 # download a faster CPU kernel from the Hugging Face hub at import on AVX512-BF16 CPUs and logs a
 # warning when it cannot (offline, or without the `kernels` package), then uses its own kernel.
-NOISE = {"bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",)}
+NOISE = {"bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+         # kernels >= 0.19 (pulled in by bitsandbytes' CPU backend) with HF_HUB_OFFLINE set
+         "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/",)}
 
 
 class _DropNoise(logging.Filter):

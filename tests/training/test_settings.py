@@ -33,3 +33,14 @@ def test_the_command_line_refuses_them_in_one_line(flag, value, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qdylora: error:") and "finite" in err[0]
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_step_size_above_what_trained_well_is_named():
+    from qdylora import QDyLoRAConfig
+    from qdylora.training.settings import HOT_STEP, RunSettings, TrainSettings
+
+    assert RunSettings().step_size_warning() is None  # the default: alpha / 64 at lr 2e-4
+    assert RunSettings(train=TrainSettings(lr=1e-3)).step_size_warning() is None  # 0.25 x 1e-3
+    hot = RunSettings(adapter=QDyLoRAConfig(scaling="rslora"), train=TrainSettings(lr=5e-4))  # 2 x 5e-4
+    assert "is 0.001, above 0.0003" in hot.step_size_warning() and HOT_STEP == 3e-4
+    assert "--lr" in hot.step_size_warning()

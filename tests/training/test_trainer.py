@@ -107,7 +107,7 @@ def test_resume_is_exact_with_per_example_ranks(tiny_lm, tmp_path):
 
 
 def test_full_rank_training_with_svd_order_saves_every_rank_as_the_best_cut(tiny_lm, tmp_path):
-    """--rank-rule full --order svd: checkpoints hold the trained factors (rslora), the run's
+    """--rank-rule full --order svd: checkpoints hold the trained factors (alpha / b), the run's
     adapter is their SVD ordering (nested); the full delta is the same, each rank b is the best
     rank-b approximation of it, the run loads and sweeps as any other, and resume is exact."""
     from qdylora.core.ordering import order_by_svd
@@ -121,10 +121,10 @@ def test_full_rank_training_with_svd_order_saves_every_rank_as_the_best_cut(tiny
     run = tmp_path / "full"
     assert {x["rank"] for x in lines(run) if "loss" in x} == {8}
     last = checkpoint_dirs(run)[-1] / "adapter.safetensors"
-    assert read_adapter_metadata(last)["config"].scaling == "rslora"
+    assert read_adapter_metadata(last)["config"].scaling == "standard"
     assert read_adapter_metadata(run / "adapter.safetensors")["config"].scaling == "nested"
 
-    trained = adapted_model(tiny_lm, scaling="rslora")  # the checkpoint's factors, ordered here
+    trained = adapted_model(tiny_lm, scaling="standard")  # the checkpoint's factors, ordered here
     trained.load_adapter_state_dict(load_file(last))
     order_by_svd(trained)
     saved = load_file(run / "adapter.safetensors")
@@ -134,7 +134,7 @@ def test_full_rank_training_with_svd_order_saves_every_rank_as_the_best_cut(tiny
     model, _, loaded = load_run(run)  # prepared with the file's scale rule
     assert loaded.adapter.scaling == "nested" and model.qdylora_config.scaling == "nested"
     # a model passed in is left as the run saved it (what a notebook or the demo goes on with)
-    passed = adapted_model(tiny_lm, scaling="rslora")
+    passed = adapted_model(tiny_lm, scaling="standard")
     train(settings(tiny_lm, data, **opts), tmp_path / "passed", progress=False, model=passed)
     assert passed.qdylora_config.scaling == "nested"
     passed_saved = load_file(tmp_path / "passed" / "adapter.safetensors")

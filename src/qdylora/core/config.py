@@ -31,8 +31,8 @@ class QDyLoRAConfig:
     alpha: Annotated[float, POSITIVE] = 16.0
     """LoRA alpha. The adapter at rank b is scaled by alpha / b (or alpha / sqrt(b) with rslora)."""
 
-    scaling: Literal["standard", "rslora", "nested"] = "rslora"
-    """Scale rule s(b): "rslora" is alpha / sqrt(b) (the default: with alpha / b high ranks learn more slowly at one learning rate, docs/rank-study.md), "standard" is alpha / b (LoRA, DyLoRA, QDyLoRA), "nested" is alpha / sqrt(max_rank) at every rank (rank b is the first b components of the full adapter, unscaled)."""
+    scaling: Literal["standard", "rslora", "nested"] = "standard"
+    """Scale rule s(b): "standard" is alpha / b (the default: LoRA's and PEFT's, so the default run at rank R trains exactly as a PEFT QLoRA run of rank R, and its best learning rate hardly depends on R; docs/rank-study.md found the larger alpha / sqrt(R) at rank 64 behind QLoRA on Qwen2.5-0.5B), "rslora" is alpha / sqrt(b) (rsLoRA: 8x the step of B at rank 64), "nested" is alpha / sqrt(max_rank) at every rank (rank b is the first b components of the full adapter, unscaled)."""
 
     dropout: Annotated[float, FRACTION] = 0.05
     """Dropout on the adapter's input (the frozen base path sees the undropped input)."""

@@ -10,11 +10,18 @@ from typing import Annotated, Literal, Optional
 
 from ..core.config import QDyLoRAConfig, from_dict
 from ..core.fields import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, check_fields
+from ..core.scaling import scale
 from ..data.settings import DataSettings
 from ..errors import QDyLoRAError
 from .sampling import RankSampler, check_ranks, parse_ranks
 
 ORDERS = ("svd", "none")  # TrainSettings.order; svd is qdylora.core.ordering
+
+
+# s(R) x lr above which the rank study's rank-64 runs on Qwen2.5-0.5B (ASDiv) trained worse than a
+# PEFT QLoRA run of rank 64 at the same lr: 3.5e-4 (s = 0.71, lr 5e-4) and 1e-3 (s = 2, lr 5e-4);
+# at 1.25e-4 and below (s = alpha / 64 = 0.25, PEFT's own) they matched it (docs/rank-study.md).
+HOT_STEP = 3e-4
 
 
 @dataclass
@@ -184,6 +191,17 @@ class RunSettings:
         out = asdict(self)
         out["adapter"] = self.adapter.to_dict()
         return out
+
+    def step_size_warning(self) -> Optional[str]:
+        """A line when s(R) x lr, the step of B at the largest rank under Adam, is above what
+        trained well in docs/rank-study.md, else None."""
+        a = self.adapter
+        step = scale(a.alpha, a.max_rank, a.scaling, a.max_rank) * self.train.lr
+        if step <= HOT_STEP:
+            return None
+        return (f"the adapter's scale at rank {a.max_rank} times the learning rate is {step:.2g}, above {HOT_STEP:g}, "
+                "where the rank study's runs trained worse than a QLoRA run of that rank (docs/rank-study.md): "
+                "lower --lr or --alpha, or use --scaling standard")
 
     def with_absolute_paths(self) -> "RunSettings":
         """The model and data paths that exist here made absolute, so the run's config.json names

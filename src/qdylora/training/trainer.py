@@ -60,6 +60,9 @@ def train(settings: RunSettings, out: str | Path, *, overwrite: bool = False, re
     procs = distributed.from_environment()  # several processes under torchrun
     device_name = distributed.device_for(procs, settings.device)
     device = resolve_device(device_name)  # an unknown or missing device fails here, before `out` is touched
+    hot = settings.step_size_warning()
+    if hot and procs.is_main:
+        log.warning(hot)
     with Interrupts() as interrupts:
         started = distributed.start(procs, device)
         run.check_out(overwrite, resume)  # before any heavy work
@@ -196,7 +199,7 @@ def _fit_gains(job: Job, run: RunDir, pos: "Position", train_rows, val_batches, 
     batches = calibration_batches(train_rows, job.settings.gain_rows, job.model.qdylora_config.seed,
                                   job.settings.micro_batch_size, job.pad_id, job.device)
     fit = fit_rank_gains(job.model, batches, job.autocast)
-    log.info("rank gains fitted on %d training rows: %s", fit.rows, ", ".join(
+    log.info(f"rank gains fitted on {fit.rows} training rows: " + ", ".join(
         f"rank {b}: {g:.2f} (loss {fit.loss_at_one[b]:.4f} -> {fit.loss[b]:.4f})" for b, g in fit.gains.items()))
     save_adapter(job.model, run.adapter, extra={"step": pos.step, "rank_range": [job.sampler.min_rank,
                  job.sampler.max_rank], "rank_gain_fit": fit.to_dict()})
