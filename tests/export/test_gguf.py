@@ -145,12 +145,15 @@ def test_adapter_gguf_is_the_merged_change(arch, tiny_dir, tmp_path):
         assert np.abs(delta).max() > 1e-3
 
 
-def test_adapter_per_layer_ranks_and_scale(tiny_dir, tmp_path):
+@pytest.mark.parametrize("gains", [None, [3.0 - 0.25 * k for k in range(8)]])
+def test_adapter_per_layer_ranks_and_scale(tiny_dir, tmp_path, gains):
     """Each layer at its own rank (llama.cpp takes each pair's rank from lora_b), rank-0 layers
-    left out, s(b_l) folded into lora_b."""
+    left out, g(b_l) s(b_l) folded into lora_b (with the adapter's rank gains, if any)."""
     from qdylora.core.allocation import Allocation
+    from qdylora.core.gains import set_rank_gains
 
     model = adapted_model(tiny_dir("qwen2"), scaling="rslora")
+    set_rank_gains(model, gains)
     paths = list(model.adapter_layers())
     alloc = Allocation(tuple((p, [0, 2, 8][i % 3]) for i, p in enumerate(paths)))
     out = tensors(export_gguf_adapter(model, alloc, tmp_path / "a.gguf", dtype="float32"))
@@ -162,8 +165,8 @@ def test_adapter_per_layer_ranks_and_scale(tiny_dir, tmp_path):
             assert name + ".lora_a" not in out
             continue
         np.testing.assert_allclose(np.asarray(out[name + ".lora_b"].data),
-                                   (layer.lora_B[:, :b] * scale(c.alpha, b, c.scaling, c.max_rank)).detach().numpy(),
-                                   rtol=1e-6)
+                                   (layer.lora_B[:, :b] * scale(c.alpha, b, c.scaling, c.max_rank)
+                                    * (gains[b - 1] if gains else 1.0)).detach().numpy(), rtol=1e-6)
 
 
 def test_gguf_export_refusals(tiny_dir, tmp_path):
