@@ -170,7 +170,7 @@ def run_one(name: str, seed: int, args) -> dict:
     from qdylora.training.rundir import latest_checkpoint
     from qdylora.training.trainer import train
 
-    if name.endswith("+gains"):  # an older candidate's run (no gains fitted): fit them now, then evaluate
+    if name.endswith(("+gains", "-nogains")):  # a candidate's run with its gains fitted now, or dropped
         return with_gains(name, seed, args)
     out = Path(args.out) / "runs" / f"{name}-seed{seed}"
     print(f"[{time.strftime('%H:%M')}] train {name} seed {seed}", flush=True)
@@ -206,8 +206,9 @@ def run_one(name: str, seed: int, args) -> dict:
 
 
 def with_gains(name: str, seed: int, args, rows: int = 32) -> dict:
-    """The run of `name` without "+gains" (trained with gain_rows 0 or before gains existed), its
-    rank gains fitted as `qdylora train` fits them (`training.gains`, --gain-rows 32), evaluated."""
+    """The run of `name` without its suffix, evaluated with its rank gains fitted as `qdylora
+    train` fits them ("+gains": `training.gains`, --gain-rows 32, the same rows) or with none
+    ("-nogains": a run that `qdylora train` gave gains, without them)."""
     import torch
 
     from qdylora.data.batching import pad_token_id
@@ -217,10 +218,17 @@ def with_gains(name: str, seed: int, args, rows: int = 32) -> dict:
     from qdylora.training.losses import autocast_context
     from qdylora.training.rundir import load_run
 
-    base = name.removesuffix("+gains")
+    base = name.removesuffix("+gains").removesuffix("-nogains")
     out = Path(args.out) / "runs" / f"{base}-seed{seed}"
     trained = json.loads((Path(args.out) / "results" / f"{base}-seed{seed}.json").read_text())
     model, tokenizer, settings = load_run(out)
+    if name.endswith("-nogains"):
+        from qdylora.core.gains import set_rank_gains
+
+        set_rank_gains(model, None)
+        result = {k: trained[k] for k in ("steps", "train_seconds", "train_losses", "peak_memory_bytes")}
+        return {**result, "run": name, "seed": seed,
+                **evaluate(model, tokenizer, settings, args.ranks, args, base=False)}
     data = load_data(settings.data.with_embedded_default(), settings.adapter.seed, tokenizer)
     device = next(model.parameters()).device
     batches = calibration_batches(data.train, rows, settings.adapter.seed, 8, pad_token_id(tokenizer), device)
@@ -337,10 +345,11 @@ def grid(args) -> None:
         lr = json.loads((Path(out) / "study.json").read_text())["lr"] if (Path(out) / "study.json").exists() else None
         for seed in sorted({r["seed"] for r in results}):
             by = {r["run"]: r for r in results if r["seed"] == seed}
-            recipes = [n for n in ("default", *CANDIDATES, *(f"{c}+gains" for c in CANDIDATES)) if n in by]
+            variants = [f"{c}{s}" for c in CANDIDATES for s in ("-nogains", "+gains")]
+            recipes = [n for n in ("default", *CANDIDATES, *variants) if n in by]
             print(f"\n{out}: lr {lr or args.lr}, seed {seed}, {next(iter(by.values()))['test_rows']} ASDiv test rows\n")
             for metric, label, digits in (("loss", "test loss", 3), ("exact_match", "exact match %", 1)):
-                print(f"| rank | {label}: QLoRA r=b | " + " | ".join(recipes) + " |")
+                print("| " + " | ".join(["rank", f"{label}: QLoRA r=b", *recipes]) + " |")
                 print("| ---: |" + " ---: |" * (1 + len(recipes)))
                 ranks = sorted({int(k) for r in by.values() for k in r["values"].get(metric, {})})
                 for rank in ranks:
