@@ -51,7 +51,8 @@ RECIPES = {
     "example-standard": dict(rank_rule="example", scaling="standard"),
     "example-nested": dict(rank_rule="example", scaling="nested"),
     "step-nested": dict(rank_rule="step", scaling="nested"),
-    "full-svd": dict(rank_rule="full", order="svd", scaling="rslora"),  # the defaults of qdylora train
+    # the defaults of qdylora train before issue 39 (no rank gains)
+    "full-svd": dict(rank_rule="full", order="svd", scaling="rslora", gain_rows=0),
     "example-svd": dict(rank_rule="example", order="svd", scaling="rslora"),
     **{f"qlora-r{r}": dict(min_rank=r, max_rank=r) for r in (1, 2, 4, 8, 16, 32, 64)},
     **{f"qlora-r{r}-standard": dict(min_rank=r, max_rank=r, scaling="standard") for r in (1, 8, 64)},
@@ -166,10 +167,13 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
     start = time.perf_counter()
     model, tokenizer, saved = load_run(out)
     data = saved.data.with_embedded_default()
-    loss = run_sweep(model, tokenizer, rows, data, [0] + ranks, ["loss"], progress=args.progress).values["loss"]
+    sweep = run_sweep(model, tokenizer, rows, data, [0] + ranks, ["loss"], progress=args.progress)
+    loss = sweep.values["loss"]
     result = {"task": task, "run": name, "seed": seed, "steps": summary["steps"],
               "train_seconds": summary["seconds"], "test_rows": len(rows),
-              "loss": {str(r): v for r, v in loss.items()}}
+              "loss": {str(r): v for r, v in loss.items()},
+              # the 95 % bootstrap interval over rows (its width / 3.92 is the standard error)
+              "loss_interval": {str(r): list(v) for r, v in sweep.intervals["loss"].items()}}
     if top > 1 and saved.train.order != "svd":
         # every rank of the same run ordered by SVD (qdylora.core.ordering, as --order svd saves it)
         order_by_svd(model)
