@@ -40,7 +40,11 @@ def test_a_step_size_above_what_trained_well_is_named():
     from qdylora.training.settings import HOT_STEP, RunSettings, TrainSettings
 
     assert RunSettings().step_size_warning() is None  # the default: alpha / 64 at lr 2e-4
-    assert RunSettings(train=TrainSettings(lr=1e-3)).step_size_warning() is None  # 0.25 x 1e-3
+    assert RunSettings(train=TrainSettings(lr=1e-2)).step_size_warning() is None  # PEFT's own scale: never
+    small = RunSettings(adapter=QDyLoRAConfig(max_rank=8), train=TrainSettings(lr=1e-3))  # 2 x 1e-3, PEFT's r8
+    assert small.step_size_warning() is None
     hot = RunSettings(adapter=QDyLoRAConfig(scaling="rslora"), train=TrainSettings(lr=5e-4))  # 2 x 5e-4
-    assert "is 0.001, above 0.0003" in hot.step_size_warning() and HOT_STEP == 3e-4
-    assert "--lr" in hot.step_size_warning()
+    assert "(scale x lr = 0.001) 8 times a PEFT QLoRA run's" in hot.step_size_warning() and HOT_STEP == 3e-4
+    assert "--scaling standard" in hot.step_size_warning()
+    cool = RunSettings(adapter=QDyLoRAConfig(scaling="rslora"), train=TrainSettings(lr=1e-4))  # 2 x 1e-4
+    assert cool.step_size_warning() is None
