@@ -5,6 +5,8 @@ and 64, with the paper's metrics per rank.
     .venv/bin/python experiments/qwen_study.py                     # run (or continue) the study
     .venv/bin/python experiments/qwen_study.py --report            # tables, results.json
     .venv/bin/python experiments/qwen_study.py --cost              # step time and peak memory: Qwen vs SmolLM2
+    .venv/bin/python experiments/qwen_study.py --runs k1,k1+gains --ranks 1,2,4,8,16,32,64 --mmlu 0   # issue 39
+    .venv/bin/python experiments/qwen_study.py --grid experiments/qwen-study,experiments/qwen-study-lr2e-4
 
 Qwen2.5-Coder-0.5B-Instruct (`qdylora.data.study_models`), NF4 base, adapters on every linear of
 the blocks, alpha 16, dropout 0.05, the embedded ASDiv split (1,905 train rows), chat template;
@@ -14,6 +16,9 @@ schedule with 5 % warmup, gradient clipping at 0.3, AdamW:
     default      `qdylora train` with its defaults otherwise (rank 64, saved ordered by SVD)
     qlora-r{r}   QLoRA as its users run it: transformers + bitsandbytes NF4 (double quantization)
                  + PEFT LoRA of rank r (alpha / r), trained by the loop below on the same batches
+    k1, k2.83    the fifth study's candidates: rank 64 at s = k alpha / 64, saved in SVD order
+                 ("default" is k = 8: the fourth study's run); NAME+gains: that run with its rank
+                 gains fitted afterwards as `qdylora train` fits them; NAME-nogains: without them
 
 Evaluation (the same code for every run; a QLoRA run's PEFT weights are loaded into a qdylora
 model of max rank r with alpha / r, which PEFT reproduces: tests/export):
