@@ -149,7 +149,7 @@ def export_peft(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[st
         if layout == "padded":  # s(b) into B, zeros up to r: PEFT's scale is lora_alpha / r = 1
             r = config["r"]
             A = torch.cat([A, A.new_zeros(r - b, A.shape[1])])
-            s = scale(c.alpha, b, c.scaling, c.max_rank, rank_gains(model))
+            s = scale(c.alpha, b, c.scaling, c.max_rank, layer.rank_gains)
             B = torch.cat([B * s, B.new_zeros(B.shape[0], r - b)], dim=1)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B.contiguous()

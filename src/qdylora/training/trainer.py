@@ -183,26 +183,26 @@ def _train(settings: RunSettings, run: RunDir, overwrite: bool, resume: bool, pr
         if isinstance(job.optimizer, InBackwardOptimizer):
             job.optimizer.remove_hooks()
 
-    if t.order == "svd" and t.gain_rows and main and pos.step == max_steps:
-        last_val = _fit_gains(job, run, pos, data.train, val_batches, eval_ranks) or last_val
+    if t.order == "svd":
+        order_by_svd(model)  # the model is left as RUN/adapter.safetensors holds it
+        if t.gain_rows and main:
+            last_val = _fit_gains(job, run, pos, data.train, val_batches, eval_ranks) or last_val
     return _finish(job, run, pos, first_val, last_val)
 
 
 def _fit_gains(job: Job, run: RunDir, pos: "Position", train_rows, val_batches, eval_ranks: list[int]) -> dict:
-    """Order the adapter by SVD, fit its rank gains on --gain-rows training rows (`gains.py`),
+    """Fit the SVD-ordered adapter's rank gains on --gain-rows training rows (`gains.py`),
     rewrite RUN/adapter.safetensors with them; returns the validation loss of that adapter (the
     metrics' last validation line was taken before the gains)."""
     from .calibration import calibration_batches
     from .gains import fit_rank_gains
 
-    order_by_svd(job.model)
     batches = calibration_batches(train_rows, job.settings.gain_rows, job.model.qdylora_config.seed,
                                   job.settings.micro_batch_size, job.pad_id, job.device)
     fit = fit_rank_gains(job.model, batches, job.autocast)
     log.info(f"rank gains fitted on {fit.rows} training rows: " + ", ".join(
         f"rank {b}: {g:.2f} (loss {fit.loss_at_one[b]:.4f} -> {fit.loss[b]:.4f})" for b, g in fit.gains.items()))
-    save_adapter(job.model, run.adapter, extra={"step": pos.step, "rank_range": [job.sampler.min_rank,
-                 job.sampler.max_rank], "rank_gain_fit": fit.to_dict()})
+    save_adapter(job.model, run.adapter, extra={**_adapter_extra(job, pos), "rank_gain_fit": fit.to_dict()})
     if not val_batches:
         return {}
     return validation_loss(job.model, val_batches, eval_ranks, job.pad_id, job.device, job.autocast)
@@ -246,10 +246,9 @@ def _first_validation(run: RunDir, resume: bool, main: bool, evaluate) -> Option
 
 
 def _finish(job: "Job", run: RunDir, pos: "Position", first_val, last_val: dict[int, float]) -> dict:
-    """summary.json; the model is left as RUN/adapter.safetensors holds it (SVD-ordered with
-    --order svd), so a caller that passed its own model goes on with the saved adapter."""
-    if job.settings.order == "svd" and not (job.settings.gain_rows and job.procs.is_main):
-        order_by_svd(job.model)  # (with gains, `_fit_gains` ordered it)
+    """summary.json. The model is left as RUN/adapter.safetensors holds it (SVD-ordered with
+    --order svd, with its rank gains), so a caller that passed its own model goes on with the
+    saved adapter."""
     return run.finish(pos.step, pos.tokens_seen, pos.seconds, peak_memory_bytes(job.device), first_val, last_val)
 
 
@@ -413,9 +412,14 @@ def _checkpoint(job: Job, run: RunDir, pos: Position) -> Optional[Path]:
         rng_cuda=torch.cuda.get_rng_state(job.device) if job.device.type == "cuda" else None,
         micro_batch_position=pos.step * t.grad_accumulation, optim=t.optim,
         optimizer_in_backward=t.optimizer_in_backward)
-    extra = {"step": pos.step, "rank_range": [job.sampler.min_rank, job.sampler.max_rank]}
+    extra = _adapter_extra(job, pos)
     return run.save_checkpoint(lambda p: save_adapter(job.model, p, extra=extra), state, t.keep_last,
                                write_run_adapter=_saved_adapter_writer(job, extra))
+
+
+def _adapter_extra(job: Job, pos: Position) -> dict:
+    """What an adapter file of the run records beside its tensors: the step and the rank range."""
+    return {"step": pos.step, "rank_range": [job.sampler.min_rank, job.sampler.max_rank]}
 
 
 def _announce(data: Datasets, procs: distributed.Processes, t: TrainSettings, global_batch: int) -> None:
