@@ -227,21 +227,20 @@ def with_gains(name: str, seed: int, args, rows: int = 32) -> dict:
     out = Path(args.out) / "runs" / f"{base}-seed{seed}"
     trained = json.loads((Path(args.out) / "results" / f"{base}-seed{seed}.json").read_text())
     model, tokenizer, settings = load_run(out)
+    result = {k: trained[k] for k in ("steps", "train_seconds", "train_losses", "peak_memory_bytes")}
+    result.update(run=name, seed=seed)
     if name.endswith("-nogains"):
         from qdylora.core.gains import set_rank_gains
 
         set_rank_gains(model, None)
-        result = {k: trained[k] for k in ("steps", "train_seconds", "train_losses", "peak_memory_bytes")}
-        return {**result, "run": name, "seed": seed,
-                **evaluate(model, tokenizer, settings, args.ranks, args, base=False)}
+        return {**result, **evaluate(model, tokenizer, settings, args.ranks, args, base=False)}
     data = load_data(settings.data.with_embedded_default(), settings.adapter.seed, tokenizer)
     device = next(model.parameters()).device
     batches = calibration_batches(data.train, rows, settings.adapter.seed, 8, pad_token_id(tokenizer), device)
     start = time.perf_counter()
     fit = fit_rank_gains(model, batches, lambda: autocast_context(device, torch.bfloat16, True))
     print(f"[{time.strftime('%H:%M')}] {name}: gains {fit.gains} in {time.perf_counter() - start:.0f} s", flush=True)
-    result = {k: trained[k] for k in ("steps", "train_seconds", "train_losses", "peak_memory_bytes")}
-    result.update(run=name, seed=seed, gain_fit=fit.to_dict(), gain_seconds=time.perf_counter() - start,
+    result.update(gain_fit=fit.to_dict(), gain_seconds=time.perf_counter() - start,
                   **evaluate(model, tokenizer, settings, args.ranks, args, base=False))
     return result
 
