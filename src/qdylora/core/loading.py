@@ -8,6 +8,7 @@ dequantized by transformers and then quantized to NF4 layer by layer.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import struct
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ def release_page_cache(directory: Path, names: Optional[list[str]] = None) -> No
     if not hasattr(os, "posix_fadvise"):
         return
     files = [directory / n for n in names] if names else sorted(directory.glob("*.safetensors"))
+    # the loader's file handles can sit in reference cycles until the next collection, and pages
+    # a live mapping holds are not dropped: collect first (milliseconds, once per load)
+    gc.collect()
     for path in files:
         try:
             fd = os.open(path, os.O_RDONLY)
