@@ -63,7 +63,8 @@ def settings_for(name: str, seed: int, args):
     adapter = QDyLoRAConfig(**{"alpha": ALPHA, "dropout": DROPOUT, "seed": seed, **extra})
     train = TrainSettings(max_steps=args.steps, micro_batch_size=8, grad_accumulation=1, lr=args.lr,
                           schedule="cosine", warmup_steps=max(1, args.steps // 20), eval_every=0,
-                          save_every=max(1, args.steps // 10), keep_last=20)  # every tenth: the spectrum over steps
+                          save_every=max(1, args.steps // 10), keep_last=20,  # every tenth: the spectrum over steps
+                          gain_rows=0 if name in CANDIDATES else 32)  # a candidate's gains: NAME+gains
     return RunSettings(model=args.model, adapter=adapter, data=DataSettings(val_max_examples=32), train=train)
 
 
