@@ -50,7 +50,8 @@ PROBES = {"qdylora-r8": dict(max_rank=8, scaling="standard"),
           "qdylora-r8-fp32": dict(max_rank=8, scaling="standard", frozen_dtype="float32")}
 # Candidate recipes for the default (issue 39): one rank-64 run saved in SVD order, trained at the
 # scale s = k * alpha / 64 (k = 1 is PEFT's own rank-64 scale, k = 8 the rsLoRA scale of "default")
-CANDIDATES = {"k1": dict(scaling="standard"), "k2.83": dict(scaling="standard", alpha=ALPHA * 2.83)}
+CANDIDATES = {"k1": dict(scaling="standard"), "k2.83": dict(scaling="standard", alpha=ALPHA * 2.83),
+              "k8": dict(scaling="standard", alpha=ALPHA * 8)}  # k8 trains as "default" did (alpha / sqrt(64))
 
 
 def settings_for(name: str, seed: int, args):
