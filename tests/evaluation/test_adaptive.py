@@ -83,7 +83,9 @@ def test_quick_mode_stops_entries_no_row_count_could_decide():
     calls, unbounded_calls = [], []
     quick = measure(stored(stats, calls), entries, row_order(300, 0),
                     judge_by(lambda s: decisions(s, early), entries, 300))
-    assert all(s.shape[0] < 300 for s in quick["loss"].values()) and len(calls) <= 2
+    # rank 1 would need more than 4x the rows: it stops after the first round; ranks the
+    # recommendation is not yet shown within the tolerance of stay open while all the rows might show it
+    assert quick["loss"][1].shape[0] < 300 and quick["loss"][0].shape[0] < 300
     verdicts = decisions(quick, boot)[0]
     assert verdicts.undecided and not verdicts.sure  # still said: these rows cannot decide them
     # the default mode (no row count) measures them further

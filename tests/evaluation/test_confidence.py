@@ -149,3 +149,86 @@ def test_wilson_interval_against_its_formula_and_the_bootstrap_degenerate_case()
     zeros = torch.stack([torch.zeros(32), torch.ones(32)], 1).double()
     assert Bootstrap().interval(zeros, ratio(100.0)) == (0.0, 0.0)  # what the bootstrap said
     assert is_binary(zeros) and not is_binary(zeros * 0.5)
+
+
+# --- the recommendation claims no more than its rows show (issue 41) -------------------------
+
+def _scores(rows: list[int]) -> torch.Tensor:
+    """(n, 2) stats of 0/1 scores."""
+    hits = torch.tensor(rows, dtype=torch.float64)
+    return torch.stack([hits, torch.ones_like(hits)], dim=1)
+
+
+def _patterns():
+    """Per-rank 0/1 rows on a shared n: all 0, all 1, random, or a copy of another rank's."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw(draw_):
+        n = draw_(st.integers(1, 40))
+        ranks = sorted(draw_(st.sets(st.sampled_from([1, 2, 4, 8, 16, 32, 64]), min_size=1, max_size=5)))
+        stats = {}
+        for r in ranks:
+            kind = draw_(st.sampled_from(["zeros", "ones", "random", "copy"] if stats else ["zeros", "ones", "random"]))
+            if kind == "copy":
+                stats[r] = stats[draw_(st.sampled_from(sorted(stats)))].clone()
+            else:
+                rows = ([0] * n if kind == "zeros" else [1] * n if kind == "ones"
+                        else draw_(st.lists(st.integers(0, 1), min_size=n, max_size=n)))
+                stats[r] = _scores(rows)
+        return stats
+    return draw()
+
+
+def test_a_sure_recommendation_is_shown_within_tolerance_of_every_larger_rank():
+    """Property cases (ties, all-0 and all-1 scores, one and two rows, identical entries, a best
+    that is the smallest or the largest rank): a decision is "sure" only when the recommendation's
+    own paired comparison with every larger rank that is not shown worse than the best has its
+    upper deficit bound within the tolerance, never on one row, and its line says so; every other
+    decision says what more rows would tell."""
+    from hypothesis import HealthCheck, given, settings
+
+    boot = Bootstrap(draws=300)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_patterns())
+    def check(stats):
+        d = decide("exact_match", stats, PERCENT, True, 1.0, boot, scores=True)
+        n = min(s.shape[0] for s in stats.values())
+        larger = [r for r in stats if r > d.recommended and d.comparisons[r].verdict != WORSE]
+        if d.sure:
+            assert n >= 2 or len(stats) == 1
+            for r in larger:
+                c = compare(stats[d.recommended], stats[r], PERCENT, True, 1.0, boot, scores=True)
+                assert c.deficit_bounds[1] <= 1.0
+            assert "at 95% confidence" in d.message() and "would tell" not in d.message()
+        else:
+            assert "would tell" in d.message() and "is the smallest within" not in d.message()
+        assert set(d.unshown) <= set(larger)
+
+    check()
+
+
+def test_all_zero_scores_say_nothing_is_decided():
+    """The demo's case: exact match 0 of 32 at every rank. Rank 1 is the point-best and the
+    smallest, which made the old rule call it sure."""
+    stats = {r: _scores([0] * 32) for r in (0, 1, 2, 4, 8, 16, 32, 64)}
+    d = decide("exact_match", stats, PERCENT, True, 1.0, Bootstrap(), scores=True)
+    assert d.recommended == 1 and not d.sure and d.unshown == [2, 4, 8, 16, 32, 64]
+    assert "cannot tell the ranks apart" in d.message() and "not a decision" in d.message()
+
+
+def test_one_row_decides_nothing_and_has_no_interval():
+    stats = {1: torch.tensor([[0.5, 1.0]]), 8: torch.tensor([[0.4, 1.0]])}
+    d = decide("loss", stats, ratio(), False, 0.01, Bootstrap())
+    assert d.recommended == 8 and d.undecided == [1] and not d.sure  # the best: its own deficit is 0
+    assert d.comparisons[1].verdict not in (GOOD, WORSE) and "more rows would tell" in d.message()
+    assert all(math.isnan(v) for v in Bootstrap().interval(stats[1], ratio()))
+
+
+def test_best_smallest_rank_is_sure_when_the_rows_show_it():
+    """Rank 1 truly as good as rank 64 on many rows with little noise: shown, so sure."""
+    stats = losses({1: 0.0, 8: 0.0, 64: 0.0}, n=400, noise=0.001)
+    d = decide("loss", stats, ratio(), False, 0.01, Bootstrap())
+    assert d.recommended == 1 and d.sure and not d.unshown
+    assert "within 0.01 of every larger rank" in d.message()

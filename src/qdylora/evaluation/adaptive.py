@@ -90,7 +90,8 @@ def open_entries(entries: Sequence[Hashable], decisions: Sequence[Decision], qui
     """The entries some decision still depends on, in `entries` order; nothing when every
     decision is settled.
 
-    By default: each decision's best, its undecided smaller entries, and its contenders (entries
+    By default: each decision's best and recommendation, its undecided smaller entries, the larger
+    entries the recommendation is not shown within the tolerance of, and its contenders (entries
     not shown worse than the best at all: on more rows one of them may become the best, and every
     verdict is taken against the best). Keeping the contenders is what keeps the exhaustive
     sweep's decision (measured in docs/performance.md: without them the best was often settled
@@ -102,12 +103,14 @@ def open_entries(entries: Sequence[Hashable], decisions: Sequence[Decision], qui
     rank on every row). Cheaper, and a different pick from the exhaustive one more often."""
     keep: set = set()
     for d in decisions:
+        open_ = {r: d.comparisons[r] for r in d.undecided} | {r: d.margins[r] for r in d.unshown}
         if quick_rows is None:
-            live, rivals = list(d.undecided), list(d.contenders)
+            live, rivals = list(open_), list(d.contenders)
         else:
-            live, rivals = [r for r in d.undecided if d.comparisons[r].rows_needed <= FUTILE * quick_rows], []
+            live = [r for r, c in open_.items() if c.rows_needed is None or c.rows_needed <= FUTILE * quick_rows]
+            rivals = []
         if live or rivals:
-            keep |= {d.best, *live, *rivals}
+            keep |= {d.best, d.recommended, *live, *rivals}
     return [e for e in entries if e in keep]
 
 

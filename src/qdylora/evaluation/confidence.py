@@ -28,6 +28,7 @@ import torch
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_DRAWS = 2000  # bootstrap resamples; percentiles of 2000 draws move by ~0.3 % of the width
 DEFAULT_SEED = 0
+MIN_ROWS = 2  # fewer rows have no spread to resample: every comparison on them is undecided
 GOOD, WORSE, UNDECIDED = "good enough", "worse", "undecided"
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # summed stats (..., S) -> metric (...)
@@ -101,8 +102,9 @@ class Bootstrap:
         return reduce(self.counts(stats.shape[0]) @ stats.double())
 
     def interval(self, stats: torch.Tensor, reduce: Reduce) -> tuple[float, float]:
-        """Two-sided percentile interval of the metric at `confidence`."""
-        if stats.shape[0] == 0:
+        """Two-sided percentile interval of the metric at `confidence` (unknown on fewer than
+        MIN_ROWS rows: one row resampled is itself, a zero-width interval)."""
+        if stats.shape[0] < MIN_ROWS:
             return math.nan, math.nan
         v, tail = self.values(stats, reduce), (1 - self.confidence) / 2
         return _quantile(v, tail), _quantile(v, 1 - tail)
@@ -142,6 +144,8 @@ def compare(stats: torch.Tensor, best: torch.Tensor, reduce: Reduce, higher_is_b
     m = min(stats.shape[0], best.shape[0])
     a, b = stats[:m].double(), best[:m].double()
     diff = float(reduce(a.sum(0)) - reduce(b.sum(0)))
+    if m < MIN_ROWS:  # a resample of one row is that row: a zero-width interval, not a certainty
+        return Comparison(diff, (math.nan, math.nan), (math.nan, math.nan), UNDECIDED, m)
     if scores:
         one = torch.ones(2, dtype=torch.float64)
         a = torch.cat([a, torch.stack([torch.tensor([0.0, 1.0]), one]).double()])  # (m+2, 2): loses one, wins one
@@ -175,8 +179,10 @@ def rows_needed(rows: int, deficit: float, bounds: tuple[float, float], toleranc
 @dataclass(frozen=True)
 class Decision:
     """The recommendation for one metric: the smallest entry shown good enough (by rank, or by
-    parameters with `size`), the best by point estimate, every entry's comparison with it, and
-    the smaller entries the rows could not decide."""
+    parameters with `size`), the best by point estimate, every entry's comparison with it, the
+    smaller entries the rows could not decide, and the recommendation's own comparison with each
+    larger entry not shown worse than the best (`margins`: the point-best is one estimate, and a
+    larger entry may truly be better by more than the tolerance)."""
 
     metric: str
     recommended: Hashable
@@ -186,32 +192,47 @@ class Decision:
     comparisons: dict
     undecided: list
     contenders: list = field(default_factory=list)  # candidates not shown worse than the best at all
+    margins: dict = field(default_factory=dict)  # {larger entry: the recommendation compared with it}
+
+    @property
+    def unshown(self) -> list:
+        """Larger entries the recommendation is not shown within the tolerance of."""
+        return [r for r, c in self.margins.items() if c.verdict != GOOD]
 
     @property
     def sure(self) -> bool:
-        """True when no smaller entry may still be good enough."""
-        return not self.undecided
+        """True when the recommendation is shown within the tolerance of every larger entry that may
+        be better, and no smaller entry may still be good enough."""
+        return not self.undecided and not self.unshown
 
     def message(self, name=str) -> str:
         """One line: what is recommended, how sure, and what more rows would settle."""
-        head = (f"{self.metric}: rank {name(self.recommended)} is the smallest within {self.tolerance:g} of the best "
-                f"(rank {name(self.best)}) at {self.confidence:.0%} confidence")
+        rec, best, tol = name(self.recommended), name(self.best), f"{self.tolerance:g}"
         if self.sure:
-            return head
-        needed = max(self.comparisons[r].rows_needed or 0 for r in self.undecided)
-        rows = self.comparisons[self.undecided[0]].rows
-        smaller = ", ".join(name(r) for r in self.undecided)
+            return (f"{self.metric}: rank {rec} is the smallest within {tol} of every larger rank (the best: rank "
+                    f"{best}) at {self.confidence:.0%} confidence")
+        open_ = [self.margins[r] for r in self.unshown] + [self.comparisons[r] for r in self.undecided]
+        rows = min(c.rows for c in open_)
+        needed = max((c.rows_needed or 0) for c in open_)
+        more = f"about {needed:,} rows would tell" if needed > rows else "more rows would tell"
         if all(c.verdict != WORSE for r, c in self.comparisons.items() if r != 0):
-            return (f"{self.metric}: the {rows} rows cannot tell the ranks apart (none is surely worse than the best, "
-                    f"rank {name(self.best)}, by more than {self.tolerance:g}); rank {name(self.recommended)} is the "
-                    f"smallest shown good enough; about {needed:,} rows would decide rank {smaller}")
-        return f"{head}; rank {smaller} may be good enough too: about {needed:,} rows would tell"
+            return (f"{self.metric}: the {rows} rows cannot tell the ranks apart (none is surely worse than the "
+                    f"best, rank {best}, by more than {tol}): rank {rec} is a guess, not a decision; {more}")
+        parts = []
+        if self.unshown:
+            parts.append(f"do not show it within {tol} of rank {', '.join(name(r) for r in self.unshown)}")
+        if self.undecided:
+            parts.append(f"cannot tell whether rank {', '.join(name(r) for r in self.undecided)} is good enough too")
+        what = "the best measured" if self.recommended == self.best else f"within {tol} of the best (rank {best})"
+        return (f"{self.metric}: rank {rec} is {what}, but at {self.confidence:.0%} confidence the {rows} rows "
+                f"{' and '.join(parts)}; {more}")
 
     def to_dict(self, name=str) -> dict:
         return {"recommended": name(self.recommended), "best": name(self.best), "tolerance": self.tolerance,
                 "confidence": self.confidence, "sure": self.sure, "undecided": [name(r) for r in self.undecided],
-                "message": self.message(name),
-                "vs_best": {name(r): c.to_dict() for r, c in self.comparisons.items()}}
+                "unshown": [name(r) for r in self.unshown], "message": self.message(name),
+                "vs_best": {name(r): c.to_dict() for r, c in self.comparisons.items()},
+                "vs_larger": {name(r): c.to_dict() for r, c in self.margins.items()}}
 
 
 def decide(metric: str, stats: Mapping[Hashable, torch.Tensor], reduce: Reduce, higher_is_better: bool,
@@ -230,12 +251,19 @@ def decide(metric: str, stats: Mapping[Hashable, torch.Tensor], reduce: Reduce, 
     most = max(stats[r].shape[0] for r in cands)
     full = [r for r in cands if stats[r].shape[0] == most]
     best = (max if higher_is_better else min)(full, key=lambda r: values[r])
-    comparisons = {r: compare(stats[r], stats[best], reduce, higher_is_better, tolerance, boot, scores and r != best)
-                   for r in values}
+    itself = Comparison(0.0, (0.0, 0.0), (0.0, 0.0), GOOD, most)  # the best against itself: no deficit
+    comparisons = {r: itself if r == best else compare(stats[r], stats[best], reduce, higher_is_better, tolerance,
+                                                        boot, scores) for r in values}
     key = (lambda r: (size[r], str(r))) if size is not None else (lambda r: r)
     good = sorted((r for r in cands if comparisons[r].verdict == GOOD), key=key)
     recommended = good[0]  # the best itself is always good enough: its deficit is 0
     undecided = [r for r in sorted(cands, key=key)
                  if key(r) < key(recommended) and comparisons[r].verdict == UNDECIDED]
     contenders = [r for r in cands if r != best and comparisons[r].deficit_bounds[0] <= 0]
-    return Decision(metric, recommended, best, tolerance, boot.confidence, comparisons, undecided, contenders)
+    # larger entries shown worse than the best by more than the tolerance cannot be far better than
+    # the recommendation, which is shown within it of the best; every other one is compared
+    margins = {r: comparisons[recommended] if r == best else
+               compare(stats[recommended], stats[r], reduce, higher_is_better, tolerance, boot, scores)
+               for r in sorted(cands, key=key) if key(r) > key(recommended) and comparisons[r].verdict != WORSE}
+    return Decision(metric, recommended, best, tolerance, boot.confidence, comparisons, undecided, contenders,
+                    margins)
