@@ -77,6 +77,7 @@ def test_debug_shows_the_traceback(tmp_path):
     (["merge", "{run}", "--rank", "9", "--out", "{tmp}/m"], "outside 1..8"),
     (["export", "{run}", "--ranks", "0,2", "--out", "{tmp}/e"], "outside 1..8"),
     (["sweep", "{run}", "--ranks", "1,9", "--out", "{tmp}/s"], "outside 1..8"),
+    (["sweep", "{run}", "--ranks", "0", "--out", "{tmp}/s"], "measures the base model only"),  # was a traceback
     (["generate", "{run}", "--rank", "-1", "--prompt", "x"], "outside 0..8"),
 ])
 def test_rank_out_of_range_in_every_run_command(trained_run, tmp_path, capsys, argv, message):

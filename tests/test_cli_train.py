@@ -58,6 +58,8 @@ def bad_cases(tmp_path):
     (tmp_path / "nofield.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+2="}\n')
     (tmp_path / "fields.jsonl").write_text('{"q": "1+1=", "a": "2"}\n')
     (tmp_path / "bad.yaml").write_text("max_rank: 4\nbogus: 1\n")
+    (tmp_path / "list.yaml").write_text("train: [1, 2]\n")
+    (tmp_path / "scalar.json").write_text('{"settings": 5}')
     tpl = ["--prompt-template", "{question}", "--response-template", "{answer}"]
     return [
         (["--data", str(tmp_path / "missing.jsonl")] + tpl, "data file", "does not exist"),
@@ -75,6 +77,10 @@ def bad_cases(tmp_path):
         (["--data", data] + tpl + ["--max-steps", "0"], "", "max_steps must be at least 1, got 0"),
         (["--data", data] + tpl + ["--config", str(tmp_path / "bad.yaml")], "", "unknown setting 'bogus'"),
         (["--data", data] + tpl + ["--config", str(tmp_path / "none.yaml")], "", "cannot read config file"),
+        (["--data", data] + tpl + ["--config", str(tmp_path / "list.yaml")], "",
+         "'train' must hold a mapping of its settings"),
+        (["--data", data] + tpl + ["--config", str(tmp_path / "scalar.json")], "",
+         "'settings' must hold a mapping of settings, got int"),
     ]
 
 

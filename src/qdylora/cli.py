@@ -68,11 +68,17 @@ def _read_settings_file(path: str) -> dict:
 
     groups = _groups()
     values = values.get("settings", values)  # a run's config.json
+    if not isinstance(values, dict):
+        raise QDyLoRAError(f"config file {path}: 'settings' must hold a mapping of settings, "
+                           f"got {type(values).__name__}")
     top = {f.name for f in fields(RunSettings)} - set(groups)
     nested: dict = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name in groups and isinstance(value, dict):
+        if name in groups and not isinstance(value, dict):
+            raise QDyLoRAError(f"config file {path}: {key!r} must hold a mapping of its settings "
+                               f"({key}: {{lr: 2e-4, ...}}), got {type(value).__name__}")
+        if name in groups:
             nested.setdefault(name, {}).update(value)
         elif name in top:
             nested[name] = value

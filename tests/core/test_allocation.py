@@ -168,6 +168,8 @@ def test_parse_budget_units():
     for bad in ("two", "-1", "0", "3 parsecs", "nan"):
         with pytest.raises(QDyLoRAError, match="budget"):
             parse_budget(bad, costs)
+    with pytest.raises(QDyLoRAError, match="'1e400' is not a finite number"):  # was "must be positive"
+        parse_budget("1e400", costs)
 
 
 def test_allocation_records_are_checked():

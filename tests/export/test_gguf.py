@@ -245,3 +245,5 @@ def test_the_base_gguf_of_a_run(tiny_dir, tmp_path):
     assert base_gguf_of(str(beside)) == tmp_path / "tiny.gguf"
     with pytest.raises(QDyLoRAError, match="is not a .gguf file"):
         base_gguf_of(None, str(tmp_path / "converted"))
+    with pytest.raises(QDyLoRAError, match="missing.gguf does not exist"):  # was "is not a .gguf file"
+        base_gguf_of(None, str(tmp_path / "missing.gguf"))

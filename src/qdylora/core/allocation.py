@@ -161,7 +161,10 @@ def parse_budget(text: str, costs: Mapping[str, int]) -> int:
         raise QDyLoRAError(f"cannot read the budget {text!r}: use an average rank (2, 0.5r), a parameter "
                            "count (1.5M, 300k, 120000params) or a size (4MB, 4MiB)")
     value, unit = float(m.group(1)), m.group(2).lower()
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise QDyLoRAError(f"the budget {text!r} is not a finite number: give an average rank (2), a parameter "
+                           "count (1.5M) or a size (4MB)")
+    if value <= 0:
         raise QDyLoRAError(f"the budget must be positive, got {text!r}")
     if unit in ("", "r", "rank"):
         return int(value * sum(costs.values()))

@@ -539,6 +539,9 @@ def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optiona
 
     requests = [AllocationRequest(budget=str(b), score=s, calibration_rows=calibration_rows)
                 for b in budgets for s in scores]  # malformed budgets and scores fail before loading
+    if ranks and not any(r > 0 for r in ranks):
+        raise QDyLoRAError(f"--ranks {','.join(map(str, ranks))} measures the base model only, and a sweep "
+                           "compares adapter ranks: add a rank above 0 (--ranks 0,1,8,64)")
     out = Path(out or run_dir)
     finish_moves(out / SWEEP_JOURNAL)  # an earlier sweep killed among its renames: its files complete
     existing = [n for n in SWEEP_FILES.values() if (out / n).exists()]

@@ -361,6 +361,8 @@ def base_gguf_of(model: Optional[str], given: Optional[str] = None) -> Optional[
 
     if given is not None:
         path = Path(given).expanduser()
+        if not path.exists():
+            raise QDyLoRAError(f"--base-gguf {given} does not exist: give the path of the base model's .gguf file")
         if not path.is_file() or path.suffix != ".gguf":
             raise QDyLoRAError(f"--base-gguf {given} is not a .gguf file")
         return path
