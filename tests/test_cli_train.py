@@ -126,6 +126,36 @@ def test_existing_out_dir_is_refused_without_overwrite(tiny_lm, tmp_path, capsys
     assert (out / "keep.txt").read_text() == "x" and (out / "adapter.safetensors").is_file()
 
 
+def test_overwrite_refuses_a_run_holding_a_users_file_or_a_link(tiny_lm, tmp_path, capsys):
+    """--overwrite removed RUN/peft/ with a user's file in it, and with RUN/checkpoints a symbolic
+    link deleted config, adapter and metrics, then failed: old run gone, no new one. Now both are
+    refused in one line before anything is removed, and the old run stays whole."""
+    data = write_sums(tmp_path / "sums.jsonl", n=24)
+    out = tmp_path / "run"
+    assert main(run_args(tiny_lm, data, out)) == 0
+    capsys.readouterr()
+    whole = lambda: sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # noqa: E731
+    (out / "peft").mkdir()
+    (out / "peft" / "adapter_config.json").write_text("{}")  # an export of ours: may go
+    (out / "peft" / "notes.md").write_text("mine")
+    before = whole()
+    assert main(run_args(tiny_lm, data, out, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "would remove" in err and "notes.md" in err and err.count("\n") == 1, err
+    assert whole() == before and (out / "peft" / "notes.md").read_text() == "mine"
+    (out / "peft" / "notes.md").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    (out / "checkpoints").rename(elsewhere)
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    before, held = whole(), sorted(p.name for p in elsewhere.iterdir())
+    assert main(run_args(tiny_lm, data, out, "--overwrite")) == 2
+    assert "checkpoints (a symbolic link)" in capsys.readouterr().err
+    assert whole() == before and sorted(p.name for p in elsewhere.iterdir()) == held
+    (out / "checkpoints").unlink()
+    assert main(run_args(tiny_lm, data, out, "--overwrite")) == 0  # ours only: replaced
+    assert (out / "adapter.safetensors").is_file() and not (out / "peft").exists()
+
+
 def test_unknown_format_is_refused_by_the_parser(capsys):
     assert main(["train", "--out", "x", "--format", "yaml"]) == 2
     assert capsys.readouterr().err.startswith("qdylora: error: invalid choice 'yaml' for argument '--format'")

@@ -75,15 +75,16 @@ def _read_settings_file(path: str) -> dict:
     nested: dict = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name in groups and not isinstance(value, dict):
-            raise QDyLoRAError(f"config file {path}: {key!r} must hold a mapping of its settings "
-                               f"({key}: {{lr: 2e-4, ...}}), got {type(value).__name__}")
-        if name in groups:
+        if name in groups and isinstance(value, dict):
             nested.setdefault(name, {}).update(value)
         elif name in top:
             nested[name] = value
-        else:
+        else:  # a flat setting ("data" is a group and the data file's setting too)
             group = next((g for g, cls in groups.items() if name in {f.name for f in fields(cls)}), None)
+            if group is None and name in groups:
+                raise QDyLoRAError(f"config file {path}: {key!r} must hold a mapping of its settings "
+                                   f"({key}: {{{next(f.name for f in fields(groups[name]))}: ...}}), "
+                                   f"got {type(value).__name__}")
             if group is None:
                 raise QDyLoRAError(f"config file {path}: unknown setting {key!r}")
             nested.setdefault(group, {})[name] = value

@@ -141,6 +141,11 @@ TEMP_MARK = ".qdylora-"  # temporary names: ".<name>.qdylora-<pid>.<random>.tmp"
 _TEMP = re.compile(r"^\..*\.qdylora-(\d+)\.[^.]*\.tmp$")
 
 
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temporary file or directory qdylora writes before a rename."""
+    return _TEMP.match(name) is not None
+
+
 def _temp_file(path: Path) -> Path:
     """An empty temporary file beside `path`, named for it (`_prefix`), with a normal mode (mkstemp
     makes 0600); the leftovers of dead writers in that folder are cleared first."""

@@ -184,6 +184,10 @@ def test_gguf_export_refusals(tiny_dir, tmp_path):
         export_gguf_adapter(model, 4, tmp_path / "a.gguf", base_gguf=tiny_base_gguf("qwen2", tmp_path / "q.gguf"))
     with pytest.raises(QDyLoRAError, match="is the run's base GGUF"):
         merge_gguf(model, 4, base, base, overwrite=True)
+    before = Path(base).read_bytes()
+    with pytest.raises(QDyLoRAError, match="is the run's base GGUF"):  # the adapter export replaced it
+        export_gguf_adapter(model, 4, base, base_gguf=base, overwrite=True)
+    assert Path(base).read_bytes() == before
     with pytest.raises(QDyLoRAError, match="is a qwen2 model, the run's base a llama one"):
         merge_gguf(model, 4, tmp_path / "m.gguf", tmp_path / "q.gguf")
     wide = tiny_base_gguf("llama", tmp_path / "wide.gguf", intermediate_size=192)  # other shapes

@@ -194,7 +194,7 @@ def export_gguf_adapter(model: QDyLoRAModel, rank: Union[int, Allocation], out: 
         raise QDyLoRAError(f"a GGUF adapter is written in {', '.join(ADAPTER_TYPES)}, not {dtype}")
     c = model.qdylora_config
     check_ranks([rank] if isinstance(rank, int) else [b for _, b in rank.ranks if b > 0], c.max_rank)
-    _check_output(Path(out), overwrite)
+    _check_output(Path(out), overwrite, Path(base_gguf) if base_gguf is not None else None)
     arch = gguf_architecture(model.model)
     tensors = adapter_tensors(model, rank)
     if base_gguf is not None:  # each pair's base tensor: name.weight of (out, in) = (lora_b rows, lora_a columns)
@@ -233,7 +233,7 @@ def _check_output(out: Path, overwrite: bool, base: Optional[Path] = None) -> No
     """A GGUF output is one .gguf file: an existing one is replaced only with `overwrite`, a
     directory never, the run's `base` GGUF not even then."""
     if base is not None and out.exists() and out.resolve() == base.resolve():
-        raise QDyLoRAError(f"--out {out} is the run's base GGUF: merging there would replace it; choose another --out")
+        raise QDyLoRAError(f"--out {out} is the run's base GGUF: writing there would replace it; choose another --out")
     if out.suffix != ".gguf":
         raise QDyLoRAError(f"--out {out} should end in .gguf: a GGUF export writes one file (llama.cpp and Ollama "
                            "read .gguf files)")
@@ -392,7 +392,7 @@ def export_run_gguf(run_dir: Union[str, Path], ranks: list[int], out: Union[str,
     out = Path(out)
     targets = [out] if one or allocation is not None else [out / f"rank-{r}.gguf" for r in ranks]
     for target in targets:
-        _check_output(target, overwrite)
+        _check_output(target, overwrite, base)  # never the base GGUF, even with --overwrite
     model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
     entries: list[Union[int, Allocation]] = list(ranks)
     if allocation is not None:

@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import dataclasses
 from dataclasses import dataclass, replace
@@ -42,7 +43,7 @@ from ..core.devices import resolve_device
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
 from ..errors import QDyLoRAError
-from ..files import atomic_dir, atomic_write, remove_tree
+from ..files import atomic_dir, atomic_write, is_temp_name, remove_tree
 from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata
 from .settings import RunSettings
 
@@ -53,6 +54,35 @@ ALLOCATIONS = "allocations"  # RUN/allocations/<name>.json: per-layer ranks (eva
 CALIBRATION_FILE = "calibration.safetensors"  # RUN's calibration statistics (training.calibration)
 OURS = (CONFIG, DATA_STATS, ADAPTER, METRICS, SUMMARY, CHECKPOINTS, TENSORBOARD, "sweep.json", "sweep.csv",
         "sweep.png", "peft", ALLOCATIONS, CALIBRATION_FILE)
+
+
+# What --overwrite may remove inside the run's own folders: (folder, pattern of a path in it)
+_OWN_FILES = {
+    # step-N, and a damaged one set aside (step-N.damaged, .damaged.1, ...) with whatever it held
+    CHECKPOINTS: re.compile(r"step-\d+(/(adapter\.safetensors|state\.pt|manifest\.json))?|step-\d+\.damaged(\.\d+)?(/.*)?"),
+    "peft": re.compile(r"adapter_config\.json|adapter_model\.safetensors"),
+    ALLOCATIONS: re.compile(r"[^/]+\.json"),
+    TENSORBOARD: re.compile(r"events\.out\.tfevents\.[^/]+"),
+}
+
+
+def foreign_in_run(out: Path) -> Optional[str]:
+    """The first thing --overwrite would remove from the run directory `out` that qdylora did not
+    write there: a link among the run's names (removing through it reaches outside the run) or a
+    file of someone else's in the run's own folders; None when there is none. Checked before
+    anything is removed, so a refusal leaves the old run whole."""
+    for name in OURS:
+        path = out / name
+        if path.is_symlink():
+            return f"{path} (a symbolic link)"
+        if name not in _OWN_FILES or not path.is_dir():
+            continue
+        for entry in sorted(path.rglob("*")):
+            if entry.is_symlink():
+                return f"{entry} (a symbolic link)"
+            if not (_OWN_FILES[name].fullmatch(entry.relative_to(path).as_posix()) or is_temp_name(entry.name)):
+                return str(entry)
+    return None
 
 
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
@@ -79,6 +109,10 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
             f"output directory {out} is not a qdylora run (no run config.json in it): --overwrite only "
             "replaces a run; choose an empty or new --out"
         )
+    foreign = foreign_in_run(out)
+    if foreign is not None:
+        raise QDyLoRAError(f"--overwrite would remove {foreign}, which qdylora did not write there: move it "
+                           "out of the run, or choose another --out")
 
 
 def run_record(settings: RunSettings, model: QDyLoRAModel, **extra: Any) -> dict:
