@@ -63,7 +63,8 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cell", action="append", required=True, help="model:task:lr (qwen:asdiv:5e-4, smollm2:cipher:1e-3)")
+    ap.add_argument("--cell", action="append", required=True,
+                    help="model:task:lr (qwen:asdiv:5e-4, smollm2:cipher:1e-3)")
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "scale-probe"))
@@ -81,7 +82,7 @@ def main() -> None:
                 result["losses"][scale] = probe(cell, scale, args.seed, args.fraction, out)
                 result["seconds"][scale] = round(time.perf_counter() - start, 1)
             path.write_text(json.dumps(result, indent=1) + "\n")
-        half = {s: (lambda ls: sum(ls[len(ls) // 2:]) / len(ls[len(ls) // 2:]))(ls) for s, ls in result["losses"].items()}
+        half = {s: sum(ls[len(ls) // 2:]) / len(ls[len(ls) // 2:]) for s, ls in result["losses"].items()}
         pick = min(half, key=half.get)
         print(f"{cell}: second-half training loss " + ", ".join(f"{s} {v:.3f}" for s, v in half.items())
               + f" -> {pick}  ({result['seconds']} s)")
