@@ -1,4 +1,5 @@
-"""files.remove_tree: a directory killed mid-removal is whole or gone, never partial."""
+"""files: a directory killed mid-removal is whole or gone, never partial; what a killed writer or
+reader left is removed by the next one."""
 
 from __future__ import annotations
 
@@ -145,3 +146,40 @@ def test_an_output_that_appears_during_a_write_is_one_line(tmp_path):
             (out / "adapter_model.safetensors").write_text("theirs")
     assert (out / "adapter_model.safetensors").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == ["race"]
+
+
+KILLED_READ = """
+import os, signal, sys
+import qdylora.data.rows as rows
+original = rows._load_dataset
+def load(*args, **kwargs):  # inside the read, once datasets has written its cache: kill -9
+    original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+rows._load_dataset = load
+rows.read_rows(sys.argv[1])
+"""
+
+
+def test_the_read_cache_a_killed_process_left_is_removed_by_the_next_read(tmp_path):
+    """kill -9 while reading a data file left qdylora-read-*/ (its Arrow cache, 24 MB for a big
+    file) in the system temp folder forever; the next read now removes it."""
+    import json
+
+    from qdylora.data.rows import read_rows
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(200)))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    proc = subprocess.run([sys.executable, "-c", KILLED_READ, str(data)], env=env)
+    assert proc.returncode == -signal.SIGKILL
+    left = list(temp.iterdir())
+    assert len(left) == 1 and any(left[0].rglob("*.arrow")), left  # the cache, written before the kill
+    import tempfile
+    old, tempfile.tempdir = tempfile.tempdir, str(temp)
+    try:
+        assert len(read_rows(str(data))) == 200
+    finally:
+        tempfile.tempdir = old
+    assert list(temp.iterdir()) == []

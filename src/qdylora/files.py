@@ -156,6 +156,17 @@ def _temp_file(path: Path) -> Path:
     return Path(tmp)
 
 
+@contextmanager
+def scratch_dir(name: str) -> Iterator[Path]:
+    """A temporary directory in the system's temporary folder, removed after the block. It is
+    named as qdylora's temporary files are (with this process's id), so the one a killed process
+    left (kill -9: no cleanup runs) is removed by the next qdylora process that makes one."""
+    parent = Path(tempfile.gettempdir())
+    clear_stale(parent)
+    with tempfile.TemporaryDirectory(prefix=_prefix(parent / name), suffix=".tmp", dir=parent) as path:
+        yield Path(path)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
@@ -24,6 +23,7 @@ import torch
 from ..console import log
 from ..core.fields import shown
 from ..errors import QDyLoRAError
+from ..files import scratch_dir
 
 if TYPE_CHECKING:  # data/settings.py imports this module's template_fields
     from .settings import DataSettings
@@ -175,9 +175,9 @@ def _read_file(path: Path, source: str) -> Rows:
     # size and mtime, so a file replaced by another of the same size and mtime (cp -p, rsync -a,
     # tar x) gave the old rows; and the cache stayed behind in ~/.cache, outside any run. The
     # table stays readable after its file is removed: it is memory-mapped (its disk space is
-    # freed when the process ends, kill -9 included).
-    with tempfile.TemporaryDirectory(prefix="qdylora-read-") as cache:
-        return _load_dataset(source, (builder,), dict(data_files=str(path), split="train", cache_dir=cache), path)
+    # freed when the process ends; a cache folder a kill -9 left is removed by the next read).
+    with scratch_dir("read") as cache:
+        return _load_dataset(source, (builder,), dict(data_files=str(path), split="train", cache_dir=str(cache)), path)
 
 
 def _read_directory(path: Path, source: str, split: str) -> Rows:
