@@ -33,6 +33,11 @@ def test_train_then_resume_and_extend(tiny_lm, tmp_path, capsys):
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in steps if "rank" in x] == [1, 2, 3, 4]
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    # another global batch is refused, with the run's own product as the hint (it left out
+    # the accumulation, and gave the new micro-batch as if it were the run's)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--max-steps", "6", "--micro-batch-size", "2", "--quiet"]) == 2
+    assert "1 process x --micro-batch-size 4 x --grad-accumulation 1" in capsys.readouterr().err
 
 
 def test_config_file_values_and_flag_overrides(tiny_lm, tmp_path):

@@ -368,3 +368,19 @@ def test_a_replaced_file_of_the_same_size_and_mtime_gives_its_new_rows(tmp_path)
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
     assert read_rows(str(path))[0]["answer"] == "3"
     assert (sorted(cache.rglob("*")) if cache.exists() else []) == before
+
+
+def test_the_scalar_json_hint_names_a_shape_that_is_read(tmp_path):
+    """The hint recommended "one object of lists", which is read as one row of lists and refused;
+    the shape it names now, a list of objects, is read."""
+    import json
+
+    from qdylora.data.rows import _first_bad_line
+
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("5\n")
+    hint = _first_bad_line(scalar)
+    assert "list of objects, one per row" in hint and "object of lists" not in hint
+    hinted = tmp_path / "rows.json"
+    hinted.write_text(json.dumps([{"question": "1+1=", "answer": "2"}, {"question": "1+2=", "answer": "3"}]))
+    assert len(read_rows(str(hinted))) == 2

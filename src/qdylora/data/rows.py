@@ -275,8 +275,8 @@ def _first_bad_line(path: Path) -> Optional[str]:
             whole = json.loads(text)
             if not isinstance(whole, (list, dict)):
                 kind = {bool: "true/false", int: "number", float: "number", str: "text"}.get(type(whole), "null")
-                return (f"the file holds a JSON {kind}, not rows: a .json file holds a list of "
-                        "objects (or one object of lists), or use JSON Lines (.jsonl: one object per line)")
+                return (f"the file holds a JSON {kind}, not rows: a .json file holds a list of objects, one "
+                        "per row ([{...}, {...}]), or use JSON Lines (.jsonl: one object per line)")
             return None  # one valid JSON document: datasets' complaint is about its shape
         except ValueError:
             pass  # maybe JSON Lines in a .json file: look line by line

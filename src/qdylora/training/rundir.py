@@ -224,7 +224,7 @@ def check_version(record: dict, run: Path) -> None:
                            f"{__version__}: upgrade qdylora (pip install -U qdylora) to read it")
 
 
-def check_resumable(out: Path, fingerprint: str, global_batch: int, micro_batch_size: int,
+def check_resumable(out: Path, fingerprint: str, global_batch: int,
                     data_fingerprint: Optional[dict] = None) -> None:
     """Refuse to resume `out` with another base model, other data (rows changed in the file: the
     data order and the validation split would silently differ), a newer qdylora's files or
@@ -241,10 +241,14 @@ def check_resumable(out: Path, fingerprint: str, global_batch: int, micro_batch_
                            f"({saved['settings'].get('data', {}).get('data')}): resume on the rows it was trained "
                            "on, or start a new run on the new rows (--out NEW_RUN)")
     if saved.get("global_batch", global_batch) != global_batch:
+        train = saved.get("settings", {}).get("train", {})
+        procs = saved.get("processes", 1)
+        micro, accumulation = train.get("micro_batch_size"), train.get("grad_accumulation")
         raise QDyLoRAError(
             f"cannot resume {out} with a global batch of {global_batch} (micro-batch x processes x "
-            f"accumulation); it was trained with {saved['global_batch']}: keep that product, e.g. "
-            f"{saved.get('processes', 1)} processes x micro-batch {micro_batch_size}")
+            f"accumulation); it was trained with {saved['global_batch']}: keep that product, e.g. as it "
+            f"was trained: {procs} process{'es' if procs != 1 else ''} x --micro-batch-size {micro} x "
+            f"--grad-accumulation {accumulation}")
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -532,9 +536,9 @@ class RunDir:
             clear_run(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def check_resumable(self, record: dict, global_batch: int, micro_batch_size: int) -> None:
+    def check_resumable(self, record: dict, global_batch: int) -> None:
         """Refuse to resume with another base, other rows, a newer qdylora's files or another global batch."""
-        check_resumable(self.path, record["base_fingerprint"], global_batch, micro_batch_size,
+        check_resumable(self.path, record["base_fingerprint"], global_batch,
                         record.get("data_fingerprint"))
 
     def resume_from(self, tidy: bool) -> tuple[Path, CheckpointState]:

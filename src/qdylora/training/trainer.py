@@ -221,7 +221,7 @@ def _open_run_dir(job: "Job", run: RunDir, overwrite: bool, resume: bool, record
     """Resume from the newest intact checkpoint, or start the run directory afresh; write
     config.json and data_stats.json (process 0)."""
     if resume:
-        run.check_resumable(record, job.global_batch, job.settings.micro_batch_size)
+        run.check_resumable(record, job.global_batch)
         pos = _restore(job, run)
     else:
         if job.procs.is_main:
