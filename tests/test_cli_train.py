@@ -231,3 +231,19 @@ def test_resume_on_changed_data_is_refused_and_sweep_warns(tiny_lm, tmp_path, ca
     assert "differ from the rows it was validated on" in capsys.readouterr().err
     write_sums(data, n=24)  # the original rows again: resume goes on
     assert main(["train", "--resume", str(out), "--max-steps", "3", "--quiet"]) == 0
+
+
+def test_a_tokenizer_without_pad_or_eos_trains_and_says_what_it_lacks(tiny_lm, tmp_path, capsys):
+    """A tokenizer with neither a padding nor an end-of-sequence token was a TypeError in the
+    middle of `train`; padding is masked, so any id pads, and the missing end token is said."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_lm, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(eos_token=None, pad_token=None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    data = write_sums(tmp_path / "sums.jsonl", n=24)
+    assert main(run_args(str(model), data, tmp_path / "run")) == 0
+    assert "the tokenizer has no end-of-sequence token" in capsys.readouterr().err
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()

@@ -88,8 +88,12 @@ class BatchStream:
 
 
 def pad_token_id(tokenizer) -> int:
-    """The tokenizer's padding id, or its EOS id when it has none (padding is masked anyway)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """The tokenizer's padding id, or its EOS id when it has none, or 0 when it has neither:
+    padding is masked out of attention and loss, so any id serves."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

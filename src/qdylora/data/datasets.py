@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..console import log
 from ..core.context import context_length, fit_lengths
 from ..errors import QDyLoRAError
 from .rows import DataStats, Fingerprint, RowFormat, TokenizedRows, row_format, run_rows, tokenize_row
@@ -34,6 +35,10 @@ def load_data(data: DataSettings, seed: int, tokenizer) -> Datasets:
     if not rows:
         raise QDyLoRAError(f"the training data {data.data} is empty")
     rf = row_format(data, rows[0].keys(), data.data)
+    if tokenizer.eos_token_id is None and not rf.is_chat:
+        log.warning("the tokenizer has no end-of-sequence token: responses are trained without one, so the "
+                    "model does not learn to stop (generation ends at --max-new-tokens); set the tokenizer's "
+                    "eos_token in its tokenizer_config.json to train it")
     opts = dict(max_source_length=data.max_source_length, max_target_length=data.max_target_length,
                 train_on_prompt=data.train_on_prompt)
     train, train_stats, train_print = _prepare(rows, train_idx, tokenizer, rf, opts)
