@@ -45,6 +45,16 @@ def test_another_base_is_refused(tmp_path):
     assert qdylora.base_fingerprint(other_base) != qdylora.base_fingerprint(trained())
     with pytest.raises(QDyLoRAError, match="another base model"):
         qdylora.load_adapter(other_base, path)
+    # metadata without the base's name (written by hand, or by another tool) was a KeyError
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    del meta["base_model_name_or_path"]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(QDyLoRAError, match=r"another base model \(unnamed\)"):
+        qdylora.load_adapter(other_base, path)
 
 
 def test_another_rank_rule_is_refused(tmp_path):

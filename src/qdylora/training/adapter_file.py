@@ -120,7 +120,7 @@ def load_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], check_base:
             )
     if check_base and meta["base_fingerprint"] != base_fingerprint(model):
         raise QDyLoRAError(
-            f"adapter {path} was trained on another base model ({meta['base_model_name_or_path']}); "
+            f"adapter {path} was trained on another base model ({meta.get('base_model_name_or_path') or 'unnamed'}); "
             "load it on that model"
         )
     try:
