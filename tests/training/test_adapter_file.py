@@ -144,3 +144,41 @@ def test_rank_gains_travel_with_the_file(tmp_path):
         save_file(tensors, str(path), metadata={**meta, "rank_gains": bad})
         with pytest.raises(QDyLoRAError, match="damaged: rank gains|damaged: every rank gain"):
             qdylora.load_adapter(other, path)
+
+
+REPLACER = """
+import sys, time
+from qdylora.files import atomic_write
+first, second, target = sys.argv[1:4]
+blobs = [open(first, "rb").read(), open(second, "rb").read()]
+print("go", flush=True)
+i = 0
+while True:  # a trainer's checkpoints, far more often than any: the file replaced by a rename
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(blobs[i % 2])
+    i += 1
+    time.sleep(0.005)
+"""
+
+
+def test_reading_while_a_writer_replaces_the_file_never_mixes_two_files(tmp_path):
+    """`export` during a run with --save-every 1 failed 2 in 8 with a false "tensors do not match
+    their checksum": the metadata came from one file and the tensors from the next. A real
+    process replaces the file by renames while this one loads it: every load is one whole file."""
+    import subprocess
+    import sys
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    qdylora.save_adapter(trained(seed=0), a)
+    qdylora.save_adapter(trained(seed=1), b)
+    target = tmp_path / "adapter.safetensors"
+    target.write_bytes(a.read_bytes())
+    model = qdylora.prepare(tiny_model("llama"), QDyLoRAConfig(**CFG))
+    writer = subprocess.Popen([sys.executable, "-c", REPLACER, str(a), str(b), str(target)], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline().strip() == b"go"
+        for _ in range(300):
+            qdylora.load_adapter(model, target)
+    finally:
+        writer.kill()
+        writer.wait()

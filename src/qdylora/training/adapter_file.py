@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -70,13 +70,55 @@ def save_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], extra: dict
 
 def read_adapter_metadata(path: Union[str, os.PathLike]) -> dict:
     """The metadata of an adapter file, with "config" and "extra" decoded."""
+    return read_adapter(path, tensors=False)[0]
+
+
+def read_adapter(path: Union[str, os.PathLike], tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The decoded metadata and (`tensors`) the tensors of one version of an adapter file. A
+    trainer replaces RUN/adapter.safetensors by a rename at every checkpoint, and safetensors
+    reads the header and the tensors at different moments: a read during a rename paired one
+    file's checksum with the next one's tensors (measured: 4 of 300 reads beside a process
+    replacing it). So the file is read again while its identity (inode, size, mtime) changed
+    during the read."""
+    for _ in range(REREADS):
+        before = _identity(path)
+        meta, state = _read_once(path, tensors)
+        if _identity(path) == before:
+            return meta, state
+    raise QDyLoRAError(f"adapter file {path} was replaced {REREADS} times while being read (a run writing "
+                       "checkpoints every few seconds): read it again, or read a checkpoint's adapter")
+
+
+REREADS = 5
+
+
+def _identity(path) -> Optional[tuple[int, int, int]]:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_once(path, tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:  # the file as it was when opened
+            meta = _decoded(dict(f.metadata() or {}), path)
+            try:
+                state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise QDyLoRAError(f"adapter file {path} is damaged ({e})") from None
+    except QDyLoRAError:
+        raise  # already says what is wrong with the file (a ValueError too)
     except FileNotFoundError:
         raise QDyLoRAError(f"adapter file {path} does not exist") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise QDyLoRAError(f"adapter file {path} is damaged or not a safetensors file ({e})") from None
+    return meta, state
+
+
+def _decoded(meta: dict, path) -> dict:
+    """An adapter file's metadata checked, with "config", "extra" and "rank_gains" decoded."""
     if meta.get("format") != FORMAT:
         raise QDyLoRAError(f"{path} is not a qdylora adapter (format {meta.get('format')!r})")
     missing = [k for k in ("config", "base_fingerprint") if k not in meta]
@@ -110,7 +152,7 @@ def load_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], check_base:
 
     Refuses a file trained on another base model unless `check_base` is False.
     """
-    meta = read_adapter_metadata(path)
+    meta, state = read_adapter(path)
     saved, ours = meta["config"], model.qdylora_config
     for field in ("max_rank", "alpha", "scaling"):  # what changes the adapter's meaning
         if getattr(saved, field) != getattr(ours, field):
@@ -123,11 +165,6 @@ def load_adapter(model: QDyLoRAModel, path: Union[str, os.PathLike], check_base:
             f"adapter {path} was trained on another base model ({meta.get('base_model_name_or_path') or 'unnamed'}); "
             "load it on that model"
         )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QDyLoRAError(f"adapter file {path} is damaged ({e})") from None
     digest = meta.get("tensors_sha256")  # absent in files of qdylora 0.1 before it was added
     if digest is not None and tensors_digest(state) != digest:
         raise QDyLoRAError(f"adapter file {path} is damaged: its tensors do not match their checksum "
