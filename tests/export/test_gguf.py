@@ -193,6 +193,14 @@ def test_gguf_export_refusals(tiny_dir, tmp_path):
     wide = tiny_base_gguf("llama", tmp_path / "wide.gguf", intermediate_size=192)  # other shapes
     with pytest.raises(QDyLoRAError, match=r"ffn_gate.weight is \(64, 192\) \(ggml order\), the run.s base \(128, 64"):
         merge_gguf(model, 4, tmp_path / "m.gguf", wide)
+    adapter = export_gguf_adapter(model, 4, tmp_path / "lora.gguf")  # an adapter GGUF as the base: an 18 KB copy
+    with pytest.raises(QDyLoRAError, match="is a LoRA adapter, not a model"):
+        merge_gguf(model, 4, tmp_path / "m.gguf", adapter)
+    adapter.unlink()
+    shallow = tiny_base_gguf("llama", tmp_path / "shallow.gguf", num_hidden_layers=1)  # fewer layers: dropped
+    with pytest.raises(QDyLoRAError, match=r"lacks the run's adapted weights blk\.1\..*fewer layers"):
+        merge_gguf(model, 4, tmp_path / "m.gguf", shallow)
+    Path(shallow).unlink()
     assert len(model.adapter_layers()) == 14  # refused before anything was merged
     with pytest.raises(QDyLoRAError, match="GGUF export supports llama, mistral, qwen2 models, not gpt2"):
         export_gguf_adapter(adapted_model(tiny_dir("gpt2")), 4, tmp_path / "g.gguf")

@@ -150,6 +150,10 @@ class BaseGGUF:
         import gguf
 
         reader = self.reader()
+        kind = reader.fields.get(gguf.Keys.General.TYPE)
+        if kind is not None and kind.contents() == gguf.GGUFType.ADAPTER:
+            raise QDyLoRAError(f"the base GGUF {self.path} is a LoRA adapter, not a model: pass the run's own "
+                               "base model's .gguf with --base-gguf")
         field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
         base_arch = field.contents() if field is not None else "?"
         if base_arch != gguf.MODEL_ARCH_NAMES[arch]:
@@ -263,7 +267,7 @@ def merge_gguf(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str
     hf = model.model
     arch = gguf_architecture(hf)
     reader = base.check_architecture(arch)
-    tensors = _merged_tensors(hf, reader, arch)  # checked against the base before anything is merged
+    tensors = _merged_tensors(hf, reader, arch, base.path)  # checked against the base before anything is merged
     merge_layers(model, rank, {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float16))
     state = hf.state_dict()
 
@@ -289,8 +293,8 @@ def merge_gguf(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str
     return out
 
 
-def _merged_tensors(hf: torch.nn.Module, reader: "gguf.GGUFReader",
-                    arch) -> list[tuple["gguf.ReaderTensor", Optional[str]]]:
+def _merged_tensors(hf: torch.nn.Module, reader: "gguf.GGUFReader", arch,
+                    where: Path) -> list[tuple["gguf.ReaderTensor", Optional[str]]]:
     """Each tensor of the base GGUF, in its order, with the transformers tensor that fills it (None:
     copied from the base); refuses a base whose shapes differ from the run's."""
     import gguf
@@ -314,6 +318,12 @@ def _merged_tensors(hf: torch.nn.Module, reader: "gguf.GGUFReader",
     for hf_name, tensor in hf.state_dict().items():  # embeddings, norms
         if not hf_name.startswith(inside):
             note(hf_name, tuple(tensor.shape))
+    adapted = {gguf_name(names, path + ".weight") for path, m in layers.items() if hasattr(m, "base")}
+    missing = sorted(adapted - {t.name for t in reader.tensors} - {None})
+    if missing:  # the merge would be dropped there without a word (an adapter GGUF, fewer layers)
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise QDyLoRAError(f"the base GGUF {where} lacks the run's adapted weights {shown}: it is another "
+                           "model (fewer layers?); pass the run's own base with --base-gguf")
     out = []
     for t in reader.tensors:
         if t.name not in shapes:
