@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import qdylora
+from qdylora import QDyLoRAError
 from qdylora.core.allocation import allocate, layer_costs, tail_errors
 from qdylora.data.rows import IGNORE
 from qdylora.training.calibration import (calibrate, layer_errors, load_statistics, save_statistics)
@@ -103,8 +105,37 @@ def test_scores_rank_layers_differently_and_files_round_trip(tiny_dir, tmp_path)
     chosen = {s: allocate(errors[s], costs, budget) for s in errors}
     assert chosen["output"] != chosen["svd"] or chosen["loss"] != chosen["svd"]  # the data changes the choice
     save_statistics(tmp_path / "c.safetensors", stats, "abc", {"rows": 4})
-    back = load_statistics(tmp_path / "c.safetensors", "abc", {"rows": 4})
+    layers = {p: layer.max_rank for p, layer in model.adapter_layers().items()}
+    back = load_statistics(tmp_path / "c.safetensors", "abc", {"rows": 4}, layers)
     assert back.rows == stats.rows and all(torch.equal(back.P[p], stats.P[p]) for p in stats.P)
-    assert load_statistics(tmp_path / "c.safetensors", "other", {"rows": 4}) is None  # another adapter
-    assert load_statistics(tmp_path / "c.safetensors", "abc", {"rows": 8}) is None  # another request
+    assert load_statistics(tmp_path / "c.safetensors", "other", {"rows": 4}, layers) is None  # another adapter
+    assert load_statistics(tmp_path / "c.safetensors", "abc", {"rows": 8}, layers) is None  # another request
     assert tail_errors(stats.P["model.layers.0.mlp.up_proj"], stats.G["model.layers.0.mlp.up_proj"], c)[0] > 0
+
+
+def test_tampered_statistics_are_one_line(tmp_path):
+    """A tampered calibration.safetensors (wrong shape, other layers: three tracebacks; NaN,
+    negative statistics: used silently, NaN written into JSON) is refused in one line."""
+    import dataclasses
+
+    from qdylora.training.calibration import Statistics
+
+    layers = {"a": 4, "b": 4}
+    def eye(n=4):  # a fresh tensor each time: safetensors refuses tensors that share memory
+        return torch.eye(n, dtype=torch.float64)
+
+    good = Statistics({"a": eye(), "b": eye()}, {"a": eye(), "b": eye()}, rows=4, tokens=20)
+    bad = {
+        "wrong shape": dataclasses.replace(good, G={"a": eye(3), "b": eye()}),
+        "other layers": dataclasses.replace(good, G={"a": eye()}, P={"a": eye()}),
+        "NaN": dataclasses.replace(good, P={"a": eye() * float("nan"), "b": eye()}),
+        "negative": dataclasses.replace(good, G={"a": -eye(), "b": eye()}),
+        "P for some layers": dataclasses.replace(good, P={"a": eye()}),
+    }
+    path = tmp_path / "c.safetensors"
+    save_statistics(path, good, "abc", {"rows": 4})
+    assert load_statistics(path, "abc", {"rows": 4}, layers).rows == 4
+    for what, stats in bad.items():
+        save_statistics(path, stats, "abc", {"rows": 4})
+        with pytest.raises(QDyLoRAError, match="calibration file .* is damaged .*delete it to calibrate again"):
+            load_statistics(path, "abc", {"rows": 4}, layers)

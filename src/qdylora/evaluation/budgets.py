@@ -64,7 +64,7 @@ def run_statistics(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, se
     digest = digest or adapter_digest(model)
     request = {"rows": rows, "gradients": gradients}
     for kept in ({"rows": rows, "gradients": True}, request):  # statistics with gradients serve both scores
-        stats = load_statistics(path, digest, kept)
+        stats = load_statistics(path, digest, kept, {p: layer.max_rank for p, layer in model.adapter_layers().items()})
         if stats is not None:
             return stats
     data = load_data(_with_default_data(settings).data, settings.adapter.seed, tokenizer)

@@ -147,9 +147,11 @@ def save_statistics(path: Path, stats: Statistics, adapter_digest: str, request:
         save_file(tensors, tmp, metadata=meta)
 
 
-def load_statistics(path: Path, adapter_digest: str, request: dict) -> Optional[Statistics]:
+def load_statistics(path: Path, adapter_digest: str, request: dict,
+                    layers: dict[str, int]) -> Optional[Statistics]:
     """The statistics in `path` if they belong to this adapter and request, else None (absent or
-    stale)."""
+    stale); checked against the adapter's `layers` ({path: max rank}), since the file is only
+    tied to the adapter by its metadata."""
     if not path.is_file():
         return None
     try:
@@ -158,9 +160,34 @@ def load_statistics(path: Path, adapter_digest: str, request: dict) -> Optional[
             if (meta.get("adapter_sha256") != adapter_digest
                     or meta.get("request") != json.dumps(request, sort_keys=True)):
                 return None
-            layers = json.loads(meta["layers"])
-            G = {p: f.get_tensor(f"G.{p}") for p in layers}
-            P = {p: f.get_tensor(f"P.{p}") for p in layers if f"P.{p}" in f.keys()}
-            return Statistics(G, P, int(meta["rows"]), int(meta["tokens"]))
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
+            held = json.loads(meta["layers"])
+            G = {p: f.get_tensor(f"G.{p}") for p in held}
+            P = {p: f.get_tensor(f"P.{p}") for p in held if f"P.{p}" in f.keys()}
+            stats = Statistics(G, P, int(meta["rows"]), int(meta["tokens"]))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise QDyLoRAError(f"calibration file {path} is damaged ({e}): delete it to calibrate again") from None
+    problem = statistics_problem(stats, layers)
+    if problem:
+        raise QDyLoRAError(f"calibration file {path} is damaged ({problem}): delete it to calibrate again")
+    return stats
+
+
+def statistics_problem(stats: Statistics, layers: dict[str, int]) -> Optional[str]:
+    """What is wrong with statistics read back for an adapter of `layers` ({path: max rank}):
+    other layers, a matrix not (R, R), a value that is not finite, a negative diagonal (G and P
+    are Gram matrices: sums of squares there), or P for only some layers; None when nothing is."""
+    if set(stats.G) != set(layers):
+        return f"its layers are not the adapter's ({len(stats.G)} against {len(layers)})"
+    if stats.P and set(stats.P) != set(layers):
+        return "it has gradient statistics for only some layers"
+    for kind, table in (("G", stats.G), ("P", stats.P)):
+        for p, m in table.items():
+            if tuple(m.shape) != (layers[p], layers[p]):
+                return f"{kind} of {p} is {tuple(m.shape)}, not {(layers[p], layers[p])}"
+            if not torch.isfinite(m).all():
+                return f"{kind} of {p} holds values that are not finite"
+            if (torch.diagonal(m) < 0).any():
+                return f"{kind} of {p} has a negative diagonal"
+    if stats.rows < 1 or stats.tokens < 1:
+        return f"it was measured on {stats.rows} rows and {stats.tokens} tokens"
+    return None
