@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qdylora
+from qdylora import QDyLoRAError
 from qdylora.cli import main
 from qdylora.evaluation.budgets import AllocationRequest, read_allocation
 from qdylora.training.adapter_file import save_adapter
@@ -92,6 +93,14 @@ def test_allocations_are_kept_and_remade_for_a_changed_adapter(run):
     model, tokenizer, settings = load_run(run)
     request.resolve(run, model, tokenizer, settings)
     assert path.stat().st_mtime_ns != stamp
+    # edited by hand to twice its budget: was used silently; now refused, the file kept as it is
+    record = json.loads(path.read_text())
+    record["ranks"] = {name: min(8, 2 * b + 2) for name, b in record["ranks"].items()}
+    path.write_text(json.dumps(record))
+    edited = path.read_text()
+    with pytest.raises(QDyLoRAError, match="more than its budget 1 .*edited after it was made.*--allocation output-r1"):
+        request.resolve(run, model, tokenizer, settings)
+    assert path.read_text() == edited
 
 
 def test_budget_errors_are_one_line(run, tmp_path, capsys):

@@ -124,6 +124,11 @@ def allocate_run(run_dir: Union[str, Path], model: QDyLoRAModel, tokenizer, sett
         if (isinstance(record, dict) and record.get("adapter_sha256") == digest
                 and record.get("budget_params") == params and record.get("calibration") == calibration):
             allocation = allocation_from_record(record, list(costs), model.qdylora_config.max_rank, str(path))
+            if allocation.params(costs) > params:  # its ranks were changed after it was made
+                raise QDyLoRAError(
+                    f"{path} uses {allocation.params(costs):,} adapter parameters, more than its budget {budget} "
+                    f"({params:,}): it was edited after it was made. To use it as it is, pass --allocation "
+                    f"{name}; to have the budget allocated again, delete it")
             log.info(f"allocation {describe(allocation, costs)}, kept in {path}")
             return allocation
     stats = None
