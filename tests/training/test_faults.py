@@ -467,3 +467,41 @@ def test_a_run_directory_has_one_owner(reference, tiny_lm, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"rank"' in x]
     assert len(steps) == len(set(steps))  # no step logged twice
+
+
+KILLED_BEFORE_VALIDATION = """
+import json, os, signal, sys
+from qdylora.training import trainer
+from qdylora.training.settings import RunSettings
+settings = RunSettings.from_dict(json.loads(open(sys.argv[1]).read()))
+target = int(sys.argv[3])
+real = trainer._evaluate
+def evaluate(job, val_batches, eval_ranks, log, at_step, written=None):
+    if at_step == target:  # the step's checkpoint is written, its validation not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(job, val_batches, eval_ranks, log, at_step, written)
+trainer._evaluate = evaluate
+trainer.train(settings, sys.argv[2], progress=False)
+"""
+
+
+@pytest.mark.parametrize("target", [4, 6])  # a validation in the run (every 4 steps) and the last one
+def test_a_kill_between_a_checkpoint_and_its_validation_loses_no_validation(reference, tiny_lm, tmp_path, target):
+    """kill -9 after step N's checkpoint and before its validation lost that validation (2 in 10
+    kills), and at the last step the resumed run ended "done" with no final validation. A real
+    process is killed there (SIGKILL from inside the trainer's validation call); --resume then
+    measures the missing validation first."""
+    _, data = reference
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(settings(tiny_lm, data, **{**OPTS, "eval_every": 4}).to_dict()))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILLED_BEFORE_VALIDATION, str(config), str(run), str(target)],
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-800:]
+    assert newest_step(run) == target
+    train(settings(tiny_lm, data, **{**OPTS, "eval_every": 4}), run, resume=True, progress=False)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    validated = [x["step"] for x in lines if "val_loss" in x]
+    assert validated == [0, 4, 6], validated  # each once, in order
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["val_loss_after"]

