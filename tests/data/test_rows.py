@@ -384,3 +384,27 @@ def test_the_scalar_json_hint_names_a_shape_that_is_read(tmp_path):
     hinted = tmp_path / "rows.json"
     hinted.write_text(json.dumps([{"question": "1+1=", "answer": "2"}, {"question": "1+2=", "answer": "3"}]))
     assert len(read_rows(str(hinted))) == 2
+
+
+def test_finding_the_bad_line_reads_a_line_at_a_time(tmp_path):
+    """The error path of a data file with one bad line held the file 3.4 times over (the bytes,
+    the text and its lines: 167 MB for 50 MB); it now reads a line at a time. Python's own
+    allocations at their peak (tracemalloc) stay under a tenth of the file (a whole read is 1x)."""
+    import json
+    import tracemalloc
+
+    from qdylora.data.rows import _first_bad_line
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(60_000):
+            f.write(json.dumps({"question": f"what is {i} plus {i}? " + "x" * 60, "answer": str(2 * i)}) + "\n")
+        f.write('{"question": "broken", "answer": \n')
+    tracemalloc.start()
+    try:
+        message = _first_bad_line(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert message == "line 60001 is not valid JSON (Expecting value at column 34)"
+    assert peak < 0.1 * path.stat().st_size, (peak, path.stat().st_size)
