@@ -13,7 +13,7 @@ from qdylora.data.batching import fixed_batches
 from qdylora.data.rows import RowFormat, generation_prompts, tokenize
 from qdylora.errors import QDyLoRAError
 from qdylora.evaluation.generation import generate_at_ranks
-from qdylora.evaluation.sweep import default_ranks, recommend, run_sweep
+from qdylora.evaluation.sweep import default_ranks, run_sweep
 from qdylora.training.losses import losses_at_ranks
 from qdylora.training.rundir import load_run
 
@@ -32,13 +32,26 @@ def test_default_ranks():
     assert default_ranks(12) == [0, 1, 2, 4, 8, 12]
 
 
-def test_point_estimate_rule_for_values_without_rows():  # lm-eval values: smallest within tolerance of the best
-    loss = {0: 3.0, 1: 2.0, 2: 1.5, 4: 1.01, 8: 1.0}
-    assert recommend(loss, higher_is_better=False, tolerance=0.011) == 4
-    assert recommend(loss, higher_is_better=False, tolerance=0.6) == 2
+def test_values_with_standard_errors_only_get_the_same_rule():
+    """lm-eval values (a standard error, no per-row scores): the point-estimate rule said "rank 2"
+    whatever the errors. Now: with tiny errors the same pick, and sure; with the harness's real
+    errors or none, not sure, and the line says so; the bounds are the normal approximation."""
+    import statistics
+
+    from qdylora.evaluation.confidence import decide_from_estimates
+
     acc = {0: 10.0, 1: 40.0, 2: 59.6, 4: 60.0, 8: 58.0}
-    assert recommend(acc, higher_is_better=True, tolerance=0.5) == 2
-    assert recommend(acc, higher_is_better=True, tolerance=0.1) == 4
+    tiny = decide_from_estimates("acc", acc, {r: 1e-6 for r in acc}, True, 0.5)
+    assert tiny.recommended == 2 and tiny.sure
+    wide = decide_from_estimates("acc", acc, {r: 3.0 for r in acc}, True, 0.5, rows=100)
+    assert wide.recommended == 4 and 2 in wide.undecided and not wide.sure and "would tell" in wide.message()
+    z = statistics.NormalDist().inv_cdf(0.95)
+    c = wide.comparisons[1]  # rank 1 against the best (rank 4): deficit 20 points
+    assert c.deficit_bounds == pytest.approx((20 - z * 18**0.5, 20 + z * 18**0.5), abs=1e-9)
+    unknown = decide_from_estimates("acc", acc, {}, True, 0.5)
+    assert not unknown.sure and "more rows would tell" in unknown.message()
+    loss = {0: 3.0, 1: 2.0, 2: 1.5, 4: 1.01, 8: 1.0}
+    assert decide_from_estimates("loss", loss, {r: 1e-6 for r in loss}, False, 0.011).recommended == 4
 
 
 def test_rank_batched_loss_equals_one_rank_at_a_time(trained):

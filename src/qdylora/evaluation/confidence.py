@@ -214,7 +214,8 @@ class Decision:
         open_ = [self.margins[r] for r in self.unshown] + [self.comparisons[r] for r in self.undecided]
         rows = min(c.rows for c in open_)
         needed = max((c.rows_needed or 0) for c in open_)
-        more = f"about {needed:,} rows would tell" if needed > rows else "more rows would tell"
+        more = f"about {needed:,} rows would tell" if needed > rows > 0 else "more rows would tell"
+        rows = f"{rows}" if rows else "measured"  # 0: a count the source did not give (lm-eval)
         if all(c.verdict != WORSE for r, c in self.comparisons.items() if r != 0):
             return (f"{self.metric}: the {rows} rows cannot tell the ranks apart (none is surely worse than the "
                     f"best, rank {best}, by more than {tol}): rank {rec} is a guess, not a decision; {more}")
@@ -267,3 +268,44 @@ def decide(metric: str, stats: Mapping[Hashable, torch.Tensor], reduce: Reduce, 
                for r in sorted(cands, key=key) if key(r) > key(recommended) and comparisons[r].verdict != WORSE}
     return Decision(metric, recommended, best, tolerance, boot.confidence, comparisons, undecided, contenders,
                     margins)
+
+
+def decide_from_estimates(metric: str, values: Mapping[Hashable, float], errors: Mapping[Hashable, float],
+                          higher_is_better: bool, tolerance: float, confidence: float = DEFAULT_CONFIDENCE,
+                          rows: int = 0) -> Decision:
+    """The same decision as `decide` for values that come with a standard error but no per-row
+    scores (lm-evaluation-harness's): each comparison by the normal approximation of the
+    difference, unpaired (sqrt(se_a^2 + se_b^2): wider than a paired one, so never surer);
+    an entry without a finite standard error is undecided. `rows` (0: unknown) sizes the advice."""
+    cands = [r for r, v in values.items() if r != 0 and not math.isnan(v)]
+    if not cands:
+        raise ValueError("no rank above 0 was measured")
+    best = (max if higher_is_better else min)(cands, key=lambda r: values[r])
+    z1 = statistics.NormalDist().inv_cdf(confidence)
+    z2 = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    sign = -1.0 if higher_is_better else 1.0
+
+    def versus(a: Hashable, b: Hashable) -> Comparison:
+        if a == b:
+            return Comparison(0.0, (0.0, 0.0), (0.0, 0.0), GOOD, rows)
+        diff = values[a] - values[b]
+        se = math.hypot(errors.get(a, math.nan), errors.get(b, math.nan))
+        deficit, spread = sign * diff, z1 * se
+        bounds, interval = (deficit - spread, deficit + spread), (diff - z2 * se, diff + z2 * se)
+        if not math.isfinite(se):
+            return Comparison(diff, interval, bounds, UNDECIDED, rows)
+        if bounds[1] <= tolerance:
+            return Comparison(diff, interval, bounds, GOOD, rows)
+        if bounds[0] > tolerance:
+            return Comparison(diff, interval, bounds, WORSE, rows)
+        return Comparison(diff, interval, bounds, UNDECIDED, rows,
+                          rows_needed(rows, deficit, bounds, tolerance) if rows else None)
+
+    comparisons = {r: versus(r, best) for r in values if not math.isnan(values[r])}
+    good = sorted(r for r in cands if comparisons[r].verdict == GOOD)
+    recommended = good[0]
+    undecided = [r for r in sorted(cands) if r < recommended and comparisons[r].verdict == UNDECIDED]
+    contenders = [r for r in cands if r != best and comparisons[r].deficit_bounds[0] <= 0]
+    margins = {r: comparisons[recommended] if r == best else versus(recommended, r)
+               for r in sorted(cands) if r > recommended and comparisons[r].verdict != WORSE}
+    return Decision(metric, recommended, best, tolerance, confidence, comparisons, undecided, contenders, margins)

@@ -35,8 +35,8 @@ from ..training.settings import RunSettings
 from .adaptive import early_confidence, judge_by, measure, row_order, rows_measured
 from .choice import (choice_hits, choice_logliks_shared, choice_questions, encode_questions, few_shot,
                      shared_batch_count)
-from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, exp_ratio, is_binary, ratio,
-                         wilson)
+from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, decide_from_estimates,
+                         exp_ratio, is_binary, ratio, wilson)
 from .generation import generate_at_ranks
 from .text_metrics import bleu_from_stats, bleu_stats, exact_match_rows, rouge_rows
 
@@ -275,15 +275,16 @@ def run_sweep(
         decisions = rule.decisions(stats, rule.boot)
         smallest = rule.decisions(stats, rule.boot, sized=True) if allocations else {}
         if lm_eval:
-            harness, harness_higher, harness_intervals = ctx.timed("lm_eval", lambda: _harness_values(
+            harness, harness_higher, harness_intervals, harness_errors = ctx.timed("lm_eval", lambda: _harness_values(
                 ctx, lm_eval, manager, lm_eval_limit, confidence))
             values.update(harness)
             higher.update(harness_higher)
             intervals.update(harness_intervals)
+            for v, vals in harness.items():  # no per-row scores: the same rule on the harness's standard errors
+                decisions[v] = decide_from_estimates(v, vals, harness_errors[v], harness_higher[v],
+                                                     rule.tolerance(v, harness_higher[v]), confidence,
+                                                     rows=lm_eval_limit or 0)
     recommended = {v: d.recommended for v, d in decisions.items()}
-    for v in values:  # lm-eval values: no per-row scores, the smallest within tolerance of the best estimate
-        if v not in recommended and v not in NOT_RECOMMENDED:
-            recommended[v] = recommend(values[v], higher[v], rule.tolerance(v, higher[v]))
     samples = next((f.samples for f in families if f.samples), {})
     return SweepResult(ranks, values, recommended, len(rows), ctx.seconds, samples, higher, params,
                        {v: str(d.recommended) for v, d in smallest.items()}, intervals,
@@ -297,16 +298,6 @@ def _interval(value: str, stats: torch.Tensor, boot: Bootstrap) -> tuple[float, 
         low, high = wilson(float(stats[:, 0].sum()), stats.shape[0], boot.confidence)
         return 100.0 * low, 100.0 * high
     return boot.interval(stats, REDUCE.get(value, PERCENT))
-
-
-def recommend(values: dict[Entry, float], higher_is_better: bool, tolerance: float) -> Entry:
-    """The smallest rank (> 0) whose value is within `tolerance` (absolute) of the best rank's:
-    the point-estimate rule, for values without per-row scores (lm-evaluation-harness's)."""
-    adapted = {r: v for r, v in values.items() if isinstance(r, int) and r != 0 and not math.isnan(v)}
-    if not adapted:
-        raise QDyLoRAError("no rank above 0 was measured")
-    best = max(adapted.values()) if higher_is_better else min(adapted.values())
-    return min(r for r, v in adapted.items() if (v >= best - tolerance if higher_is_better else v <= best + tolerance))
 
 
 @dataclass
@@ -487,10 +478,10 @@ def _choice_family(ctx: _Context, rows, data: DataSettings, shots: int,
 
 
 def _harness_values(ctx: _Context, tasks: Sequence[str], manager, limit, confidence: float,
-                    ) -> tuple[dict, dict[str, bool], dict]:
+                    ) -> tuple[dict, dict[str, bool], dict, dict]:
     """lm-evaluation-harness scores as "lm_eval:TASK:METRIC" values (fractions become percent),
-    their directions, and intervals of +- z * the harness's standard error (normal approximation;
-    nan where the harness gives none)."""
+    their directions, intervals of +- z * the harness's standard error (normal approximation;
+    nan where the harness gives none), and those standard errors."""
     from statistics import NormalDist
 
     from tqdm.auto import tqdm
@@ -511,16 +502,15 @@ def _harness_values(ctx: _Context, tasks: Sequence[str], manager, limit, confide
                 else:
                     values.setdefault(f"lm_eval:{task}:{metric}", {})[r] = value
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    directions, intervals = {}, {}
+    directions, intervals, ses = {}, {}, {}
     for name, vals in values.items():
         _, task, metric = name.split(":", 2)
         scale = 100.0 if all(0.0 <= v <= 1.0 for v in vals.values()) else 1.0
         values[name] = {r: scale * v for r, v in vals.items()}
-        se = errors.get(name, {})
-        intervals[name] = {r: (scale * (v - z * se.get(r, math.nan)), scale * (v + z * se.get(r, math.nan)))
-                           for r, v in vals.items()}
+        ses[name] = {r: scale * errors.get(name, {}).get(r, math.nan) for r in vals}
+        intervals[name] = {r: (values[name][r] - z * ses[name][r], values[name][r] + z * ses[name][r]) for r in vals}
         directions[name] = higher.get(task, {}).get(metric.split("[")[0], True)
-    return values, directions, intervals
+    return values, directions, intervals, ses
 
 
 def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optional[Sequence[int]] = None,
