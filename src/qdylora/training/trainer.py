@@ -142,30 +142,13 @@ def _train(settings: RunSettings, run: RunDir, overwrite: bool, resume: bool, pr
     try:
         interrupts.defer()  # a stop signal now: a checkpoint after the current step
         while pos.step < max_steps:
-            # every process stops at the same step, whichever of them got the signal
-            if distributed.sum_float(procs, float(interrupts.requested is not None), job.device) > 0:
-                _checkpoint(job, run, pos)
-                if main:
-                    run.interrupted(pos.step, first_val)
-                signum = interrupts.requested or signal.SIGTERM  # another process got it (torchrun)
-                raise TrainingInterrupted(f"interrupted ({signal.Signals(signum).name}) after step {pos.step}; "
-                                          f"checkpoint saved: continue with qdylora train --resume {run}", signum)
+            _stop_if_asked(job, run, pos, interrupts, first_val)
             start = time.perf_counter()
             result = run_step(job, pos.step, run.path)
             pos.step += 1
             pos.seconds += time.perf_counter() - start
             pos.tokens_seen += result.tokens
-            if result.skipped:
-                log.skipped(pos.step, result.rank)
-                bar.write(f"qdylora: warning: step {pos.step} skipped (loss {result.loss:.4g}, "
-                          f"gradient norm {result.grad_norm:.4g})")
-            if pos.step % t.log_every == 0 or pos.step == max_steps:
-                log.step({"step": pos.step, "rank": result.rank, "loss": result.loss, "lr": result.lr,
-                          "grad_norm": result.grad_norm, "tokens": result.tokens,
-                          "seconds": round(time.perf_counter() - start, 4), "elapsed": round(pos.seconds, 3)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.3f}", rank=result.rank if isinstance(result.rank, int)
-                            else t.rank_rule, tok_s=f"{pos.tokens_seen / pos.seconds:.0f}")
+            _report_step(job, log, bar, pos, result, time.perf_counter() - start)
             written = None  # the checkpoint's adapter file, if one is due: validation restores from it
             if pos.step == max_steps or (t.save_every and pos.step % t.save_every == 0):
                 written = _checkpoint(job, run, pos)
@@ -188,6 +171,35 @@ def _train(settings: RunSettings, run: RunDir, overwrite: bool, resume: bool, pr
         if t.gain_rows and main:
             last_val = _fit_gains(job, run, pos, data.train, val_batches, eval_ranks) or last_val
     return _finish(job, run, pos, first_val, last_val)
+
+
+def _stop_if_asked(job: Job, run: RunDir, pos: "Position", interrupts: "Interrupts", first_val) -> None:
+    """After a stop signal: a checkpoint, summary "interrupted", then TrainingInterrupted. Every
+    process stops at the same step, whichever of them got the signal."""
+    if distributed.sum_float(job.procs, float(interrupts.requested is not None), job.device) == 0:
+        return
+    _checkpoint(job, run, pos)
+    if job.procs.is_main:
+        run.interrupted(pos.step, first_val)
+    signum = interrupts.requested or signal.SIGTERM  # another process got it (torchrun)
+    raise TrainingInterrupted(f"interrupted ({signal.Signals(signum).name}) after step {pos.step}; "
+                              f"checkpoint saved: continue with qdylora train --resume {run}", signum)
+
+
+def _report_step(job: Job, log: RunLog, bar, pos: "Position", result: StepResult, seconds: float) -> None:
+    """metrics.jsonl (every --log-every steps and the last), the progress bar, a skipped step's warning."""
+    t = job.settings
+    if result.skipped:
+        log.skipped(pos.step, result.rank)
+        bar.write(f"qdylora: warning: step {pos.step} skipped (loss {result.loss:.4g}, "
+                  f"gradient norm {result.grad_norm:.4g})")
+    if pos.step % t.log_every == 0 or pos.step == job.max_steps:
+        log.step({"step": pos.step, "rank": result.rank, "loss": result.loss, "lr": result.lr,
+                  "grad_norm": result.grad_norm, "tokens": result.tokens,
+                  "seconds": round(seconds, 4), "elapsed": round(pos.seconds, 3)})
+    bar.update(1)
+    bar.set_postfix(loss=f"{result.loss:.3f}", rank=result.rank if isinstance(result.rank, int)
+                    else t.rank_rule, tok_s=f"{pos.tokens_seen / pos.seconds:.0f}")
 
 
 def _resumed_validation(job: Job, log: RunLog, pos: "Position", resume: bool, evaluate) -> dict[int, float]:
