@@ -656,7 +656,10 @@ def table(result: SweepResult) -> str:
     head = f"{'rank':>{first}}  " + (f"{'params':>12}  " if sized else "") + "  ".join(f"{n:>{width}}" for n in names)
     lines = [head, "-" * len(head)]
     for r in result.ranks:
-        marks = [m.removeprefix("lm_eval:") for m, rec in result.recommended.items() if rec == r]
+        # a pick the rows do not back ("sure" false) is marked as the guess it is
+        guess = {m for m, d in result.decisions.items() if not d.sure}
+        marks = [m.removeprefix("lm_eval:") + (": a guess" if m in guess else "")
+                 for m, rec in result.recommended.items() if rec == r]
         marks += [f"smallest by {m.removeprefix('lm_eval:')}" for m, name in result.smallest.items()
                   if name == str(r) and isinstance(r, Allocation)]
         row = "  ".join(f"{cells[c][r]:>{width}}" for c in cols)
