@@ -364,6 +364,30 @@ def grid(args) -> None:
                     cells += [_cell_se(by[n], metric, str(rank), digits) for n in recipes]
                     print(f"| {'base' if rank == 0 else rank} | " + " | ".join(cells) + " |")
                 print()
+        seed_means(out, lr or args.lr, results)
+
+
+def seed_means(out: str, lr: float, results: list[dict]) -> None:
+    """Where a run has several seeds: its mean over them at ranks 1, 8, 64 beside QLoRA's (each
+    seed's value in parentheses; every seed is measured on the same test rows)."""
+    seeds = sorted({r["seed"] for r in results})
+    if len(seeds) < 2:
+        return
+    by = {(r["run"], r["seed"]): r for r in results}
+    runs = [n for n in dict.fromkeys(r["run"] for r in results) if all((n, s) in by for s in seeds)]
+    print(f"\n{out}: lr {lr}, mean over seeds {', '.join(map(str, seeds))}\n")
+    for metric, digits in (("loss", 3), ("exact_match", 1)):
+        print(f"| rank | {metric}: QLoRA r=b | " + " | ".join(n for n in runs if not n.startswith("qlora")) + " |")
+        print("| ---: |" + " ---: |" * (1 + sum(not n.startswith("qlora") for n in runs)))
+        for rank in (1, 8, 64):
+            def cell(name: str) -> str:
+                vals = [by[(name, s)]["values"][metric].get(str(rank)) for s in seeds]
+                if name not in runs or None in vals:
+                    return "-"
+                return f"{statistics.mean(vals):.{digits}f} ({' / '.join(f'{v:.{digits}f}' for v in vals)})"
+            print(f"| {rank} | {cell(f'qlora-r{rank}')} | " + " | ".join(
+                cell(n) for n in runs if not n.startswith("qlora")) + " |")
+        print()
 
 
 def cost(args) -> None:
