@@ -183,3 +183,20 @@ def test_the_read_cache_a_killed_process_left_is_removed_by_the_next_read(tmp_pa
     finally:
         tempfile.tempdir = old
     assert list(temp.iterdir()) == []
+
+
+def test_written_files_get_the_mode_new_files_get(tmp_path):
+    """safetensors 0.8 writes its file by its own rename with mode 0600, so every adapter and
+    checkpoint came out readable by its owner only (a server under another user could not load
+    it); an atomically written file now has the mode any new file gets (0666 less the umask)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qdylora.files import atomic_write
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "adapter.safetensors"
+    with atomic_write(path) as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

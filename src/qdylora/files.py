@@ -27,6 +27,9 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync(tmp_path)
+        # a writer may have replaced the temporary file with its own (safetensors 0.8 writes a
+        # file of mode 0600 by its own rename): the output gets the mode any new file gets
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
