@@ -61,7 +61,8 @@ _OWN_FILES = {
     # step-N, and a damaged one set aside (step-N.damaged, .damaged.1, ...) with whatever it held
     CHECKPOINTS: re.compile(r"step-\d+(/(adapter\.safetensors|state\.pt|manifest\.json))?"
                             r"|step-\d+\.damaged(\.\d+)?(/.*)?"),
-    "peft": re.compile(r"adapter_config\.json|adapter_model\.safetensors"),
+    # the demo's export, or `export --ranks ... --out RUN/peft` (rank-N/ folders)
+    "peft": re.compile(r"(rank-\d+/)?(adapter_config\.json|adapter_model\.safetensors)|rank-\d+"),
     ALLOCATIONS: re.compile(r"[^/]+\.json"),
     TENSORBOARD: re.compile(r"events\.out\.tfevents\.[^/]+"),
 }
