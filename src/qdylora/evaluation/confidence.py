@@ -156,13 +156,23 @@ def compare(stats: torch.Tensor, best: torch.Tensor, reduce: Reduce, higher_is_b
     alpha, tail = 1 - boot.confidence, (1 - boot.confidence) / 2
     low, high = _quantile(deficits, alpha), _quantile(deficits, 1 - alpha)  # one-sided bounds
     interval = (_quantile(draws, tail), _quantile(draws, 1 - tail))
+    return judged(diff, interval, deficit, (low, high), tolerance, m)
+
+
+def judged(diff: float, interval: tuple[float, float], deficit: float, bounds: tuple[float, float],
+           tolerance: float, rows: int) -> Comparison:
+    """The verdict of a comparison from the one-sided bounds of its deficit: good enough when the
+    upper bound is within the tolerance, worse when the lower one is beyond it, else undecided
+    (with the rows that would likely decide it; None where `rows` is unknown, 0)."""
+    low, high = bounds
     if math.isnan(high):
-        return Comparison(diff, interval, (low, high), UNDECIDED, m)
+        return Comparison(diff, interval, bounds, UNDECIDED, rows)
     if high <= tolerance:
-        return Comparison(diff, interval, (low, high), GOOD, m)
+        return Comparison(diff, interval, bounds, GOOD, rows)
     if low > tolerance:
-        return Comparison(diff, interval, (low, high), WORSE, m)
-    return Comparison(diff, interval, (low, high), UNDECIDED, m, rows_needed(m, deficit, (low, high), tolerance))
+        return Comparison(diff, interval, bounds, WORSE, rows)
+    return Comparison(diff, interval, bounds, UNDECIDED, rows,
+                      rows_needed(rows, deficit, bounds, tolerance) if rows else None)
 
 
 def rows_needed(rows: int, deficit: float, bounds: tuple[float, float], tolerance: float, cap: int = 100) -> int:
@@ -252,22 +262,28 @@ def decide(metric: str, stats: Mapping[Hashable, torch.Tensor], reduce: Reduce, 
     most = max(stats[r].shape[0] for r in cands)
     full = [r for r in cands if stats[r].shape[0] == most]
     best = (max if higher_is_better else min)(full, key=lambda r: values[r])
-    itself = Comparison(0.0, (0.0, 0.0), (0.0, 0.0), GOOD, most)  # the best against itself: no deficit
-    comparisons = {r: itself if r == best else compare(stats[r], stats[best], reduce, higher_is_better, tolerance,
-                                                        boot, scores) for r in values}
     key = (lambda r: (size[r], str(r))) if size is not None else (lambda r: r)
+    versus = lambda a, b: compare(stats[a], stats[b], reduce, higher_is_better, tolerance, boot, scores)  # noqa: E731
+    return _decision(metric, list(values), cands, best, versus, key, tolerance, boot.confidence, most)
+
+
+def _decision(metric: str, entries: list, cands: list, best: Hashable,
+              versus: Callable[[Hashable, Hashable], Comparison], key: Callable, tolerance: float,
+              confidence: float, rows: int) -> Decision:
+    """The rule both deciders share, given `versus(a, b)` (a compared with b): every entry against
+    the best, the smallest candidate (by `key`) good enough, the smaller ones undecided, and the
+    pick against every larger candidate not shown worse than the best (one shown worse than the
+    best by more than the tolerance cannot be far better than the pick, which is shown within it)."""
+    itself = Comparison(0.0, (0.0, 0.0), (0.0, 0.0), GOOD, rows)  # the best against itself: no deficit
+    comparisons = {r: itself if r == best else versus(r, best) for r in entries}
     good = sorted((r for r in cands if comparisons[r].verdict == GOOD), key=key)
     recommended = good[0]  # the best itself is always good enough: its deficit is 0
     undecided = [r for r in sorted(cands, key=key)
                  if key(r) < key(recommended) and comparisons[r].verdict == UNDECIDED]
     contenders = [r for r in cands if r != best and comparisons[r].deficit_bounds[0] <= 0]
-    # larger entries shown worse than the best by more than the tolerance cannot be far better than
-    # the recommendation, which is shown within it of the best; every other one is compared
-    margins = {r: comparisons[recommended] if r == best else
-               compare(stats[recommended], stats[r], reduce, higher_is_better, tolerance, boot, scores)
+    margins = {r: comparisons[recommended] if r == best else versus(recommended, r)
                for r in sorted(cands, key=key) if key(r) > key(recommended) and comparisons[r].verdict != WORSE}
-    return Decision(metric, recommended, best, tolerance, boot.confidence, comparisons, undecided, contenders,
-                    margins)
+    return Decision(metric, recommended, best, tolerance, confidence, comparisons, undecided, contenders, margins)
 
 
 def decide_from_estimates(metric: str, values: Mapping[Hashable, float], errors: Mapping[Hashable, float],
@@ -286,26 +302,12 @@ def decide_from_estimates(metric: str, values: Mapping[Hashable, float], errors:
     sign = -1.0 if higher_is_better else 1.0
 
     def versus(a: Hashable, b: Hashable) -> Comparison:
-        if a == b:
-            return Comparison(0.0, (0.0, 0.0), (0.0, 0.0), GOOD, rows)
         diff = values[a] - values[b]
         se = math.hypot(errors.get(a, math.nan), errors.get(b, math.nan))
-        deficit, spread = sign * diff, z1 * se
-        bounds, interval = (deficit - spread, deficit + spread), (diff - z2 * se, diff + z2 * se)
-        if not math.isfinite(se):
-            return Comparison(diff, interval, bounds, UNDECIDED, rows)
-        if bounds[1] <= tolerance:
-            return Comparison(diff, interval, bounds, GOOD, rows)
-        if bounds[0] > tolerance:
-            return Comparison(diff, interval, bounds, WORSE, rows)
-        return Comparison(diff, interval, bounds, UNDECIDED, rows,
-                          rows_needed(rows, deficit, bounds, tolerance) if rows else None)
+        se = se if math.isfinite(se) else math.nan  # either without a standard error: undecided
+        deficit = sign * diff
+        return judged(diff, (diff - z2 * se, diff + z2 * se), deficit, (deficit - z1 * se, deficit + z1 * se),
+                      tolerance, rows)
 
-    comparisons = {r: versus(r, best) for r in values if not math.isnan(values[r])}
-    good = sorted(r for r in cands if comparisons[r].verdict == GOOD)
-    recommended = good[0]
-    undecided = [r for r in sorted(cands) if r < recommended and comparisons[r].verdict == UNDECIDED]
-    contenders = [r for r in cands if r != best and comparisons[r].deficit_bounds[0] <= 0]
-    margins = {r: comparisons[recommended] if r == best else versus(recommended, r)
-               for r in sorted(cands) if r > recommended and comparisons[r].verdict != WORSE}
-    return Decision(metric, recommended, best, tolerance, confidence, comparisons, undecided, contenders, margins)
+    entries = [r for r in values if not math.isnan(values[r])]
+    return _decision(metric, entries, cands, best, versus, lambda r: r, tolerance, confidence, rows)

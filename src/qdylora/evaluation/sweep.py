@@ -655,9 +655,8 @@ def table(result: SweepResult) -> str:
     sized = bool(result.allocations)  # a params column when allocations stand beside the ranks
     head = f"{'rank':>{first}}  " + (f"{'params':>12}  " if sized else "") + "  ".join(f"{n:>{width}}" for n in names)
     lines = [head, "-" * len(head)]
+    guess = {m for m, d in result.decisions.items() if not d.sure}  # picks the rows do not back
     for r in result.ranks:
-        # a pick the rows do not back ("sure" false) is marked as the guess it is
-        guess = {m for m, d in result.decisions.items() if not d.sure}
         marks = [m.removeprefix("lm_eval:") + (": a guess" if m in guess else "")
                  for m, rec in result.recommended.items() if rec == r]
         marks += [f"smallest by {m.removeprefix('lm_eval:')}" for m, name in result.smallest.items()
