@@ -59,8 +59,8 @@ OURS = (CONFIG, DATA_STATS, ADAPTER, METRICS, SUMMARY, CHECKPOINTS, TENSORBOARD,
 # What --overwrite may remove inside the run's own folders: (folder, pattern of a path in it)
 _OWN_FILES = {
     # step-N, and a damaged one set aside (step-N.damaged, .damaged.1, ...) with whatever it held
-    CHECKPOINTS: re.compile(r"step-\d+(/(adapter\.safetensors|state\.pt|manifest\.json))?"
-                            r"|step-\d+\.damaged(\.\d+)?(/.*)?"),
+    CHECKPOINTS: re.compile(r"step-\d+(/(%s))?|step-\d+\.damaged(\.\d+)?(/.*)?"
+                            % "|".join(map(re.escape, (ADAPTER, STATE, MANIFEST)))),
     # the demo's export, or `export --ranks ... --out RUN/peft` (rank-N/ folders)
     "peft": re.compile(r"(rank-\d+/)?(adapter_config\.json|adapter_model\.safetensors)|rank-\d+"),
     ALLOCATIONS: re.compile(r"[^/]+\.json"),
