@@ -152,7 +152,7 @@ def _train(settings: RunSettings, run: RunDir, overwrite: bool, resume: bool, pr
             written = None  # the checkpoint's adapter file, if one is due: validation restores from it
             if pos.step == max_steps or (t.save_every and pos.step % t.save_every == 0):
                 written = _checkpoint(job, run, pos)
-            if pos.step == max_steps or (t.eval_every and pos.step % t.eval_every == 0):
+            if _validation_due(job, pos.step):
                 last_val = evaluate(pos.step, written)
                 if last_val:
                     bar.write("qdylora: step %d validation loss %s" % (pos.step, ", ".join(
@@ -202,13 +202,16 @@ def _report_step(job: Job, log: RunLog, bar, pos: "Position", result: StepResult
                     else t.rank_rule, tok_s=f"{pos.tokens_seen / pos.seconds:.0f}")
 
 
+def _validation_due(job: Job, step: int) -> bool:
+    """Whether the validation loss is measured after `step`: every --eval-every steps and the last."""
+    return step == job.max_steps or bool(job.settings.eval_every and step % job.settings.eval_every == 0)
+
+
 def _resumed_validation(job: Job, log: RunLog, pos: "Position", resume: bool, evaluate) -> dict[int, float]:
     """The validation due at the step a run resumes from: read back from metrics.jsonl, or (a
     kill between the checkpoint and its validation: 2 in 10 kills lost it, and a run killed
     there at its last step ended "done" without a final validation) measured now."""
-    t = job.settings
-    due = pos.step == job.max_steps or (t.eval_every and pos.step % t.eval_every == 0)
-    if not (resume and pos.step > 0 and due):
+    if not (resume and pos.step > 0 and _validation_due(job, pos.step)):
         return {}
     logged = log.resumed_validation  # None on every process but 0, which alone validates
     return logged if logged is not None else evaluate(pos.step)
