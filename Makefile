@@ -36,8 +36,12 @@ test-slow: setup
 
 # llama-cpp-python (the `gguf` extra), for the slow test that checks the GGUF export with llama.cpp
 # itself; it compiles llama.cpp (about 7.5 minutes on 2 cores). Without it that test is skipped.
+# Built for AVX2 without AMX: llama.cpp's AMX matmul segfaults on the first decode on this
+# project's AMX CPUs (ggml_backend_amx_mul_mat; ggml-org/llama.cpp#20824, open), and a native
+# build turns it on there. --no-cache-dir: never reuse a wheel pip cached from a native build.
+GGUF_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 setup-gguf: setup
-	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) install -q -e ".[gguf]"
+	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(GGUF_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir -e ".[gguf]"
 
 # On a machine with a CUDA GPU (install a CUDA build of torch into the venv first): the tests
 # marked cuda, the training benchmark against transformers + bitsandbytes + PEFT in bf16 and the
