@@ -118,7 +118,8 @@ def _sweep_and_export(model, settings, path: str, out: str, ranks: list[int], sw
     # the shortest test rows: the run's 48-token prompt limit drops longer ones
     rows = sorted(qdylora.read_rows("asdiv:test"), key=lambda r: len(r["passage"]) + len(r["question"]))[:sweep_rows]
     data = eval_format(settings.data.with_embedded_default(), None)
-    sweep = qdylora.run_sweep(model, tokenizer, rows, data, ranks, metrics=("loss",), batch_size=2, progress=False)
+    sweep = qdylora.run_sweep(model, tokenizer, rows, data, ranks, qdylora.SweepSettings(metrics="loss", batch_size=2),
+                              progress=False)
     result["sweep_s"] = time.perf_counter() - start
     result["sweep_loss"] = {str(r): v for r, v in sweep.values["loss"].items()}
     _emit(result, sampler.peaks)

@@ -41,6 +41,7 @@ from qdylora.evaluation.adaptive import measure, row_order
 from qdylora.evaluation.choice import (choice_accuracy, choice_logliks, choice_logliks_shared, choice_questions,
                                        encode_questions)
 from qdylora.evaluation.confidence import GOOD
+from qdylora.evaluation.settings import SweepSettings
 from qdylora.evaluation.sweep import DecisionRule, eval_format, run_sweep
 from qdylora.training.losses import autocast_context
 from qdylora.training.rundir import load_run
@@ -141,14 +142,15 @@ def main() -> None:
     model, tok, settings = load_run(args.run)
     report: dict = {"machine": machine.facts(), "run": args.run, "ranks": RANKS, "batch_size": args.batch_size,
                     "compute_dtype": model.qdylora_config.compute_dtype, "repeats": args.repeats}
-    opts = dict(batch_size=args.batch_size, progress=False)
+    opts = dict(batch_size=args.batch_size)
     ways: dict = {}
     if "asdiv" not in skip:
         rows = read_rows("asdiv:test")[:args.rows]
         fmt = eval_format(settings.data, "asdiv:test")
         def asdiv(ranks, exhaustive=False, quick=False):
-            return run_sweep(model, tok, rows, fmt, ranks, ["loss", "exact_match"], max_new_tokens=16,
-                             exhaustive=exhaustive, quick=quick, **opts)
+            every = SweepSettings(metrics="loss,exact_match", max_new_tokens=16, exhaustive=exhaustive, quick=quick,
+                                  **opts)
+            return run_sweep(model, tok, rows, fmt, ranks, every, progress=False)
 
         ways |= {"asdiv exhaustive": lambda: asdiv(RANKS, exhaustive=True), "asdiv adaptive": lambda: asdiv(RANKS),
                  "asdiv quick": lambda: asdiv(RANKS, quick=True), "asdiv one rank": lambda: asdiv([64], True)}
@@ -173,7 +175,8 @@ def main() -> None:
             return {r: choice_accuracy(x, questions) for r, x in ll.items()}, ll
 
         def mmlu(ranks, exhaustive=False, quick=False):
-            return run_sweep(model, tok, qrows, qfmt, ranks, ["choice"], exhaustive=exhaustive, quick=quick, **opts)
+            return run_sweep(model, tok, qrows, qfmt, ranks, SweepSettings(
+                metrics="choice", exhaustive=exhaustive, quick=quick, **opts), progress=False)
 
         ways |= {"mmlu whole options": lambda: paths(False), "mmlu shared prompt": lambda: paths(True),
                  "mmlu exhaustive": lambda: mmlu(RANKS, exhaustive=True), "mmlu adaptive": lambda: mmlu(RANKS),

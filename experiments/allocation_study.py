@@ -47,6 +47,7 @@ def study_run(task: str, seed: int, args) -> dict:
     from qdylora.core.ordering import order_by_grams
     from qdylora.core.allocation import layer_costs
     from qdylora.evaluation.budgets import allocate_run, run_statistics
+    from qdylora.evaluation.settings import SweepSettings
     from qdylora.evaluation.sweep import run_sweep
     from qdylora.training.calibration import calibrate, calibration_batches, layer_errors, layer_grams
     from qdylora.training.rundir import load_run, read_json
@@ -85,8 +86,8 @@ def study_run(task: str, seed: int, args) -> dict:
     uniform = [r for r in (1, 2, 4, 8, 16, 32, 64)]
 
     def losses(ranks) -> dict[str, float]:
-        values = run_sweep(model, tokenizer, rows, data, ranks, ["loss"], rank_batch=args.rank_batch,
-                           progress=False).values["loss"]
+        values = run_sweep(model, tokenizer, rows, data, ranks,
+                           SweepSettings(metrics="loss", rank_batch=args.rank_batch), progress=False).values["loss"]
         return {str(r): v for r, v in values.items()}
 
     start = time.perf_counter()

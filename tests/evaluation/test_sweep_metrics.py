@@ -15,6 +15,7 @@ from qdylora.cli import main
 from qdylora.core.rank import evaluating
 from qdylora.evaluation.choice import choice_accuracy, choice_examples, choice_logliks, choice_questions
 from qdylora.evaluation.harness import write_choice_task
+from qdylora.evaluation.settings import SweepSettings
 from qdylora.evaluation.sweep import run_sweep
 from qdylora.training.rundir import load_run
 
@@ -39,8 +40,8 @@ def test_every_metric_at_every_rank_in_one_sweep(trained):
     model, tok, s = trained
     rows = [{"question": f"{a}+{b}=", "answer": [str(a + b), f"{a + b}."], "choices": [str(a + b), "0"],
              "gold": 0} for a in range(1, 4) for b in range(1, 4)]
-    result = run_sweep(model, tok, rows, s.data, [1, 4, 8], ["loss", "exact_match", "choice", "rouge", "bleu"],
-                       max_new_tokens=3, progress=False)
+    result = run_sweep(model, tok, rows, s.data, [1, 4, 8],
+                       SweepSettings(metrics="loss,exact_match,choice,rouge,bleu", max_new_tokens=3), progress=False)
     expected = {"loss", "perplexity", "exact_match", "acc", "acc_norm", "rouge1", "rouge2", "rougeL", "bleu"}
     assert set(result.values) == expected
     assert all(set(v) == {0, 1, 4, 8} for v in result.values.values())
@@ -64,8 +65,8 @@ def test_progress_bars_end_full(trained, capsys, exhaustive):
     model, tok, s = trained
     rows = [{"question": f"{a}+{b}=", "answer": str(a + b), "choices": [str(a + b), "0", f"{a}{b}"], "gold": 0}
             for a in range(1, 9) for b in range(1, 9)]  # 64 rows: two adaptive rounds at least
-    run_sweep(model, tok, rows, s.data, [1, 2, 4, 8], ["loss", "exact_match", "choice"], max_new_tokens=2,
-              batch_size=4, exhaustive=exhaustive)
+    run_sweep(model, tok, rows, s.data, [1, 2, 4, 8],
+              SweepSettings(metrics="loss,exact_match,choice", max_new_tokens=2, batch_size=4, exhaustive=exhaustive))
     ends = {}
     for line in capsys.readouterr().err.replace("\r", "\n").splitlines():
         m = re.match(r"(\w+): .*?(\d+)/(\d+) ", line)

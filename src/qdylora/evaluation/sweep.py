@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..console import log
-from ..core.allocation import DEFAULT_CALIBRATION_ROWS, DEFAULT_SCORE, Allocation, layer_costs
+from ..core.allocation import Allocation, layer_costs
 from ..core.model import QDyLoRAModel
 from ..core.rank import evaluating
 from ..data.batching import pad_token_id
@@ -35,22 +35,13 @@ from ..training.settings import RunSettings
 from .adaptive import early_confidence, judge_by, measure, row_order, rows_measured
 from .choice import (choice_hits, choice_logliks_shared, choice_questions, encode_questions, few_shot,
                      shared_batch_count)
-from .confidence import (DEFAULT_CONFIDENCE, DEFAULT_SEED, Bootstrap, Decision, decide, decide_from_estimates,
-                         exp_ratio, is_binary, ratio, wilson)
+from .confidence import DEFAULT_CONFIDENCE, Bootstrap, Decision, decide, decide_from_estimates, is_binary, wilson
 from .generation import generate_at_ranks
-from .text_metrics import bleu_from_stats, bleu_stats, exact_match_rows, rouge_rows
+from .metrics import METRICS, PERCENT, VALUES, mean_rows, of_family, value
+from .settings import SweepSettings, split_list
 
-# What `--metrics` takes (the values each reports: `SweepResult`).
-METRICS = ("loss", "exact_match", "choice", "rouge", "bleu")
-GENERATED = ("exact_match", "rouge", "bleu")  # metrics of one shared greedy generation
 SWEEP_FILES = {"json": "sweep.json", "csv": "sweep.csv", "png": "sweep.png"}
 SWEEP_JOURNAL = ".sweep.moves.json"  # the renames of a sweep's files in progress
-LOWER_IS_BETTER = ("loss", "perplexity")
-NOT_RECOMMENDED = ("perplexity",)  # the same ranking as loss
-LOSS_TOLERANCE = 0.01  # nats per token: a perplexity at most e^0.01 = 1.01 times the best rank's
-ACCURACY_TOLERANCE = 1.0  # points of a score in percent
-PERCENT = ratio(100.0)  # a score in percent from per-row statistics (score 0..1, 1)
-REDUCE = {"loss": ratio(), "perplexity": exp_ratio, "bleu": bleu_from_stats}  # the others: PERCENT
 
 
 Entry = Union[int, Allocation]  # a uniform rank, or per-layer ranks (`core.allocation`)
@@ -87,6 +78,7 @@ class SweepResult:
     confidence: float = DEFAULT_CONFIDENCE
     adaptive: bool = False
     row_stats: dict[str, dict[Entry, torch.Tensor]] = field(default_factory=dict, repr=False)  # not saved
+    settings: dict = field(default_factory=dict)  # the SweepSettings it was measured with
 
     @property
     def allocations(self) -> list[Allocation]:
@@ -115,6 +107,7 @@ class SweepResult:
             "higher_is_better": self.higher_is_better,
             "seconds": self.seconds,
             "samples": {str(r): s for r, s in self.samples.items()},
+            **({"settings": self.settings} if self.settings else {}),
         }
 
     def csv(self) -> str:
@@ -179,125 +172,104 @@ def eval_format(settings: DataSettings, data: Optional[str], prompt_template: Op
                    response_template=response_template)
 
 
-def check_decision(loss_tolerance: float = LOSS_TOLERANCE, accuracy_tolerance: float = ACCURACY_TOLERANCE,
-                   confidence: float = DEFAULT_CONFIDENCE, exhaustive: bool = False, quick: bool = False) -> None:
-    """One-line errors for tolerances, a confidence or modes the decision cannot use."""
-    if exhaustive and quick:
-        raise QDyLoRAError("--exhaustive and --quick ask for opposite things: give one of them")
-    for name, value in (("loss-tolerance", loss_tolerance), ("accuracy-tolerance", accuracy_tolerance)):
-        if not 0 <= value < float("inf"):  # false for nan too
-            raise QDyLoRAError(f"--{name} must be a finite number, not negative, got {value}")
-    if not 0.5 <= confidence < 1:  # false for nan too
-        raise QDyLoRAError(f"--confidence must be at least 0.5 and below 1 (e.g. 0.95), got {confidence}")
+def run_sweep(model: QDyLoRAModel, tokenizer, rows: Sequence[dict], data: DataSettings, ranks: Sequence[Entry],
+              settings: Optional[SweepSettings] = None, *, progress: bool = True, base: bool = True) -> SweepResult:
+    """Measure the metrics of `settings` (and its lm-evaluation-harness tasks) at every entry of
+    `ranks` (uniform ranks, and allocations measured beside them in the same batches) on `rows`,
+    formatted as in training (`data`); rank 0, the base model, is added unless `base` is False
+    (e.g. where it was measured on the same rows before).
 
-
-def check_metrics(metrics: Sequence[str]) -> None:
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise QDyLoRAError(f"unknown metric {unknown[0]!r}: use {', '.join(METRICS)}")
-    if not metrics:
-        raise QDyLoRAError(f"no metric to measure: use one or more of {', '.join(METRICS)}")
-
-
-def run_sweep(
-    model: QDyLoRAModel,
-    tokenizer,
-    rows: Sequence[dict],
-    data: DataSettings,
-    ranks: Sequence[Entry],
-    metrics: Sequence[str] = ("loss", "exact_match"),
-    *,
-    batch_size: int = 8,
-    rank_batch: int = 0,
-    max_new_tokens: int = 32,
-    loss_tolerance: float = LOSS_TOLERANCE,
-    accuracy_tolerance: float = ACCURACY_TOLERANCE,
-    confidence: float = DEFAULT_CONFIDENCE,
-    exhaustive: bool = False,
-    quick: bool = False,
-    seed: int = DEFAULT_SEED,
-    shots: int = 0,
-    shots_rows: Optional[Sequence[dict]] = None,
-    lm_eval: Sequence[str] = (),
-    lm_eval_include: Optional[str | Path] = None,
-    lm_eval_limit: Optional[int] = None,
-    progress: bool = True,
-    base: bool = True,
-) -> SweepResult:
-    """Measure `metrics` (and lm-evaluation-harness `lm_eval` tasks) at every rank of `ranks` (0 is
-    added; allocations are measured beside the ranks, in the same batches) on `rows`, formatted as
-    in training; `shots` solved questions lead each `choice` prompt.
-
-    Every value gets a seeded bootstrap interval at `confidence`, and each recommendation is the
-    smallest rank shown (at that confidence) to be worse than the best by at most the tolerance:
-    `loss_tolerance` nats per token for the loss, `accuracy_tolerance` points for scores in
-    percent (`confidence.decide`). Unless `exhaustive`, rows are measured in rounds and ranks
-    already decided stop being measured (`adaptive`); `quick` also stops those no row count here
-    could decide (a cheaper first look that agrees less often with the exhaustive pick). `base`
-    False leaves out the base model (rank 0), e.g. where it was measured on the same rows before."""
-    check_decision(loss_tolerance, accuracy_tolerance, confidence, exhaustive, quick)
-    if metrics or not lm_eval:
-        check_metrics(metrics)
-    allocations = list(dict.fromkeys(r for r in ranks if isinstance(r, Allocation)))
-    ints = [r for r in ranks if not isinstance(r, Allocation)]
-    check_ranks([r for r in ints if r != 0], model.qdylora_config.max_rank)  # 0, the base, is always measured
-    ranks = sorted(set(ints) | ({0} if base else set())) + allocations
-    if not rows and metrics:
+    Every value gets a seeded bootstrap interval at the settings' confidence, and each
+    recommendation is the smallest rank shown (at that confidence) to be worse than the best by at
+    most the tolerance (`confidence.decide`). Unless exhaustive, rows are measured in rounds and
+    ranks already decided stop being measured (`adaptive`); quick also stops those no row count
+    here could decide (a cheaper first look that agrees less often with the exhaustive pick)."""
+    s = settings or SweepSettings()
+    entries = _entries(model, ranks, base)
+    if not rows and s.metric_names:
         raise QDyLoRAError("the evaluation data is empty")
     manager = None
-    if lm_eval:
+    if s.tasks:
         from .harness import task_manager
 
-        manager = task_manager(lm_eval, lm_eval_include)  # an unknown task or no harness: before any work
+        manager = task_manager(s.tasks, s.lm_eval_include)  # an unknown task or no harness: before any work
     data = fitted(data, model)
-    ctx = _Context(model, tokenizer, list(ranks), batch_size, rank_batch, progress)
+    ctx = _Context(model, tokenizer, entries, s.batch_size, s.rank_batch, progress)
     costs = layer_costs(model)
-    params = {r: r.params(costs) if isinstance(r, Allocation) else r * sum(costs.values()) for r in ranks}
-    rule = DecisionRule.make(loss_tolerance, accuracy_tolerance, confidence, seed, params if allocations else None)
-    rf = row_format(data, rows[0].keys(), data.data or "the evaluation data") if any(
-        m in metrics for m in ("loss", *GENERATED)) else None
-    families = []
-    if "loss" in metrics:
-        families.append(_loss_family(ctx, rows, rf, data))
-    if any(m in metrics for m in GENERATED):
-        families.append(_generation_family(ctx, rows, rf, data, [m for m in GENERATED if m in metrics],
-                                           max_new_tokens))
-    if "choice" in metrics:
-        families.append(_choice_family(ctx, rows, data, shots, shots_rows))
+    params = {r: r.params(costs) if isinstance(r, Allocation) else r * sum(costs.values()) for r in entries}
+    sized = any(isinstance(r, Allocation) for r in entries)
+    rule = DecisionRule.make(s, params if sized else None)
+    shots_rows = list(read_rows(s.shots_data, data.split)) if s.shots_data else None
+    families = _families(ctx, rows, data, s, shots_rows)
     stats: dict[str, dict[Entry, torch.Tensor]] = {}
     with evaluating(model):
         for family in families:
-            stats.update(ctx.timed(family.name, lambda: _measure(ctx, family, rule, exhaustive, seed, quick)))
-        values = {v: {r: float(REDUCE.get(v, PERCENT)(s.sum(0))) if s.shape[0] else math.nan for r, s in by.items()}
-                  for v, by in stats.items()}
-        intervals = {v: {r: _interval(v, s, rule.boot) for r, s in by.items()} for v, by in stats.items()}
-        higher = {v: v not in LOWER_IS_BETTER for v in values}
-        decisions = rule.decisions(stats, rule.boot)
-        smallest = rule.decisions(stats, rule.boot, sized=True) if allocations else {}
-        if lm_eval:
-            harness, harness_higher, harness_intervals, harness_errors = ctx.timed("lm_eval", lambda: _harness_values(
-                ctx, lm_eval, manager, lm_eval_limit, confidence))
-            values.update(harness)
-            higher.update(harness_higher)
-            intervals.update(harness_intervals)
-            for v, vals in harness.items():  # no per-row scores: the same rule on the harness's standard errors
-                decisions[v] = decide_from_estimates(v, vals, harness_errors[v], harness_higher[v],
-                                                     rule.tolerance(v, harness_higher[v]), confidence,
-                                                     rows=lm_eval_limit or 0)
-    recommended = {v: d.recommended for v, d in decisions.items()}
-    samples = next((f.samples for f in families if f.samples), {})
-    return SweepResult(ranks, values, recommended, len(rows), ctx.seconds, samples, higher, params,
-                       {v: str(d.recommended) for v, d in smallest.items()}, intervals,
-                       rows_measured(stats), decisions, smallest, confidence, not exhaustive, stats)
+            stats.update(ctx.timed(family.name, lambda: _measure(ctx, family, rule, s.exhaustive, s.seed, s.quick)))
+        result = _result(entries, stats, rule, len(rows), ctx, params, s)
+        result.samples = next((f.samples for f in families if f.samples), {})
+        if s.tasks:
+            _add_harness(result, ctx, s, manager)
+    return result
 
 
-def _interval(value: str, stats: torch.Tensor, boot: Bootstrap) -> tuple[float, float]:
+def _entries(model: QDyLoRAModel, ranks: Sequence[Entry], base: bool) -> list[Entry]:
+    """The uniform ranks in order (0, the base, first unless not `base`), then the allocations."""
+    allocations = list(dict.fromkeys(r for r in ranks if isinstance(r, Allocation)))
+    ints = [r for r in ranks if not isinstance(r, Allocation)]
+    check_ranks([r for r in ints if r != 0], model.qdylora_config.max_rank)  # 0, the base, is always measured
+    return sorted(set(ints) | ({0} if base else set())) + allocations
+
+
+def _families(ctx: "_Context", rows, data: DataSettings, s: SweepSettings, shots_rows) -> list["_Family"]:
+    """The ways of scoring rows the requested metrics need, each once."""
+    metrics, families = s.metric_names, []
+    rf = row_format(data, rows[0].keys(), data.data or "the evaluation data") if of_family(
+        metrics, "loss") or of_family(metrics, "generation") else None
+    if of_family(metrics, "loss"):
+        families.append(_loss_family(ctx, rows, rf, data))
+    if of_family(metrics, "generation"):
+        families.append(_generation_family(ctx, rows, rf, data, of_family(metrics, "generation"), s.max_new_tokens))
+    if of_family(metrics, "choice"):
+        families.append(_choice_family(ctx, rows, data, s.shots, shots_rows))
+    return families
+
+
+def _result(entries: list[Entry], stats: dict[str, dict[Entry, torch.Tensor]], rule: "DecisionRule", examples: int,
+            ctx: "_Context", params: dict[Entry, int], s: SweepSettings) -> SweepResult:
+    """The sweep's values, intervals and decisions from the per-row statistics of every value."""
+    values = {v: {r: float(value(v).reduce(x.sum(0))) if x.shape[0] else math.nan for r, x in by.items()}
+              for v, by in stats.items()}
+    intervals = {v: {r: _interval(v, x, rule.boot) for r, x in by.items()} for v, by in stats.items()}
+    decisions = rule.decisions(stats, rule.boot)
+    smallest = rule.decisions(stats, rule.boot, sized=True) if rule.params else {}
+    return SweepResult(entries, values, {v: d.recommended for v, d in decisions.items()}, examples, ctx.seconds,
+                       {}, {v: value(v).higher_is_better for v in values}, params,
+                       {v: str(d.recommended) for v, d in smallest.items()}, intervals, rows_measured(stats),
+                       decisions, smallest, s.confidence, not s.exhaustive, stats, s.to_dict())
+
+
+def _add_harness(result: SweepResult, ctx: "_Context", s: SweepSettings, manager) -> None:
+    """lm-evaluation-harness values at every entry, decided by the same rule on the harness's
+    standard errors (no per-row scores)."""
+    harness, higher, intervals, errors = ctx.timed("lm_eval", lambda: _harness_values(
+        ctx, s.tasks, manager, s.lm_eval_limit, s.confidence))
+    result.values.update(harness)
+    result.higher_is_better.update(higher)
+    result.intervals.update(intervals)
+    for v, vals in harness.items():
+        result.decisions[v] = decide_from_estimates(v, vals, errors[v], higher[v], s.tolerance(higher[v]),
+                                                    s.confidence, rows=s.lm_eval_limit or 0)
+        result.recommended[v] = result.decisions[v].recommended
+
+
+def _interval(name: str, stats: torch.Tensor, boot: Bootstrap) -> tuple[float, float]:
     """A value's interval: Wilson's for a score in percent from 0/1 rows (the bootstrap gives
     "0.00 +-0.00" for 0 of 32), else the bootstrap's."""
-    if value not in REDUCE and stats.shape[0] and is_binary(stats):
+    reduce = value(name).reduce
+    if reduce is PERCENT and stats.shape[0] and is_binary(stats):
         low, high = wilson(float(stats[:, 0].sum()), stats.shape[0], boot.confidence)
         return 100.0 * low, 100.0 * high
-    return boot.interval(stats, REDUCE.get(value, PERCENT))
+    return boot.interval(stats, reduce)
 
 
 @dataclass
@@ -306,30 +278,30 @@ class DecisionRule:
     entries' sizes (with allocations: the smallest adapter by parameters is decided too). Public
     so that a study can replay a sweep's decisions on stored per-row statistics."""
 
-    loss_tolerance: float
-    accuracy_tolerance: float
+    settings: SweepSettings
     boot: Bootstrap
     early: Bootstrap
     params: Optional[dict[Entry, int]]
 
     @classmethod
-    def make(cls, loss_tolerance: float = LOSS_TOLERANCE, accuracy_tolerance: float = ACCURACY_TOLERANCE,
-             confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED,
+    def make(cls, settings: Optional[SweepSettings] = None,
              params: Optional[dict[Entry, int]] = None) -> "DecisionRule":
-        return cls(loss_tolerance, accuracy_tolerance, Bootstrap(confidence, seed=seed),
-                   Bootstrap(early_confidence(confidence), seed=seed), params)
-
-    def tolerance(self, value: str, higher_is_better: bool) -> float:
-        return self.accuracy_tolerance if higher_is_better else self.loss_tolerance
+        s = settings or SweepSettings()
+        return cls(s, Bootstrap(s.confidence, seed=s.seed), Bootstrap(early_confidence(s.confidence), seed=s.seed),
+                   params)
 
     def decisions(self, stats: dict[str, dict[Entry, torch.Tensor]], boot: Bootstrap,
                   sized: bool = False) -> dict[str, Decision]:
         """{value: decision} of every recommended value: among uniform ranks, or (`sized`) among
         every entry by parameters."""
         among = dict(size=self.params) if sized else dict(candidate=lambda r: isinstance(r, int) and r != 0)
-        return {v: decide(v, by, REDUCE.get(v, PERCENT), v not in LOWER_IS_BETTER,
-                          self.tolerance(v, v not in LOWER_IS_BETTER), boot, **among, scores=v not in REDUCE)
-                for v, by in stats.items() if v not in NOT_RECOMMENDED}
+        out = {}
+        for name, by in stats.items():
+            v = value(name)
+            if v.recommended:
+                out[name] = decide(name, by, v.reduce, v.higher_is_better, self.settings.tolerance(v.higher_is_better),
+                                   boot, **among, scores=v.reduce is PERCENT)
+        return out
 
     def judge(self, entries: Sequence[Entry], quick_rows: Optional[int] = None):
         """A judge for `adaptive.measure`: early verdicts on the ranks, and on the allocations
@@ -399,12 +371,6 @@ class _Context:
         return result
 
 
-def _stats(per_row: torch.Tensor) -> torch.Tensor:
-    """(n,) per-row scores -> (n, 2) statistics (score, 1) of their mean."""
-    per_row = per_row.double()
-    return torch.stack([per_row, torch.ones_like(per_row)], dim=1)
-
-
 def _loss_family(ctx: _Context, rows, rf, data: DataSettings) -> _Family:
     """Mean response-token loss (of the first reference where a row has several) and perplexity:
     per-row statistics (summed token loss, tokens)."""
@@ -425,13 +391,14 @@ def _loss_family(ctx: _Context, rows, rf, data: DataSettings) -> _Family:
         for r, (loss, count) in sums.items():
             out[r] = torch.empty(len(idx), 2, dtype=torch.float64)
             out[r][position] = torch.stack([loss, count.double()], dim=1)
-        return {"loss": out, "perplexity": out}
+        return {v.name: out for v in METRICS["loss"].values}  # loss and perplexity: the same statistics
 
     return _Family("loss", len(examples), score)
 
 
-def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: list[str], max_new_tokens: int) -> _Family:
-    """exact_match, rouge and bleu of one greedy generation per row and entry."""
+def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: list, max_new_tokens: int) -> _Family:
+    """The values of `metrics` (`metrics.Metric` rows of the generation family: exact_match, rouge,
+    bleu) from one greedy generation per row and entry."""
     prompts, refs = generation_prompts(rows, ctx.tokenizer, rf, max_source_length=data.max_source_length)
     samples: dict[Entry, list[str]] = {}  # the first generations of each entry
 
@@ -444,13 +411,9 @@ def _generation_family(ctx: _Context, rows, rf, data: DataSettings, metrics: lis
         values: dict[str, dict[Entry, torch.Tensor]] = {}
         for r, outs in outputs.items():
             samples.setdefault(r, outs[:3])
-            if "exact_match" in metrics:
-                values.setdefault("exact_match", {})[r] = _stats(torch.tensor(exact_match_rows(outs, references)))
-            if "rouge" in metrics:
-                for kind, f1 in rouge_rows(outs, references).items():
-                    values.setdefault(kind, {})[r] = _stats(torch.tensor(f1))
-            if "bleu" in metrics:
-                values.setdefault("bleu", {})[r] = bleu_stats(outs, references)
+            for metric in metrics:
+                for name, stats in metric.score(outs, references).items():
+                    values.setdefault(name, {})[r] = stats
         return values
 
     return _Family("generation", len(prompts), score, samples)
@@ -471,7 +434,7 @@ def _choice_family(ctx: _Context, rows, data: DataSettings, shots: int,
                                         batch_size=ctx.batch_size, rank_batch=ctx.rank_batch,
                                         autocast=ctx.autocast, on_batch=ctx.on_batch)
         hits = {r: choice_hits(ll, [questions[i] for i in idx]) for r, ll in logliks.items()}
-        return {kind: {r: _stats(h[kind]) for r, h in hits.items()} for kind in ("acc", "acc_norm")}
+        return {v.name: {r: mean_rows(h[v.name]) for r, h in hits.items()} for v in METRICS["choice"].values}
 
     return _Family("choice", len(questions), score,
                    batches=lambda idx: shared_batch_count(ctx.model, [encoded[i] for i in idx], ctx.batch_size))
@@ -496,11 +459,11 @@ def _harness_values(ctx: _Context, tasks: Sequence[str], manager, limit, confide
     errors: dict[str, dict[int, float]] = {}
     for r, by_task in scores.items():
         for task, metrics in by_task.items():
-            for metric, value in metrics.items():
+            for metric, x in metrics.items():
                 if metric.endswith("_stderr"):
-                    errors.setdefault(f"lm_eval:{task}:{metric.removesuffix('_stderr')}", {})[r] = value
+                    errors.setdefault(f"lm_eval:{task}:{metric.removesuffix('_stderr')}", {})[r] = x
                 else:
-                    values.setdefault(f"lm_eval:{task}:{metric}", {})[r] = value
+                    values.setdefault(f"lm_eval:{task}:{metric}", {})[r] = x
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
     directions, intervals, ses = {}, {}, {}
     for name, vals in values.items():
@@ -513,48 +476,34 @@ def _harness_values(ctx: _Context, tasks: Sequence[str], manager, limit, confide
     return values, directions, intervals, ses
 
 
-def sweep_run(run_dir: str | Path, *, data: Optional[str] = None, ranks: Optional[Sequence[int]] = None,
-              metrics: Sequence[str] = ("loss", "exact_match"), max_examples: int = 0,
-              out: Optional[str | Path] = None, overwrite: bool = False, device: Optional[str] = None,
-              trust_remote_code: bool = False, title: Optional[str] = None,
-              prompt_template: Optional[str] = None, response_template: Optional[str] = None,
-              shots_data: Optional[str] = None, budgets: Sequence[str] = (), scores: Sequence[str] = (DEFAULT_SCORE,),
-              calibration_rows: int = DEFAULT_CALIBRATION_ROWS, **options) -> tuple[SweepResult, dict[str, Path]]:
-    """Open a training run, measure it at `ranks` (default: powers of two up to max_rank; the base
-    always) on `data` (default: `eval_rows`), and write sweep.json, sweep.csv and sweep.png into
-    `out` (default: the run directory). With `budgets`, per-layer allocations at each budget under
-    each of `scores` are measured beside the ranks (made once, kept in RUN/allocations/).
-    `options` go to `run_sweep`."""
+def sweep_run(run_dir: str | Path, settings: Optional[SweepSettings] = None, *, out: Optional[str | Path] = None,
+              overwrite: bool = False, device: Optional[str] = None, trust_remote_code: bool = False,
+              title: Optional[str] = None, progress: bool = True) -> tuple[SweepResult, dict[str, Path]]:
+    """Open a training run, measure it as `settings` ask (default ranks: powers of two up to
+    max_rank; the base always; default data: `eval_rows`), and write sweep.json, sweep.csv and
+    sweep.png into `out` (default: the run directory). With budgets, per-layer allocations at each
+    budget under each score are measured beside the ranks (made once, kept in RUN/allocations/)."""
     from .budgets import AllocationRequest
 
-    requests = [AllocationRequest(budget=str(b), score=s, calibration_rows=calibration_rows)
-                for b in budgets for s in scores]  # malformed budgets and scores fail before loading
-    if ranks and not any(r > 0 for r in ranks):
-        raise QDyLoRAError(f"--ranks {','.join(map(str, ranks))} measures the base model only, and a sweep "
-                           "compares adapter ranks: add a rank above 0 (--ranks 0,1,8,64)")
+    s = settings or SweepSettings()
+    requests = [AllocationRequest(budget=b, score=score, calibration_rows=s.calibration_rows)
+                for b in split_list(s.budgets) for score in split_list(s.scores)]  # bad ones fail before loading
     out = Path(out or run_dir)
     finish_moves(out / SWEEP_JOURNAL)  # an earlier sweep killed among its renames: its files complete
     existing = [n for n in SWEEP_FILES.values() if (out / n).exists()]
     if existing and not overwrite:
         raise QDyLoRAError(f"{out} already holds {', '.join(existing)}: use --overwrite or another --out")
-    if metrics or not options.get("lm_eval"):
-        check_metrics(metrics)
-    check_decision(*(options.get(k, d) for k, d in (("loss_tolerance", LOSS_TOLERANCE),
-                                                      ("accuracy_tolerance", ACCURACY_TOLERANCE),
-                                                      ("confidence", DEFAULT_CONFIDENCE),
-                                                      ("exhaustive", False), ("quick", False))))
-    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
-    fmt = eval_format(settings.data, data, prompt_template, response_template)
-    rows = eval_rows(settings, data, run_dir)
-    if max_examples > 0:
-        rows = rows[:max_examples]
-    shots_rows = list(read_rows(shots_data, settings.data.split)) if shots_data else None
-    allocations = [r.resolve(run_dir, model, tokenizer, settings, batch_size=options.get("batch_size", 8),
-                             progress=options.get("progress", True)) for r in requests]
-    result = run_sweep(model, tokenizer, rows, fmt, list(ranks or default_ranks(model.qdylora_config.max_rank))
-                       + allocations, metrics, shots_rows=shots_rows, **options)
+    model, tokenizer, run = load_run(run_dir, device, trust_remote_code)
+    fmt = eval_format(run.data, s.data, s.prompt_template, s.response_template)
+    rows = eval_rows(run, s.data, run_dir)
+    if s.max_examples > 0:
+        rows = rows[:s.max_examples]
+    allocations = [r.resolve(run_dir, model, tokenizer, run, batch_size=s.batch_size, progress=progress)
+                   for r in requests]
+    ranks = s.rank_list or default_ranks(model.qdylora_config.max_rank)
+    result = run_sweep(model, tokenizer, rows, fmt, ranks + allocations, s, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    title = title or f"{run_dir} on {data or 'its validation rows'} ({result.examples} examples)"
+    title = title or f"{run_dir} on {s.data or 'its validation rows'} ({result.examples} examples)"
     return result, write_outputs(result, out, title=title)
 
 
@@ -583,18 +532,13 @@ def write_outputs(result: SweepResult, out: Path, title: str = "") -> dict[str, 
     return paths
 
 
-LABELS = {"loss": "response token loss", "exact_match": "exact match, %", "acc": "choice accuracy, %",
-          "acc_norm": "choice accuracy (length-normalised), %", "rouge1": "ROUGE-1 F1, %",
-          "rouge2": "ROUGE-2 F1, %", "rougeL": "ROUGE-L F1, %", "bleu": "BLEU"}
-
-
 def plot(result: SweepResult, path: Path, title: str = "") -> None:
     """Each metric against rank (log2 axis), three panels a row; the base model (rank 0) as a
     dashed line and the recommended rank marked; allocations at their average rank (parameters
     over those of rank 1), one line per score."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    shown = [m for m in result.values if m not in NOT_RECOMMENDED]
+    shown = [m for m in result.values if value(m).recommended]
     cols = min(3, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig = Figure(figsize=(5 * cols, 3.6 * rows))
@@ -622,8 +566,8 @@ def plot(result: SweepResult, path: Path, title: str = "") -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("rank b" + (" (allocations: average rank at equal parameters)" if result.allocations else ""))
-        better = "higher" if result.higher_is_better.get(metric, metric not in LOWER_IS_BETTER) else "lower"
-        ax.set_ylabel(f"{LABELS.get(metric, metric)} ({better} is better)", fontsize=8)
+        better = "higher" if result.higher_is_better.get(metric, value(metric).higher_is_better) else "lower"
+        ax.set_ylabel(f"{value(metric).label} ({better} is better)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[len(shown):]:
@@ -671,12 +615,12 @@ def table(result: SweepResult) -> str:
     return "\n".join([*lines, note])
 
 
-def _cell(result: SweepResult, value: str, entry: Entry) -> str:
-    places = 4 if value in LOWER_IS_BETTER else 2
-    v = result.values[value][entry]
-    low, high = result.intervals.get(value, {}).get(entry, (math.nan, math.nan))
+def _cell(result: SweepResult, name: str, entry: Entry) -> str:
+    places = 4 if name in VALUES and not VALUES[name].higher_is_better else 2  # losses to 4 decimals
+    v = result.values[name][entry]
+    low, high = result.intervals.get(name, {}).get(entry, (math.nan, math.nan))
     text = f"{v:.{places}f}" + (f" [{low:.{places}f}, {high:.{places}f}]" if not math.isnan(high - low) else "")
-    rows = result.rows.get(value, {})
+    rows = result.rows.get(name, {})
     if rows and rows.get(entry, 0) < max(rows.values()):
         text += f" @{rows[entry]}"
     return text
