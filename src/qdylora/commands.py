@@ -236,17 +236,22 @@ class Export(Checked):
     debug: bool = False
     """Show full tracebacks for errors."""
 
-    def run(self) -> None:
-        from .export.peft import export_run
+    # Flags that belong to one --format: (that format, whether the flag was given); refused with another.
+    FORMAT_FLAGS = {"--dtype": ("gguf", lambda c: c.dtype is not None),
+                    "--base-gguf": ("gguf", lambda c: c.base_gguf is not None),
+                    "--layout": ("peft", lambda c: c.layout != "patterns")}
 
+    def run(self) -> None:
         request = self.per_layer.request()
         if sum(x is not None for x in (self.rank, self.ranks, request)) != 1:
             raise QDyLoRAError("give exactly one of --rank 8, --ranks 1,2,4,8, --budget B or --allocation NAME")
         ranks = [self.rank] if self.rank is not None else parse_ranks(self.ranks) if self.ranks else []
-        if self.format == "gguf":
-            return self._gguf(ranks, request)
-        if self.dtype is not None or self.base_gguf is not None:
-            raise QDyLoRAError("--dtype and --base-gguf are for --format gguf: a PEFT adapter keeps the adapter's dtype")
+        _check_format_flags(self, self.FORMAT_FLAGS)
+        {"peft": self._peft, "gguf": self._gguf}[self.format](ranks, request)
+
+    def _peft(self, ranks: list[int], request) -> None:
+        from .export.peft import export_run
+
         targets = export_run(self.run_dir, ranks, self.out, one=self.rank is not None, overwrite=self.overwrite,
                              device=self.device, trust_remote_code=self.trust_remote_code, allocation=request,
                              layout=self.layout, progress=True)
@@ -260,8 +265,6 @@ class Export(Checked):
         from .core.config import dtype_name
         from .export.gguf import export_run_gguf, ollama_lines
 
-        if self.layout != "patterns":
-            raise QDyLoRAError("--layout is for PEFT adapters: a GGUF adapter holds each layer at its own rank")
         targets, base = export_run_gguf(self.run_dir, ranks, self.out, one=self.rank is not None,
                                         overwrite=self.overwrite, device=self.device,
                                         trust_remote_code=self.trust_remote_code, allocation=request,
@@ -313,18 +316,21 @@ class Merge(Checked):
     debug: bool = False
     """Show full tracebacks for errors."""
 
-    def run(self) -> None:
-        from .core.config import dtype_name
-        from .export.merge import REQUANTIZE_NOTE, merge_run
+    FORMAT_FLAGS = {"--dtype q8_0": ("gguf", lambda c: c.dtype == "q8_0"),
+                    "--base-gguf": ("gguf", lambda c: c.base_gguf is not None)}
 
+    def run(self) -> None:
         request = self.per_layer.request()
         if (self.rank is None) == (request is None):
             raise QDyLoRAError("give exactly one of --rank 8, --budget B or --allocation NAME")
+        _check_format_flags(self, self.FORMAT_FLAGS)
         what = f"rank {self.rank}" if request is None else "the per-layer ranks"
-        if self.format == "gguf":
-            return self._gguf(request, what)
-        if self.dtype == "q8_0" or self.base_gguf is not None:
-            raise QDyLoRAError("--dtype q8_0 and --base-gguf are for --format gguf")
+        {"hf": self._hf, "gguf": self._gguf}[self.format](request, what)
+
+    def _hf(self, request, what: str) -> None:
+        from .core.config import dtype_name
+        from .export.merge import REQUANTIZE_NOTE, merge_run
+
         out = merge_run(self.run_dir, self.rank, self.out, dtype=self.dtype, overwrite=self.overwrite,
                         device=self.device, trust_remote_code=self.trust_remote_code, allocation=request,
                         progress=True)
@@ -481,6 +487,15 @@ def _stdin_text() -> str:
     except UnicodeDecodeError as e:
         raise QDyLoRAError(f"the prompt on standard input is not UTF-8 text (byte {e.start}): "
                            "convert it (iconv -t utf-8) or pass --prompt TEXT") from None
+
+
+def _check_format_flags(command, flags: dict) -> None:
+    """Refuse the flags of another --format (`flags`: flag -> (its format, whether it was given))."""
+    wrong = [flag for flag, (fmt, given) in flags.items() if fmt != command.format and given(command)]
+    if wrong:
+        owner = flags[wrong[0]][0]
+        raise QDyLoRAError(f"{' and '.join(wrong)} {'are' if len(wrong) > 1 else 'is'} for --format {owner}, "
+                           f"not --format {command.format}: leave {'them' if len(wrong) > 1 else 'it'} out")
 
 
 def _entry_name(entry) -> str:

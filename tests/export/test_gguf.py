@@ -228,7 +228,7 @@ def test_cli_gguf_export_and_merge(trained_run, tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--base-gguf" in done.stderr
     done = subprocess.run([*cli, "export", str(trained_run), "--rank", "4", "--out", str(tmp_path / "p"),
                            "--dtype", "fp16"], capture_output=True, text=True)
-    assert done.returncode == 2 and "are for --format gguf" in done.stderr
+    assert done.returncode == 2 and "--dtype is for --format gguf, not --format peft" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["budget.gguf", "r4.gguf", "run"]
     json.dumps(fields(tmp_path / "r4.gguf"), default=str)  # every field readable
 

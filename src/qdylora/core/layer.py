@@ -95,6 +95,19 @@ class QDyLoRALinear(nn.Module):
         trained = (components[None, :] == ranks[:, None] - 1).view(view) if frozen else None
         return self.max_rank, c, trained
 
+    def factors(self, b: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The adapter at rank b as factors: A[:b] (b, in), B[:, :b] (out, b), detached views of the
+        float32 masters, and s(b) (its gain included), so that its delta is s(b) B[:, :b] A[:b].
+        The one home of that product for every exporter (merge, PEFT, GGUF); PEFT's
+        `get_delta_weight` is B A * scaling with scaling = lora_alpha / r."""
+        s = scale(self.alpha, b, self.scaling, self.max_rank, self.rank_gains)
+        return self.lora_A.detach()[:b], self.lora_B.detach()[:, :b], s
+
+    def delta_weight(self, b: int) -> torch.Tensor:
+        """(out, in) float32: s(b) B[:, :b] A[:b], what merging rank b adds to the base weight."""
+        A, B, s = self.factors(b)
+        return s * (B.float() @ A.float())
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, "

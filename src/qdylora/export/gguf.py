@@ -32,7 +32,6 @@ import torch
 
 from ..core.allocation import Allocation, layer_rank
 from ..core.model import QDyLoRAModel
-from ..core.scaling import scale
 from ..errors import QDyLoRAError
 from ..files import atomic_write
 from ..training.sampling import check_ranks
@@ -167,7 +166,7 @@ def adapter_tensors(model: QDyLoRAModel, rank: Union[int, Allocation]) -> dict[s
     (out, b) = s(b) B[:, :b], rows permuted where llama.cpp permutes the base's; float32, CPU."""
     import gguf
 
-    hf, c = model.model, model.qdylora_config
+    hf = model.model
     arch = gguf_architecture(hf)
     names = gguf.get_tensor_name_map(arch, hf.config.num_hidden_layers)
     tensors = {}
@@ -178,10 +177,8 @@ def adapter_tensors(model: QDyLoRAModel, rank: Union[int, Allocation]) -> dict[s
         name = gguf_name(names, path)
         if name is None:
             raise QDyLoRAError(f"llama.cpp has no tensor for the adapted layer {path}: export with --format peft")
-        A = layer.lora_A.detach()[:b].float().cpu()  # (b, in)
-        s = scale(c.alpha, b, c.scaling, c.max_rank, layer.rank_gains)
-        B = layer.lora_B.detach()[:, :b].float().cpu() * s  # (out, b)
-        B = rope_permute(B, path, hf.config)
+        A, B, s = layer.factors(b)  # (b, in), (out, b)
+        A, B = A.float().cpu(), rope_permute(B.float().cpu() * s, path, hf.config)
         tensors[f"{name}.weight.lora_a"] = A.contiguous()
         tensors[f"{name}.weight.lora_b"] = B.contiguous()
     return tensors
@@ -393,22 +390,22 @@ def export_run_gguf(run_dir: Union[str, Path], ranks: list[int], out: Union[str,
     """GGUF adapters of a training run: the file `out` for `one` rank or an allocation, else
     out/rank-<b>.gguf for each; checked against the base's GGUF when it is known. Returns the
     files and that base GGUF (None: unknown)."""
-    from ..training.rundir import load_run, load_run_settings
+    from .opening import open_run
 
-    settings, _ = load_run_settings(run_dir, trust_remote_code)
-    if allocation is None:
-        check_ranks(ranks, settings.adapter.max_rank)
-    base = base_gguf_of(settings.model, base_gguf)
     out = Path(out)
     targets = [out] if one or allocation is not None else [out / f"rank-{r}.gguf" for r in ranks]
-    for target in targets:
-        _check_output(target, overwrite, base)  # never the base GGUF, even with --overwrite
-    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
-    entries: list[Union[int, Allocation]] = list(ranks)
-    if allocation is not None:
-        entries = [allocation.resolve(run_dir, model, tokenizer, settings, progress=progress)]
-    for r, target in zip(entries, targets):
-        export_gguf_adapter(model, r, target, dtype=dtype, base_gguf=base, overwrite=overwrite)
+
+    def check_outputs(settings) -> Optional[Path]:
+        base = base_gguf_of(settings.model, base_gguf)
+        for target in targets:
+            _check_output(target, overwrite, base)  # never the base GGUF, even with --overwrite
+        return base
+
+    run = open_run(run_dir, ranks, allocation, check_outputs, device=device, trust_remote_code=trust_remote_code,
+                   progress=progress)
+    base = run.checked
+    for r, target in zip(run.entries, targets):
+        export_gguf_adapter(run.model, r, target, dtype=dtype, base_gguf=base, overwrite=overwrite)
     return targets, base
 
 
@@ -417,19 +414,21 @@ def merge_run_gguf(run_dir: Union[str, Path], rank: Optional[int], out: Union[st
                    allocation=None, base_gguf: Optional[str] = None, progress: bool = False) -> tuple[Path, Path]:
     """`merge_gguf` of a training run at `rank` (or under `allocation`) into the file `out`;
     returns it and the base GGUF its metadata came from."""
-    from ..training.rundir import load_run, load_run_settings
+    from .opening import open_run
 
-    settings, _ = load_run_settings(run_dir, trust_remote_code)
-    if allocation is None:
-        check_ranks([rank], settings.adapter.max_rank)
     if dtype not in MODEL_TYPES:
         raise QDyLoRAError(f"a GGUF model is written in {', '.join(MODEL_TYPES)}, not {dtype}")
-    base = base_gguf_of(settings.model, base_gguf)
-    if base is None:
-        raise QDyLoRAError(f"a merged GGUF takes its tokenizer and metadata from the base's GGUF file, and the run's "
-                           f"base {settings.model} came from none: pass --base-gguf FILE (the same model as GGUF), "
-                           "or merge to a directory and convert it with llama.cpp's convert_hf_to_gguf.py")
-    _check_output(Path(out), overwrite, base)
-    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
-    entry = allocation.resolve(run_dir, model, tokenizer, settings, progress=progress) if allocation else rank
-    return merge_gguf(model, entry, out, base, dtype=dtype, overwrite=overwrite), base
+
+    def check_outputs(settings) -> Path:
+        base = base_gguf_of(settings.model, base_gguf)
+        if base is None:
+            raise QDyLoRAError(f"a merged GGUF takes its tokenizer and metadata from the base's GGUF file, and the "
+                               f"run's base {settings.model} came from none: pass --base-gguf FILE (the same model "
+                               "as GGUF), or merge to a directory and convert it with llama.cpp's "
+                               "convert_hf_to_gguf.py")
+        _check_output(Path(out), overwrite, base)
+        return base
+
+    run = open_run(run_dir, [] if allocation else [rank], allocation, check_outputs, device=device,
+                   trust_remote_code=trust_remote_code, progress=progress)
+    return merge_gguf(run.model, run.entries[0], out, run.checked, dtype=dtype, overwrite=overwrite), run.checked

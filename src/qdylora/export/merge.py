@@ -24,11 +24,11 @@ from ..core.layer import QDyLoRALinear
 from ..core.loading import forget_quantizer
 from ..core.model import QDyLoRAModel
 from ..core.quantize import dequantized_weight
-from ..core.scaling import scale
 from ..core.targets import replace_module, uses_conv1d
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, refuse_existing
-from ..training.rundir import load_run, load_run_settings
+from ..training.settings import RunSettings
+from .opening import open_run
 from ..training.sampling import check_ranks
 
 if TYPE_CHECKING:
@@ -67,7 +67,6 @@ def merge(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[str, Pat
 def merge_layers(model: QDyLoRAModel, rank: Union[int, Allocation], dtype: torch.dtype) -> nn.Module:
     """The transformers model of `model` with every adapted layer merged at `rank` (the other NF4
     layers dequantized) into plain layers of `dtype`, one layer at a time; returns it."""
-    c = model.qdylora_config
     hf = model.model
     conv1d = uses_conv1d(hf)
     with torch.no_grad():
@@ -75,9 +74,7 @@ def merge_layers(model: QDyLoRAModel, rank: Union[int, Allocation], dtype: torch
             if isinstance(module, QDyLoRALinear):
                 base = module.base
                 W = dequantized_weight(base)  # (out, in) float32
-                b = layer_rank(rank, path)
-                s = scale(c.alpha, b, c.scaling, c.max_rank, module.rank_gains)
-                W += s * (module.lora_B[:, :b].float() @ module.lora_A[:b].float())
+                W += module.delta_weight(layer_rank(rank, path))
             elif isinstance(module, bnb.nn.Linear4bit) and not path.endswith(".base"):
                 base, W = module, dequantized_weight(module)
             else:
@@ -115,15 +112,14 @@ def merge_run(run_dir: Union[str, Path], rank: Optional[int], out: Union[str, Pa
               allocation: Optional[AllocationRequest] = None, progress: bool = False) -> Path:
     """`merge` of a training run's adapter at `rank`, or under `allocation` (its per-layer ranks);
     rank and --out are checked before loading."""
-    settings, _ = load_run_settings(run_dir, trust_remote_code)
-    if allocation is None:
-        check_ranks([rank], settings.adapter.max_rank)
-    base = Path(settings.model or "")  # a local base model directory or file (the embedded one lives in a cache)
-    if settings.model and base.exists() and (base.resolve() == Path(out).resolve()
-                                              or Path(out).resolve() in base.resolve().parents):
-        raise QDyLoRAError(f"--out {out} holds the run's base model ({base}): merging there would replace it; "
-                           "choose another --out")
-    refuse_existing(out, overwrite, ours=is_model_file)
-    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
-    entry = allocation.resolve(run_dir, model, tokenizer, settings, progress=progress) if allocation else rank
-    return merge(model, entry, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
+    def check_outputs(settings: RunSettings) -> None:
+        base = Path(settings.model or "")  # a local base model directory or file (the embedded one lives in a cache)
+        if settings.model and base.exists() and (base.resolve() == Path(out).resolve()
+                                                  or Path(out).resolve() in base.resolve().parents):
+            raise QDyLoRAError(f"--out {out} holds the run's base model ({base}): merging there would replace it; "
+                               "choose another --out")
+        refuse_existing(out, overwrite, ours=is_model_file)
+
+    run = open_run(run_dir, [] if allocation else [rank], allocation, check_outputs, device=device,
+                   trust_remote_code=trust_remote_code, progress=progress)
+    return merge(run.model, run.entries[0], out, tokenizer=run.tokenizer, dtype=dtype, overwrite=overwrite)

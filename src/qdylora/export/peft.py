@@ -39,7 +39,7 @@ from ..core.scaling import scale
 from ..core.targets import uses_conv1d
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, refuse_existing
-from ..training.rundir import load_run, load_run_settings
+from .opening import open_run
 from ..training.sampling import check_ranks
 
 if TYPE_CHECKING:
@@ -145,11 +145,11 @@ def export_peft(model: QDyLoRAModel, rank: Union[int, Allocation], out: Union[st
             continue
         # (b, in) and (out, b): PEFT's nn.Linear shapes, also for Conv1D (fan_in_fan_out only
         # concerns the base weight's layout).
-        A, B = layer.lora_A.detach()[:b].cpu(), layer.lora_B.detach()[:, :b].cpu()
+        A, B, s = layer.factors(b)
+        A, B = A.cpu(), B.cpu()
         if layout == "padded":  # s(b) into B, zeros up to r: PEFT's scale is lora_alpha / r = 1
             r = config["r"]
             A = torch.cat([A, A.new_zeros(r - b, A.shape[1])])
-            s = scale(c.alpha, b, c.scaling, c.max_rank, layer.rank_gains)
             B = torch.cat([B * s, B.new_zeros(B.shape[0], r - b)], dim=1)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B.contiguous()
@@ -167,20 +167,18 @@ def export_run(run_dir: Union[str, Path], ranks: list[int], out: Union[str, Path
     """Export ranks of a training run as PEFT LoRA folders: `out` itself when `one` rank is asked
     for, else out/rank-<b> for each; with `allocation` (ranks ignored), that allocation's per-layer
     ranks into `out` in `layout`. Ranks, layout and targets are checked before the model is loaded."""
-    settings, _ = load_run_settings(run_dir, trust_remote_code)
     if layout not in LAYOUTS:
         raise QDyLoRAError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if allocation is None:
-        check_ranks(ranks, settings.adapter.max_rank)
     out = Path(out)
     targets = [out] if one or allocation is not None else [out / f"rank-{r}" for r in ranks]
-    for target in targets:
-        refuse_existing(target, overwrite, ours=PEFT_FILES.__contains__)
-    model, tokenizer, settings = load_run(run_dir, device, trust_remote_code)
-    entries: list[Union[int, Allocation]] = list(ranks)
-    if allocation is not None:
-        entries = [allocation.resolve(run_dir, model, tokenizer, settings, progress=progress)]
-    for r, target in zip(entries, targets):
+
+    def check_outputs(_) -> None:
+        for target in targets:
+            refuse_existing(target, overwrite, ours=PEFT_FILES.__contains__)
+
+    run = open_run(run_dir, ranks, allocation, check_outputs, device=device, trust_remote_code=trust_remote_code,
+                   progress=progress)
+    for r, target in zip(run.entries, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
-        export_peft(model, r, target, overwrite=overwrite, layout=layout)
+        export_peft(run.model, r, target, overwrite=overwrite, layout=layout)
     return targets
