@@ -269,3 +269,27 @@ def test_nested_scale_makes_rank_b_the_first_b_components_of_the_full_adapter():
             delta = layer(x).double() - base
         torch.testing.assert_close(delta, ALPHA / math.sqrt(R) * (x.double() @ A[:b].T) @ B[:, :b].T,
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora", "nested"])
+def test_factors_of_rank_b_are_the_delta_the_forward_adds(scaling):
+    """`factors` / `delta_weight`, the exporters' one home of s(b) B[:, :b] A[:b], against the
+    float64 formula and against what the forward adds (x @ delta^T), gains included."""
+    layer = make_layer(scaling=scaling)
+    layer.rank_gains = tuple(1.0 + 0.1 * k for k in range(R))  # g(b) must go into s(b)
+    x = torch.randn(5, IN)
+    for b in (1, 3, R):
+        A, B, s = layer.factors(b)
+        assert A.shape == (b, IN) and B.shape == (OUT, b) and not A.requires_grad
+        base = {"standard": ALPHA / b, "rslora": ALPHA / math.sqrt(b), "nested": ALPHA / math.sqrt(R)}[scaling]
+        assert s == pytest.approx(base * layer.rank_gains[b - 1])
+        expected = s * layer.lora_B[:, :b].detach().double() @ layer.lora_A[:b].detach().double()
+        assert torch.allclose(layer.delta_weight(b).double(), expected, rtol=1e-5, atol=1e-6)
+        assert layer.delta_weight(b).abs().max() > 0  # not a no-op
+        layer.rank = b
+        with torch.no_grad():
+            layer.rank = 0
+            off = layer(x)
+            layer.rank = b
+            added = layer(x) - off
+        torch.testing.assert_close(added.double(), x.double() @ expected.t(), **TOL[torch.float32])

@@ -150,3 +150,11 @@ def test_peft_reproduces_rank_gains(tiny_dir, tmp_path):
     with torch.no_grad():
         peft4 = peft.PeftModel.from_pretrained(transformers_4bit(path, torch.float32), out).eval()
         torch.testing.assert_close(peft4(input_ids=x).logits, ours, **LOGIT_TOL["float32"])
+
+
+def test_the_peft_file_names_are_peft_own():
+    from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    from qdylora.export import PEFT_FILES
+
+    assert PEFT_FILES == (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)

@@ -11,21 +11,18 @@ import hashlib
 import json
 import logging
 import os
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..console import log
-from ..core.fields import shown
 from ..errors import QDyLoRAError
 from ..files import scratch_dir
+from .settings import DataSettings, template_fields
 
-if TYPE_CHECKING:  # data/settings.py imports this module's template_fields
-    from .settings import DataSettings
 
 IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
 FORMATS = ("auto", "alpaca", "input-output", "chat", "text", "template")
@@ -361,25 +358,6 @@ def detect_format(columns: Iterable[str], source: str) -> str:
     )
 
 
-def template_fields(template: str) -> list[str]:
-    """The field names a template such as "{passage} {question}" uses. Plain fields only: a
-    format spec ({n:>2000000000} pads every row before it is cut), a conversion ({n!r}) or an
-    index ({n[0]}) is refused."""
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise QDyLoRAError(f"bad template {shown(template)}: {e}; write {{{{ and }}}} for literal braces") from None
-    for _, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if not name or spec or conversion or any(c in name for c in ".[]"):
-            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise QDyLoRAError(f"template {shown(template)}: {shown(field)} is not a plain field: use fields "
-                               "such as {question} (no format specs, conversions or indexing)")
-    return [name for _, name, _, _ in parts if name]
-
-
-
 def segments_of(row: dict, index: int, rf: RowFormat) -> list[tuple[str, bool]] | list[dict]:
     """A row as [(prompt, False), (response, True)], [(text, True)] for "text", or a list of
     {role, content} messages for "chat"."""
@@ -671,7 +649,7 @@ def response_field(rf: RowFormat) -> Optional[str]:
     return None
 
 
-def run_rows(d: "DataSettings", seed: int) -> tuple[Sequence[dict], np.ndarray, Sequence[dict], np.ndarray]:
+def run_rows(d: DataSettings, seed: int) -> tuple[Sequence[dict], np.ndarray, Sequence[dict], np.ndarray]:
     """(training rows, indices trained on, validation source rows, indices used) of a run's data
     settings: the first --val-max-examples rows of --val-data, or a seeded held-out part of the
     training rows. Training and the sweep both take the run's validation rows from here; indices
@@ -708,7 +686,7 @@ def rows_fingerprint(rows: Iterable[dict]) -> str:
     return fingerprint.hexdigest()
 
 
-def row_format(d: "DataSettings", columns, source: str) -> RowFormat:
+def row_format(d: DataSettings, columns, source: str) -> RowFormat:
     """The RowFormat of a run's data settings for rows with these fields (detected when "auto")."""
     fmt = d.format if d.format != "auto" else detect_format(columns, source)
     return RowFormat(fmt, d.prompt_template, d.response_template, d.chat_template)

@@ -4,12 +4,12 @@ train` data flags (generated from these fields and their docstrings) and a run's
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, replace
 from typing import Annotated, Literal, Optional
 
-from ..core.fields import AT_LEAST_ONE, FRACTION, NOT_NEGATIVE, check_fields
+from ..core.fields import AT_LEAST_ONE, FRACTION, NOT_NEGATIVE, check_fields, shown
 from ..errors import QDyLoRAError
-from .rows import template_fields
 
 
 @dataclass
@@ -75,3 +75,21 @@ class DataSettings:
             prompt_template=self.prompt_template or "{passage} {question}",
             response_template=self.response_template or "{answer}", chat_template=True,
         )
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template such as "{passage} {question}" uses. Plain fields only: a
+    format spec ({n:>2000000000} pads every row before it is cut), a conversion ({n!r}) or an
+    index ({n[0]}) is refused."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise QDyLoRAError(f"bad template {shown(template)}: {e}; write {{{{ and }}}} for literal braces") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name or spec or conversion or any(c in name for c in ".[]"):
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise QDyLoRAError(f"template {shown(template)}: {shown(field)} is not a plain field: use fields "
+                               "such as {question} (no format specs, conversions or indexing)")
+    return [name for _, name, _, _ in parts if name]

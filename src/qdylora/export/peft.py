@@ -39,6 +39,7 @@ from ..core.scaling import scale
 from ..core.targets import uses_conv1d
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, refuse_existing
+from . import PEFT_FILES
 from .opening import open_run
 from ..training.sampling import check_ranks
 
@@ -63,7 +64,6 @@ def peft_target_modules(model: QDyLoRAModel, adapted: Optional[set[str]] = None)
 
 
 # What an export writes (and all that --overwrite may replace).
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LAYOUTS = ("patterns", "padded")
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 

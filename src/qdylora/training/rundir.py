@@ -43,6 +43,7 @@ from ..core.devices import resolve_device
 from ..core.loading import load_tokenizer, resolve_source
 from ..core.model import QDyLoRAModel, prepare
 from ..errors import QDyLoRAError
+from ..export import PEFT_FILES
 from ..files import atomic_dir, atomic_write, is_temp_name, remove_tree
 from .adapter_file import base_fingerprint, load_adapter, read_adapter_metadata
 from .settings import RunSettings
@@ -62,7 +63,7 @@ _OWN_FILES = {
     CHECKPOINTS: re.compile(r"step-\d+(/(%s))?|step-\d+\.damaged(\.\d+)?(/.*)?"
                             % "|".join(map(re.escape, (ADAPTER, STATE, MANIFEST)))),
     # the demo's export, or `export --ranks ... --out RUN/peft` (rank-N/ folders)
-    "peft": re.compile(r"(rank-\d+/)?(adapter_config\.json|adapter_model\.safetensors)|rank-\d+"),
+    "peft": re.compile(r"(rank-\d+/)?(%s)|rank-\d+" % "|".join(map(re.escape, PEFT_FILES))),
     ALLOCATIONS: re.compile(r"[^/]+\.json"),
     TENSORBOARD: re.compile(r"events\.out\.tfevents\.[^/]+"),
 }
@@ -616,13 +617,6 @@ class RunDir:
         """summary.json, or None before the run wrote one."""
         return read_json(self.summary_file) if self.summary_file.exists() else None
 
-    def settings(self, trust_remote_code: bool = False) -> tuple[RunSettings, Path]:
-        """The run's settings and its adapter file (`load_run_settings`)."""
-        return load_run_settings(self.path, trust_remote_code)
-
-    def load(self, device: Optional[str] = None, trust_remote_code: bool = False):
-        """The base model with the run's adapter, its tokenizer and settings (`load_run`)."""
-        return load_run(self.path, device, trust_remote_code)
 
 
 class RunLog:
