@@ -49,6 +49,9 @@ class QDyLoRAConfig:
     frozen_dtype: Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] = "auto"
     """Dtype in which the frozen weights that stay unquantized (embeddings, norms, output head) are stored when the model is loaded from a path. "auto": the compute dtype. "bfloat16" halves them where the compute dtype is float32 (a CPU without fast bf16): the NF4 and adapter products still run in float32, the hidden states between them are bfloat16, as in QLoRA on a GPU."""
 
+    base_format: Literal["auto", "nf4", "gguf"] = "auto"
+    """How the frozen linear layers are stored: nf4 (QLoRA's NF4 with double quantization, by bitsandbytes), gguf (the model's GGUF file's own blocks, Q4_K, Q6_K, Q4_1, ... kept as the file has them and dequantized as llama.cpp does: the base you serve; for a .gguf model, or a checkpoint converted from one such as the embedded SmolLM2); auto: gguf when --model is a .gguf file (or a directory holding one), else nf4."""
+
     seed: Annotated[int, SEED] = 0
     """Seed for the adapter initialisation (A is Kaiming-uniform, B is zero) and, when training, for the validation split, data order, rank sampling and dropout."""
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 
@@ -29,11 +28,12 @@ Rank = Union[int, torch.Tensor, RankMixture]
 
 
 class QDyLoRALinear(nn.Module):
-    """Frozen `bnb.nn.Linear4bit` base plus A (R x in) and B (out x R) in float32."""
+    """Frozen base (`bnb.nn.Linear4bit` in NF4, or `GGUFLinear` in a GGUF's blocks) plus A (R x in)
+    and B (out x R) in float32."""
 
     def __init__(
         self,
-        base: bnb.nn.Linear4bit,
+        base: nn.Module,
         max_rank: int,
         alpha: float,
         scaling: str = "standard",
@@ -56,7 +56,7 @@ class QDyLoRALinear(nn.Module):
         # Drawn on the CPU so a seeded CPU generator gives the same A on every device.
         A = torch.empty(max_rank, self.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        device = base.weight.device
+        device = next(base.state_dict().values().__iter__()).device  # NF4 weight, or GGUF blocks
         self.lora_A = nn.Parameter(A.to(device))  # (R, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, device=device))  # (out, R)
         self.rank: Rank = max_rank

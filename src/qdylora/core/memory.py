@@ -10,6 +10,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from .gguf_linear import GGUFLinear
 from .layer import QDyLoRALinear
 
 
@@ -30,12 +31,15 @@ class MemoryReport:
     """Where a QDyLoRA model's memory goes (weights only; activations and optimizer excluded)."""
 
     quantized: MemoryPart
-    """Frozen NF4 weights of the linear layers: packed 4-bit codes, 8-bit absmax (double
-    quantization), its float32 second-level absmax, the code tables and offsets."""
+    """Frozen quantized weights of the linear layers: NF4 (packed 4-bit codes, 8-bit absmax of
+    the double quantization, its float32 second-level absmax, the code tables and offsets), or a
+    GGUF's blocks as the file holds them (scales included)."""
     adapter: MemoryPart
     """Trainable A and B of every adapter, at max_rank, float32."""
     other: MemoryPart
     """Everything else: embeddings, norms, output head, linear biases (unquantized, frozen)."""
+    base_format: str = "nf4"
+    """How the quantized part is stored: nf4, or gguf (the file's own blocks)."""
 
     @property
     def total(self) -> MemoryPart:
@@ -43,7 +47,8 @@ class MemoryReport:
         return MemoryPart(sum(p.params for p in parts), sum(p.bytes for p in parts))
 
     def __str__(self) -> str:
-        rows = [("frozen NF4 linears", self.quantized), ("adapters (A, B)", self.adapter),
+        kind = "GGUF-block" if self.base_format == "gguf" else "NF4"
+        rows = [(f"frozen {kind} linears", self.quantized), ("adapters (A, B)", self.adapter),
                 ("other (embeddings, norms, head)", self.other), ("total", self.total)]
         lines = [f"{'part':<32}{'params':>14}{'MiB':>11}{'bits/param':>12}"]
         for label, part in rows:
@@ -86,6 +91,9 @@ def memory_report(model: nn.Module) -> MemoryReport:
                 if state.nested:
                     stats += [state.state2.absmax, state.state2.code]
                 q_bytes += sum(_nbytes(t) for t in stats if isinstance(t, torch.Tensor))
+        if isinstance(module, GGUFLinear) and first_time(module.raw):  # the file's blocks
+            q_params += module.in_features * module.out_features
+            q_bytes += _nbytes(module.raw)
         if isinstance(module, QDyLoRALinear):
             for p in (module.lora_A, module.lora_B):
                 if first_time(p):
@@ -96,13 +104,15 @@ def memory_report(model: nn.Module) -> MemoryReport:
             continue
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for name, t in own:
-            if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
+            if (isinstance(module, bnb.nn.Linear4bit) and name == "weight") or (
+                    isinstance(module, GGUFLinear) and name == "raw"):
                 continue
             if first_time(t):
                 o_params += t.numel()
                 o_bytes += _nbytes(t)
+    fmt = getattr(getattr(model, "qdylora_config", None), "base_format", "nf4")
     return MemoryReport(
-        MemoryPart(q_params, q_bytes), MemoryPart(a_params, a_bytes), MemoryPart(o_params, o_bytes)
+        MemoryPart(q_params, q_bytes), MemoryPart(a_params, a_bytes), MemoryPart(o_params, o_bytes), fmt
     )
 
 

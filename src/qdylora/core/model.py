@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import os
 import types
+from dataclasses import replace
+from pathlib import Path
 from typing import Optional, Union
 
 import bitsandbytes as bnb
@@ -14,8 +16,9 @@ from torch import nn
 from ..errors import QDyLoRAError
 from .config import QDyLoRAConfig
 from .devices import resolve_device
+from .gguf_base import converted_from, gguf_linears
 from .layer import QDyLoRALinear
-from .loading import load_causal_lm, release_freed_heap, resolve_source
+from .loading import ModelSource, load_causal_lm, release_freed_heap, resolve_source
 from .quantize import QUANT_TYPE, guard_cpu_repacking, quantize_linear
 from .rank import adapter_layers
 from .targets import block_linears, check_max_rank, find_targets, replace_module
@@ -155,12 +158,12 @@ def prepare(
     if isinstance(model, nn.Module):
         if adapter_layers(model) or isinstance(model, QDyLoRAModel):
             raise QDyLoRAError("this model is already prepared with QDyLoRA adapters")
-        config = config.resolved_for(next(model.parameters()).device)
+        config, gguf_path = _base_format(config.resolved_for(next(model.parameters()).device), None)
         hf, name = model, getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     else:
         src = resolve_source(str(model), gguf_file)
         target_device = resolve_device(device)
-        config = config.resolved_for(target_device)
+        config, gguf_path = _base_format(config.resolved_for(target_device), src)
         hf = load_causal_lm(src, config.torch_compute_dtype, target_device, trust_remote_code,
                             frozen_dtype=config.torch_frozen_dtype)
         name = str(model)
@@ -168,8 +171,14 @@ def prepare(
 
     targets = find_targets(hf, config.target_modules)  # validates before any change
     check_max_rank(targets, config.max_rank)
-    for path, layer in block_linears(hf).items():
-        replace_module(hf, path, _as_nf4(path, layer, dtype))
+    linears = block_linears(hf)
+    if gguf_path is not None:  # the file's own blocks
+        frozen = gguf_linears(hf, linears, gguf_path, dtype)
+    else:
+        frozen = {path: _as_nf4(path, layer, dtype) for path, layer in linears.items()}
+    for path, layer in frozen.items():
+        replace_module(hf, path, layer)
+    del linears, frozen
     for p in hf.parameters():
         p.requires_grad_(False)
 
@@ -189,6 +198,21 @@ def prepare(
             replace_module(hf, path, adapter)
     release_freed_heap()  # the loading's temporaries
     return QDyLoRAModel(hf, config, name)
+
+
+def _base_format(config: QDyLoRAConfig, src: Optional[ModelSource]) -> tuple[QDyLoRAConfig, Optional[Path]]:
+    """The config with its base format resolved ("auto": gguf for a .gguf model, else nf4), and
+    the GGUF file whose blocks are the base (None: NF4)."""
+    gguf_path = None
+    if src is not None and src.is_local:
+        gguf_path = Path(src.path) / src.gguf_file if src.gguf_file else converted_from(Path(src.path))
+    fmt = config.base_format
+    if fmt == "auto":
+        fmt = "gguf" if src is not None and src.gguf_file else "nf4"
+    if fmt == "gguf" and gguf_path is None:
+        raise QDyLoRAError("--base-format gguf keeps the frozen base in the model's GGUF blocks, and this model "
+                           "comes from no GGUF file: pass --model FILE.gguf, or --base-format nf4")
+    return replace(config, base_format=fmt), gguf_path if fmt == "gguf" else None
 
 
 def _as_nf4(path: str, layer: nn.Module, compute_dtype: torch.dtype) -> bnb.nn.Linear4bit:

@@ -8,11 +8,15 @@ one CPU pitfall.
 
 from __future__ import annotations
 
+from typing import Union
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .gguf_linear import GGUFLinear
 
 BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
@@ -78,6 +82,8 @@ def guard_cpu_repacking(layer: bnb.nn.Linear4bit) -> None:
     layer.support_avx512bf16_for_cpu = False
 
 
-def dequantized_weight(layer: bnb.nn.Linear4bit) -> torch.Tensor:
-    """W~, the dequantized NF4 weight, (out_features, in_features) in float32."""
+def dequantized_weight(layer: Union[bnb.nn.Linear4bit, GGUFLinear]) -> torch.Tensor:
+    """W~, the dequantized frozen weight (NF4, or a GGUF's blocks), (out_features, in_features) in float32."""
+    if isinstance(layer, GGUFLinear):
+        return layer.dequantized()
     return bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()

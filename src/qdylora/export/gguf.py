@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..core.allocation import Allocation, layer_rank
+from ..core.gguf_base import ROPE_PERMUTED, ARCHITECTURES, gguf_architecture, gguf_name, rope_permute  # noqa: F401
 from ..core.model import QDyLoRAModel
 from ..errors import QDyLoRAError
 from ..files import atomic_write
@@ -40,40 +41,8 @@ if TYPE_CHECKING:
     import gguf
 
 # HF model_type -> llama.cpp architecture (convert_hf_to_gguf registers MistralForCausalLM as llama)
-ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
-ROPE_PERMUTED = {"LLAMA"}  # convert_hf_to_gguf: LlamaModel.undo_permute
 ADAPTER_TYPES = ("float32", "float16", "bfloat16")
 MODEL_TYPES = ("float32", "float16", "bfloat16", "q8_0")
-
-
-def gguf_architecture(model: torch.nn.Module) -> "gguf.MODEL_ARCH":
-    """llama.cpp's architecture of a transformers model; one line naming the supported ones."""
-    import gguf
-
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in ARCHITECTURES:
-        raise QDyLoRAError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} models, not {model_type}: "
-                           "use the PEFT export (--format peft) for this model")
-    return getattr(gguf.MODEL_ARCH, ARCHITECTURES[model_type])
-
-
-def gguf_name(tensor_map: "gguf.TensorNameMap", hf_name: str) -> Optional[str]:
-    """The GGUF name of a transformers tensor or module path ("model.layers.0.self_attn.q_proj" ->
-    "blk.0.attn_q"), None when llama.cpp has none."""
-    return tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-
-
-def rope_permute(rows: torch.Tensor, hf_name: str, config) -> torch.Tensor:
-    """`rows` (out, ...) of a q or k projection in llama.cpp's order for the llama architecture:
-    convert_hf_to_gguf's LlamaModel.permute, heads (n, 2, d/2) -> (n, d/2, 2); other tensors, and
-    every tensor of architectures llama.cpp does not permute, as they are."""
-    leaf = hf_name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
-    if leaf not in ("q_proj", "k_proj") or ARCHITECTURES.get(config.model_type) not in ROPE_PERMUTED:
-        return rows
-    heads = config.num_attention_heads if leaf == "q_proj" else (config.num_key_value_heads
-                                                                 or config.num_attention_heads)
-    return (rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
-            .swapaxes(1, 2).reshape(rows.shape))
 
 
 def _gguf_type(shape: tuple[int, ...], kind: str) -> "gguf.GGMLQuantizationType":

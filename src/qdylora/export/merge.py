@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core.allocation import Allocation, layer_rank
 from ..core.config import DTYPES, dtype_name
+from ..core.gguf_linear import GGUFLinear
 from ..core.layer import QDyLoRALinear
 from ..core.loading import forget_quantizer
 from ..core.model import QDyLoRAModel
@@ -75,7 +76,7 @@ def merge_layers(model: QDyLoRAModel, rank: Union[int, Allocation], dtype: torch
                 base = module.base
                 W = dequantized_weight(base)  # (out, in) float32
                 W += module.delta_weight(layer_rank(rank, path))
-            elif isinstance(module, bnb.nn.Linear4bit) and not path.endswith(".base"):
+            elif isinstance(module, (bnb.nn.Linear4bit, GGUFLinear)) and not path.endswith(".base"):
                 base, W = module, dequantized_weight(module)
             else:
                 continue

@@ -124,7 +124,10 @@ def _decoded(meta: dict, path) -> dict:
     missing = [k for k in ("config", "base_fingerprint") if k not in meta]
     if missing:
         raise QDyLoRAError(f"adapter file {path} is damaged: its metadata has no {' and no '.join(missing)}")
-    meta["config"] = QDyLoRAConfig.from_dict(_json(meta["config"], path, "config"), f"adapter file {path} config")
+    config = _json(meta["config"], path, "config")
+    if isinstance(config, dict):
+        config.setdefault("base_format", "nf4")  # files written before GGUF bases were on NF4
+    meta["config"] = QDyLoRAConfig.from_dict(config, f"adapter file {path} config")
     meta["extra"] = _json(meta.get("extra", "{}"), path, "extra")
     if "rank_gains" in meta:
         try:

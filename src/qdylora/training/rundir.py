@@ -482,9 +482,11 @@ def load_run_settings(run_dir: str | Path, trust_remote_code: bool = False) -> t
     if in_use(run):
         log.warning(f"{run} is still training: this is its adapter after step {meta['extra'].get('step', '?')}, "
                     "not the final one")
-    # the adapter file's scale rule wins: an SVD-ordered adapter (--order svd) is "nested"
-    scaling = meta["config"].scaling
-    settings = replace(settings, adapter=replace(settings.adapter, scaling=scaling))
+    # the adapter file's scale rule wins (an SVD-ordered adapter, --order svd, is "nested"), and its
+    # base format: the one it was trained on ("auto" resolved; NF4 for files before GGUF bases)
+    saved = meta["config"]
+    settings = replace(settings, adapter=replace(settings.adapter, scaling=saved.scaling,
+                                                 base_format=saved.base_format))
     return replace(settings, trust_remote_code=trust_remote_code), adapter
 
 
