@@ -17,6 +17,7 @@ schedule with 5 % warmup, gradient clipping at 0.3, AdamW:
     qlora-r{r}   QLoRA as its users run it: transformers + bitsandbytes NF4 (double quantization)
                  + PEFT LoRA of rank r (alpha / r), trained by the loop below on the same batches
     k1, k2.83    the fifth study's candidates: rank 64 at s = k alpha / 64, saved in SVD order
+                 (k1-gguf: k1 on the GGUF's own Q4_K / Q6_K blocks, --base-format gguf; issue 40)
                  ("default" is k = 8: the fourth study's run); NAME+gains: that run with its rank
                  gains fitted afterwards as `qdylora train` fits them; NAME-nogains: without them
 
@@ -51,7 +52,9 @@ PROBES = {"qdylora-r8": dict(max_rank=8, scaling="standard"),
 # Candidate recipes for the default (issue 39): one rank-64 run saved in SVD order, trained at the
 # scale s = k * alpha / 64 (k = 1 is PEFT's own rank-64 scale, k = 8 the rsLoRA scale of "default")
 CANDIDATES = {"k1": dict(scaling="standard"), "k2.83": dict(scaling="standard", alpha=ALPHA * 2.83),
-              "k8": dict(scaling="standard", alpha=ALPHA * 8)}  # k8 trains as "default" did (alpha / sqrt(64))
+              "k8": dict(scaling="standard", alpha=ALPHA * 8),  # k8 trains as "default" did (alpha / sqrt(64))
+              # issue 40: k1 with the frozen base in the Q4_K_M file's own blocks instead of NF4
+              "k1-gguf": dict(scaling="standard", base_format="gguf")}
 
 
 def settings_for(name: str, seed: int, args):

@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants  # noqa: E402
 
-TYPES = [gq.Q4_0, gq.Q4_1, gq.Q8_0, gq.Q4_K, gq.Q5_K, gq.Q6_K, gq.F16, gq.BF16, gq.F32]
+TYPES = [gq.Q4_0, gq.Q4_1, gq.Q5_0, gq.Q5_1, gq.Q8_0, gq.Q4_K, gq.Q5_K, gq.Q6_K, gq.F16, gq.BF16, gq.F32]
 
 
 def test_block_sizes_are_ggml_own():
@@ -27,7 +27,7 @@ def random_blocks(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray
     rng = np.random.default_rng(seed)
     block, size = gq.SIZES[qtype]
     raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
-    scales = {gq.Q4_0: [0], gq.Q4_1: [0, 2], gq.Q8_0: [0], gq.Q4_K: [0, 2], gq.Q5_K: [0, 2], gq.Q6_K: [208],
+    scales = {gq.Q4_0: [0], gq.Q4_1: [0, 2], gq.Q5_0: [0], gq.Q5_1: [0, 2], gq.Q8_0: [0], gq.Q4_K: [0, 2], gq.Q5_K: [0, 2], gq.Q6_K: [208],
               gq.F16: list(range(0, size, 2)), gq.BF16: [], gq.F32: []}[qtype]
     for at in scales:
         raw[:, at:at + 2] = rng.normal(0, 0.05, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
@@ -49,7 +49,7 @@ def test_dequantize_is_bit_exact_against_gguf_py(qtype):
     np.testing.assert_array_equal(ours.numpy(), expected)  # bit-exact
 
 
-@pytest.mark.parametrize("qtype", [gq.Q4_0, gq.Q4_1, gq.Q8_0])
+@pytest.mark.parametrize("qtype", [gq.Q4_0, gq.Q4_1, gq.Q5_0, gq.Q5_1, gq.Q8_0])
 def test_dequantize_inverts_gguf_py_quantize(qtype):
     """Blocks gguf-py quantized from real weights (its quantizers exist for these types)."""
     w = np.random.default_rng(1).normal(0, 0.02, (4, 256)).astype(np.float32)
@@ -63,7 +63,13 @@ def test_the_embedded_gguf_s_own_tensors():
     """Every tensor type of the embedded SmolLM2 Q4_1 GGUF, read from the file, bit-exact."""
     from qdylora.data.embedded import smollm2_gguf
 
-    reader = gguf.GGUFReader(str(smollm2_gguf()))
+    assert gq.Q4_1 in file_types(smollm2_gguf())
+
+
+def file_types(path) -> set[int]:
+    """Compare the first rows of one tensor of each 2-D type in the GGUF file `path`, bit-exact;
+    the types compared."""
+    reader = gguf.GGUFReader(str(path))
     seen = set()
     for t in reader.tensors:
         qtype = int(t.tensor_type)
@@ -74,4 +80,15 @@ def test_the_embedded_gguf_s_own_tensors():
         raw = np.asarray(t.data).reshape(-1, gq.row_bytes(qtype, cols))[:64]
         expected = quants.dequantize(raw, Q(qtype)).reshape(raw.shape[0], cols)
         np.testing.assert_array_equal(gq.dequantize(torch.from_numpy(raw.copy()), qtype, cols).numpy(), expected)
-    assert gq.Q4_1 in seen  # the file's main type was compared
+    return seen
+
+
+def test_a_q4_k_m_file_s_own_tensors():
+    """The Qwen2.5-0.5B Q4_K_M file of the studies (experiments/fetch_models.py qwen2.5-0.5b),
+    when fetched: Q4_K, Q6_K, Q5_0 and Q8_0 tensors, bit-exact."""
+    from qdylora.data.embedded import cache_dir
+
+    path = cache_dir() / "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
+    if not path.is_file():
+        pytest.skip("the Qwen2.5-0.5B GGUF is not fetched: experiments/fetch_models.py qwen2.5-0.5b")
+    assert file_types(path) >= {gq.Q4_K, gq.Q6_K, gq.Q5_0, gq.Q8_0}

@@ -11,7 +11,10 @@ against `gguf.quants.dequantize` (tests/core/test_gguf_quants.py), on any device
 Block layouts (ggml-common.h; d, dmin: float16 scales; QK_K = 256):
     Q4_0  32 values: d, 16 bytes of 4-bit q           w = d (q - 8)
     Q4_1  32 values: d, m, 16 bytes of 4-bit q        w = d q + m
+    Q5_0  32 values: d, 4 bytes of fifth bits, 16 bytes of 4-bit q    w = d (q - 16)
+    Q5_1  32 values: d, m, 4 bytes of fifth bits, 16 bytes of 4-bit q w = d q + m
     Q8_0  32 values: d, 32 int8 q                     w = d q
+(Q4_K_M files keep rows whose length is not a multiple of 256 in Q5_0 / Q8_0: Qwen2.5-0.5B's 896.)
     Q4_K  256: d, dmin, 12 bytes of 6-bit (scale, min) x 8, 128 bytes of 4-bit q
                                                       w = d sc_j q - dmin m_j   (sub-block j of 32)
     Q5_K  256: as Q4_K, plus 32 bytes of each q's fifth bit
@@ -27,11 +30,11 @@ import torch
 
 QK_K = 256
 # GGML type id -> (values per block, bytes per block): gguf.GGML_QUANT_SIZES for these types
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
-SIZES = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34),
-         Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
-NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K",
-         Q5_K: "Q5_K", Q6_K: "Q6_K"}
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+SIZES = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24),
+         Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1",
+         Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -55,6 +58,26 @@ def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
     d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])  # (n, 1) each
     q = _nibbles(blocks[:, 4:], 1, 16).reshape(blocks.shape[0], 32).float()
     return d * q + m
+
+
+def _five_bit(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """(n, 32) 5-bit values of Q5_0 / Q5_1 blocks whose 4 bytes of fifth bits start at `at`:
+    bit i of that little-endian uint32 is bit i % 8 of its byte i // 8."""
+    n = blocks.shape[0]
+    qh = blocks[:, at:at + 4].reshape(n, 4, 1)
+    high = ((qh >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1).reshape(n, 32)
+    low = _nibbles(blocks[:, at + 4:], 1, 16).reshape(n, 32)
+    return low | (high << 4)
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = _f16(blocks[:, :2])  # (n, 1)
+    return d * (_five_bit(blocks, 2).to(torch.int8) - 16).float()
+
+
+def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])  # (n, 1) each
+    return d * _five_bit(blocks, 4).float() + m
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -109,7 +132,7 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
 
 
 _BLOCKS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q4_0: _q4_0, Q4_1: _q4_1, Q8_0: _q8_0, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k,
+    Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1, Q8_0: _q8_0, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k,
     F32: lambda b: b.contiguous().view(torch.float32), F16: lambda b: _f16(b),
     BF16: lambda b: b.contiguous().view(torch.bfloat16).float(),
 }
