@@ -27,7 +27,8 @@ def random_blocks(qtype: int, rows: int, cols: int, seed: int = 0) -> np.ndarray
     rng = np.random.default_rng(seed)
     block, size = gq.SIZES[qtype]
     raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
-    scales = {gq.Q4_0: [0], gq.Q4_1: [0, 2], gq.Q5_0: [0], gq.Q5_1: [0, 2], gq.Q8_0: [0], gq.Q4_K: [0, 2], gq.Q5_K: [0, 2], gq.Q6_K: [208],
+    scales = {gq.Q4_0: [0], gq.Q4_1: [0, 2], gq.Q5_0: [0], gq.Q5_1: [0, 2], gq.Q8_0: [0], gq.Q4_K: [0, 2],
+              gq.Q5_K: [0, 2], gq.Q6_K: [208],
               gq.F16: list(range(0, size, 2)), gq.BF16: [], gq.F32: []}[qtype]
     for at in scales:
         raw[:, at:at + 2] = rng.normal(0, 0.05, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
