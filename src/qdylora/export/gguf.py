@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..core.allocation import Allocation, layer_rank
-from ..core.gguf_base import ROPE_PERMUTED, ARCHITECTURES, gguf_architecture, gguf_name, rope_permute  # noqa: F401
+from ..core.gguf_base import gguf_architecture, gguf_name, rope_permute
 from ..core.model import QDyLoRAModel
 from ..errors import QDyLoRAError
 from ..files import atomic_write
