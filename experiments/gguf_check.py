@@ -174,7 +174,8 @@ def base_and_adapters(run: str, ranks: list[int], n_prompts: int, work: Path, co
     floors["unquantized_vs_nf4"] = {"relative": relative(ours_base, full), "top1": top1(ours_base, full)}
     adapters = {b: export_gguf_adapter(model, b, work / f"rank-{b}.gguf", dtype="float32", base_gguf=base,
                                        overwrite=True) for b in ranks}
-    result = {"base_gguf": str(base), "base_format": model.qdylora_config.base_format,  # "nf4_*": our base, either format
+    # "nf4_*" keys: our base, whichever its format
+    result = {"base_gguf": str(base), "base_format": model.qdylora_config.base_format,
               "prompts": len(prompts), "positions": sum(map(len, prompts)),
               "floor": floors,
               "on_nf4_base": delta_check(model, prompts, ours_base, nf4, adapters, floor),
