@@ -106,3 +106,43 @@ def test_memory_counts_the_blocks(tmp_path):
     report = qdylora.memory_report(model)
     assert report.quantized.bits_per_param == pytest.approx(4.5)  # Q4_0: 18 bytes per 32 values
     assert "frozen GGUF-block linears" in str(report) and np.isfinite(report.total.bytes)
+
+
+def ollama_store(tmp_path, gguf_path: str, name: str = "library/tiny", tag: str = "q8") -> str:
+    """An Ollama store as `ollama pull` leaves it: a manifest naming the model layer's blob."""
+    import hashlib
+    import json
+    import shutil
+
+    store = tmp_path / "ollama"
+    data = open(gguf_path, "rb").read()
+    digest = hashlib.sha256(data).hexdigest()
+    (store / "blobs").mkdir(parents=True)
+    shutil.copy(gguf_path, store / "blobs" / f"sha256-{digest}")
+    manifest = store / "manifests" / "registry.ollama.ai" / name / tag
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:00", "size": 1},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": len(data)}]}))
+    return str(store)
+
+
+def test_an_ollama_model_name_is_its_gguf_blob(tmp_path, monkeypatch):
+    from qdylora.core.loading import resolve_source
+
+    path, reference = quantized_gguf("qwen2", tmp_path / "m.gguf")
+    monkeypatch.setenv("OLLAMA_MODELS", ollama_store(tmp_path, path))
+    src = resolve_source("tiny:q8")
+    assert src.is_local and src.gguf_file.startswith("sha256-")
+    assert resolve_source("ollama:library/tiny:q8") == src
+    model = qdylora.prepare("tiny:q8", qdylora.QDyLoRAConfig(max_rank=4, compute_dtype="float32"), device="cpu")
+    assert model.qdylora_config.base_format == "gguf"  # a GGUF, so its own blocks
+    x = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), qdylora.at_rank(model, 0):
+        torch.testing.assert_close(model(input_ids=x).logits.double(), reference(input_ids=x).logits,
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(QDyLoRAError, match=r"no tiny:latest in the Ollama store .*ollama pull tiny:latest"):
+        resolve_source("tiny:latest")
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "none"))
+    with pytest.raises(QDyLoRAError, match="no Ollama store at"):
+        resolve_source("qwen2.5:0.5b")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -62,10 +63,48 @@ def resolve_source(source: str, gguf_file: Optional[str] = None) -> ModelSource:
         )
     if path.exists():
         raise QDyLoRAError(f"{path} is not a model directory or a .gguf file")
+    if ":" in str(source):  # hub ids have no ":"; Ollama names have a tag (qwen2.5:0.5b), or ollama:NAME
+        return ollama_source(str(source))
     looks_local = str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
     if looks_local:
         raise QDyLoRAError(f"model path {source} does not exist")
     return ModelSource(str(source), gguf_file, is_local=False)
+
+
+OLLAMA_REGISTRY = "registry.ollama.ai"
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+
+
+def ollama_store() -> Path:
+    """Where Ollama keeps its models: $OLLAMA_MODELS, else ~/.ollama/models."""
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
+
+
+def ollama_source(name: str) -> ModelSource:
+    """The GGUF blob of an Ollama model ("qwen2.5:0.5b", "user/model:tag", "ollama:smollm2") in
+    the local Ollama store: its manifest (manifests/HOST/NAMESPACE/MODEL/TAG) names the blob
+    (blobs/sha256-...) of its model layer. One line when the store or the model is missing."""
+    ref = name.removeprefix("ollama:")
+    model, _, tag = ref.partition(":")
+    parts = model.split("/")
+    host, namespace, repo = ([OLLAMA_REGISTRY, "library", *parts] if len(parts) == 1 else
+                             [OLLAMA_REGISTRY, *parts] if len(parts) == 2 else parts[:3])
+    store = ollama_store()
+    manifest = store / "manifests" / host / namespace / repo / (tag or "latest")
+    if not manifest.is_file():
+        where = (f"in the Ollama store {store}" if store.is_dir()
+                 else f"here: no Ollama store at {store} (OLLAMA_MODELS)")
+        raise QDyLoRAError(f"{name} looks like an Ollama model name and there is no {ref} {where}: "
+                           f"run `ollama pull {ref}`, or pass the model's .gguf file or a Hugging Face model")
+    try:
+        layers = json.loads(manifest.read_text()).get("layers", [])
+        digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == OLLAMA_MODEL_LAYER)
+    except (ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        raise QDyLoRAError(f"the Ollama manifest {manifest} names no model layer: pull {ref} again") from None
+    blob = store / "blobs" / str(digest).replace(":", "-")
+    if not blob.is_file():
+        raise QDyLoRAError(f"the Ollama model {ref} lacks its weights {blob}: run `ollama pull {ref}` again")
+    return ModelSource(str(blob.parent), blob.name)
 
 
 def bnb_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
