@@ -84,6 +84,29 @@ TINY_CONFIGS = {
 LINEARS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "gpt2": 4, "opt": 6, "falcon": 4}
 
 
+def gguf_writer(hf: torch.nn.Module, path):
+    """A gguf.GGUFWriter for the transformers model `hf` at `path`, holding the hyperparameters
+    transformers' GGUF reader needs and a token list; the caller adds tensors and writes it."""
+    import gguf
+
+    from qdylora.core.gguf_base import gguf_architecture
+
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf_architecture(hf)])
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    return w
+
+
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random model in float32. Weights are scaled up from HF's std 0.02 so that the
     adapters and the quantization visibly change the logits."""

@@ -15,7 +15,7 @@ from qdylora.core.gguf_base import gguf_architecture, gguf_name, rope_permute
 from qdylora.core.gguf_linear import GGUFLinear
 from qdylora.errors import QDyLoRAError
 
-from ..conftest import VOCAB, tiny_model
+from ..conftest import VOCAB, gguf_writer, tiny_model
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -27,18 +27,7 @@ def quantized_gguf(arch: str, path, qtype: int = gq.Q8_0) -> tuple[str, AutoMode
     hf = tiny_model(arch)
     c = hf.config
     arch_enum = gguf_architecture(hf)
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch_enum])
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    w = gguf_writer(hf, path)
     names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)
     reference = AutoModelForCausalLM.from_config(c).double().eval()
     reference.load_state_dict(hf.state_dict())

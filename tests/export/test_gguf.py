@@ -23,7 +23,7 @@ from qdylora.core.scaling import scale
 from qdylora.errors import QDyLoRAError
 from qdylora.export.gguf import export_gguf_adapter, gguf_architecture, gguf_name, merge_gguf, rope_permute
 
-from ..conftest import TINY_CONFIGS, VOCAB, adapted_model, tiny_model
+from ..conftest import TINY_CONFIGS, VOCAB, adapted_model, gguf_writer, tiny_model
 
 CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
@@ -40,20 +40,8 @@ def tiny_base_gguf(arch: str, path, **config) -> str:
         hf = AutoModelForCausalLM.from_config(changed)
     c = hf.config
     arch_enum = gguf_architecture(hf)
-    name = gguf.MODEL_ARCH_NAMES[arch_enum]
-    w = gguf.GGUFWriter(path, name)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
+    w = gguf_writer(hf, path)
     w.add_chat_template(CHAT)
-    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)
     for hf_name, t in hf.state_dict().items():
