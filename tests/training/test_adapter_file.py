@@ -182,3 +182,20 @@ def test_reading_while_a_writer_replaces_the_file_never_mixes_two_files(tmp_path
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_the_file_records_its_base_format_and_older_files_were_nf4(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "adapter.safetensors"
+    qdylora.save_adapter(trained(), path)
+    assert qdylora.read_adapter_metadata(path)["config"].base_format == "nf4"  # "auto" resolved by prepare
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    config = json.loads(meta["config"])
+    del config["base_format"]  # as qdylora wrote it before GGUF bases
+    save_file(tensors, str(path), metadata={**meta, "config": json.dumps(config)})
+    assert qdylora.read_adapter_metadata(path)["config"].base_format == "nf4"
