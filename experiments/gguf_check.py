@@ -234,6 +234,38 @@ def merged_answers(run: str, rank: int, n_answers: int, work: Path, dtype: str =
             "examples": list(zip(ours_text, cpp_text))[:3]}
 
 
+def adapter_answers(run: str, rank: int, n_answers: int, work: Path, max_new_tokens: int = 16) -> dict:
+    """Step 4: greedy answers of our model at `rank` and of llama.cpp on the original base GGUF
+    with our exported adapter (`llama-cli -m BASE --lora ADAPTER`): the share of identical answers.
+    Exact only where our base is that file's blocks (--base-format gguf)."""
+    from llama_cpp import Llama
+
+    import qdylora
+    from qdylora.export.gguf import base_gguf_of, export_gguf_adapter
+
+    model, tokenizer, settings = run_model(run)
+    prompts = test_prompts(settings, tokenizer, n_answers)
+    base = base_gguf_of(settings.model)
+    adapter = export_gguf_adapter(model, rank, work / f"answers-rank-{rank}.gguf", dtype="float32", base_gguf=base,
+                                  overwrite=True)
+    llm = Llama(model_path=str(base), lora_path=str(adapter), n_ctx=1024, verbose=False,
+                n_threads=os.cpu_count(), seed=0)
+    same, pairs = 0, []
+    for ids in prompts:
+        with torch.no_grad(), qdylora.at_rank(model, rank):
+            out = model.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.eos_token_id)
+        mine = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        llm.reset()
+        theirs = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1)["choices"][0]["text"]
+        theirs = theirs.replace(tokenizer.eos_token or "\0", "").strip()
+        same += mine == theirs
+        pairs.append((mine, theirs))
+    llm.close()
+    return {"rank": rank, "base_format": settings.adapter.base_format, "answers": len(prompts), "identical": same,
+            "examples": [p for p in pairs if p[0] != p[1]][:3]}
+
+
 def main() -> None:
     import machine
 
@@ -243,9 +275,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--answers", type=int, default=50)
     parser.add_argument("--merge-rank", type=int, default=8)
+    parser.add_argument("--answers-only", action="store_true",
+                        help="only step 4: greedy answers with the adapter on the original file, at --ranks")
     parser.add_argument("--out", default="experiments/gguf-check.json")
     args = parser.parse_args()
     start = time.perf_counter()
+    if args.answers_only:
+        with tempfile.TemporaryDirectory(prefix="qdylora-gguf-check-") as tmp:
+            result = {"run": args.run, "adapter_on_base_gguf": [adapter_answers(args.run, b, args.answers, Path(tmp))
+                                                                for b in args.ranks]}
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return
     with tempfile.TemporaryDirectory(prefix="qdylora-gguf-check-") as tmp:
         result = {"machine": machine.facts(), "run": args.run,
                   **base_and_adapters(args.run, args.ranks, args.prompts, Path(tmp))}
