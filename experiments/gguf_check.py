@@ -194,6 +194,17 @@ def base_and_adapters(run: str, ranks: list[int], n_prompts: int, work: Path, co
     return result
 
 
+def greedy_pair(model, llm, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str, str]:
+    """Greedy answers to the prompt `ids`: transformers' `model` (ours) and llama.cpp's `llm`."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    mine = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    llm.reset()
+    theirs = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1)["choices"][0]["text"]
+    return mine, theirs.replace(tokenizer.eos_token or "\0", "").strip()
+
+
 def merged_answers(run: str, rank: int, n_answers: int, work: Path, dtype: str = "float16",
                    max_new_tokens: int = 16) -> dict:
     """Step 3: greedy answers of our merged model (float32) and of llama.cpp on the merged GGUF."""
@@ -213,13 +224,7 @@ def merged_answers(run: str, rank: int, n_answers: int, work: Path, dtype: str =
     chat = settings.data.chat_template and settings.data.format != "chat"
     turns = user_turns(settings, n_answers) if chat else [None] * len(prompts)
     for ids, turn in zip(prompts, turns):
-        with torch.no_grad():
-            out = merged.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=tokenizer.eos_token_id)
-        mine = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
-        llm.reset()
-        theirs = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1)["choices"][0]["text"]
-        theirs = theirs.replace(tokenizer.eos_token or "\0", "").strip()
+        mine, theirs = greedy_pair(merged, llm, tokenizer, ids, max_new_tokens)
         same += mine == theirs
         if chat:  # llama.cpp renders the conversation itself, with the chat template the merged file carries
             llm.reset()
@@ -252,13 +257,8 @@ def adapter_answers(run: str, rank: int, n_answers: int, work: Path, max_new_tok
                 n_threads=os.cpu_count(), seed=0)
     same, pairs = 0, []
     for ids in prompts:
-        with torch.no_grad(), qdylora.at_rank(model, rank):
-            out = model.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.eos_token_id)
-        mine = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
-        llm.reset()
-        theirs = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1)["choices"][0]["text"]
-        theirs = theirs.replace(tokenizer.eos_token or "\0", "").strip()
+        with qdylora.at_rank(model, rank):
+            mine, theirs = greedy_pair(model.model, llm, tokenizer, ids, max_new_tokens)
         same += mine == theirs
         pairs.append((mine, theirs))
     llm.close()
