@@ -56,7 +56,7 @@ class QDyLoRALinear(nn.Module):
         # Drawn on the CPU so a seeded CPU generator gives the same A on every device.
         A = torch.empty(max_rank, self.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        device = next(base.state_dict().values().__iter__()).device  # NF4 weight, or GGUF blocks
+        device = next(iter(base.state_dict().values())).device  # the NF4 weight, or the GGUF blocks
         self.lora_A = nn.Parameter(A.to(device))  # (R, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, device=device))  # (out, R)
         self.rank: Rank = max_rank
