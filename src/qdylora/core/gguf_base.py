@@ -23,7 +23,8 @@ from ..errors import QDyLoRAError
 from . import gguf_quants
 from .gguf_linear import GGUFLinear
 
-ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}  # transformers -> llama.cpp
+# transformers' model_type -> llama.cpp architecture (convert_hf_to_gguf registers MistralForCausalLM as llama)
+ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 ROPE_PERMUTED = {"LLAMA"}  # convert_hf_to_gguf: LlamaModel.undo_permute
 GGUF_SOURCE = "gguf_source.json"  # in a checkpoint converted from a GGUF: {"gguf": the file it came from}
 

@@ -63,9 +63,9 @@ def resolve_source(source: str, gguf_file: Optional[str] = None) -> ModelSource:
         )
     if path.exists():
         raise QDyLoRAError(f"{path} is not a model directory or a .gguf file")
-    if ":" in str(source):  # hub ids have no ":"; Ollama names have a tag (qwen2.5:0.5b), or ollama:NAME
-        return ollama_source(str(source))
     looks_local = str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
+    if ":" in str(source) and not str(source).startswith((".", "/", "~")):
+        return ollama_source(str(source))  # hub ids have no ":"; Ollama names have a tag, or are ollama:NAME
     if looks_local:
         raise QDyLoRAError(f"model path {source} does not exist")
     return ModelSource(str(source), gguf_file, is_local=False)

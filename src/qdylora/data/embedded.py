@@ -131,8 +131,6 @@ def gguf_checkpoint(gguf: Path, target: Path) -> str:
     return str(target)
 
 
-
-
 def gguf_source(checkpoint: Path) -> Optional[Path]:
     """The GGUF file a `gguf_checkpoint` conversion came from (the GGUF export takes the
     tokenizer and metadata from it), None for other checkpoints: its GGUF_SOURCE note, else for

@@ -40,7 +40,6 @@ from ..training.sampling import check_ranks
 if TYPE_CHECKING:
     import gguf
 
-# HF model_type -> llama.cpp architecture (convert_hf_to_gguf registers MistralForCausalLM as llama)
 ADAPTER_TYPES = ("float32", "float16", "bfloat16")
 MODEL_TYPES = ("float32", "float16", "bfloat16", "q8_0")
 
@@ -359,10 +358,9 @@ def export_run_gguf(run_dir: Union[str, Path], ranks: list[int], out: Union[str,
     """GGUF adapters of a training run: the file `out` for `one` rank or an allocation, else
     out/rank-<b>.gguf for each; checked against the base's GGUF when it is known. Returns the
     files and that base GGUF (None: unknown)."""
-    from .opening import open_run
+    from .opening import export_targets, open_run
 
-    out = Path(out)
-    targets = [out] if one or allocation is not None else [out / f"rank-{r}.gguf" for r in ranks]
+    targets = export_targets(out, ranks, one, allocation, ".gguf")
 
     def check_outputs(settings) -> Optional[Path]:
         base = base_gguf_of(settings.model, base_gguf)

@@ -28,9 +28,9 @@ from ..core.quantize import dequantized_weight
 from ..core.targets import replace_module, uses_conv1d
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, refuse_existing
+from ..training.sampling import check_ranks
 from ..training.settings import RunSettings
 from .opening import open_run
-from ..training.sampling import check_ranks
 
 if TYPE_CHECKING:
     from ..evaluation.budgets import AllocationRequest
@@ -113,6 +113,7 @@ def merge_run(run_dir: Union[str, Path], rank: Optional[int], out: Union[str, Pa
               allocation: Optional[AllocationRequest] = None, progress: bool = False) -> Path:
     """`merge` of a training run's adapter at `rank`, or under `allocation` (its per-layer ranks);
     rank and --out are checked before loading."""
+
     def check_outputs(settings: RunSettings) -> None:
         base = Path(settings.model or "")  # a local base model directory or file (the embedded one lives in a cache)
         if settings.model and base.exists() and (base.resolve() == Path(out).resolve()

@@ -30,6 +30,13 @@ class Opened:
     checked: Any = None
 
 
+def export_targets(out: Union[str, Path], ranks: Sequence[int], one: bool, allocation, suffix: str = "") -> list[Path]:
+    """Where an export writes: `out` itself for `one` rank or an allocation, else out/rank-<b><suffix>
+    for each rank."""
+    out = Path(out)
+    return [out] if one or allocation is not None else [out / f"rank-{r}{suffix}" for r in ranks]
+
+
 def open_run(run_dir: Union[str, Path], ranks: Sequence[int], allocation: Optional["AllocationRequest"],
              check_outputs: Callable[[RunSettings], Any], *, device: Optional[str] = None,
              trust_remote_code: bool = False, progress: bool = False) -> Opened:

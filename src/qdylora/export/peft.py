@@ -40,7 +40,7 @@ from ..core.targets import uses_conv1d
 from ..errors import QDyLoRAError
 from ..files import atomic_dir, refuse_existing
 from . import PEFT_FILES
-from .opening import open_run
+from .opening import export_targets, open_run
 from ..training.sampling import check_ranks
 
 if TYPE_CHECKING:
@@ -169,8 +169,7 @@ def export_run(run_dir: Union[str, Path], ranks: list[int], out: Union[str, Path
     ranks into `out` in `layout`. Ranks, layout and targets are checked before the model is loaded."""
     if layout not in LAYOUTS:
         raise QDyLoRAError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    out = Path(out)
-    targets = [out] if one or allocation is not None else [out / f"rank-{r}" for r in ranks]
+    targets = export_targets(out, ranks, one, allocation)
 
     def check_outputs(_) -> None:
         for target in targets:
